@@ -1,0 +1,61 @@
+"""One static, preallocated KV cache for all layers, with a record of which path wrote each (layer, position)."""
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Writer(IntEnum):
+    """Who wrote a cache slot. EMPTY is a hole: a later token attending to it would read garbage."""
+    EMPTY = 0
+    BACKBONE = 1
+    RIVER = 2
+
+
+class KVCache:
+    """K/V for every layer at fixed capacity; blocks write at explicit positions, reads keep a fixed shape.
+
+    The backbone block of layer l and its river twin both write into layer l's slots: that shared
+    addressing is what lets a token exit early without leaving a hole for later tokens.
+    """
+
+    def __init__(self, n_layers, n_kv_heads, head_dim, capacity, *, batch_size=1,
+                 dtype=torch.float32, device="cpu"):
+        if capacity < 1 or batch_size < 1:
+            raise ValueError(f"KVCache capacity and batch_size must be >= 1, got {capacity} and {batch_size}")
+        shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv_heads, capacity, head_dim)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Bookkeeping lives on the host in numpy: one tiny write per block per step, no device sync.
+        self.writer = np.zeros((n_layers, capacity), dtype=np.uint8)  # Writer per (layer, position)
+        self.write_count = np.zeros((n_layers, capacity), dtype=np.int32)
+        self.capacity = capacity
+
+    def write(self, layer, start, k, v, writer):
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions start..start+T-1 of `layer`; return the
+        layer's whole K and V (B, n_kv_heads, capacity, head_dim) for attention."""
+        end = start + k.shape[2]
+        if start < 0 or end > self.capacity:
+            raise IndexError(f"KV cache write at positions {start}..{end - 1} is outside its capacity "
+                             f"{self.capacity}; the cache never wraps or grows")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.writer[layer, start:end] = writer
+        self.write_count[layer, start:end] += 1
+        return self.k[layer], self.v[layer]
+
+    def causal_mask(self, start, length):
+        """(length, capacity) bool: query at position start+i may read key positions 0..start+i."""
+        query = torch.arange(start, start + length, device=self.k.device)[:, None]
+        key = torch.arange(self.capacity, device=self.k.device)[None, :]
+        return key <= query
+
+    def holes(self, upto):
+        """(layer, position) pairs below `upto` that no block has written."""
+        layers, positions = np.nonzero(self.writer[:, :upto] == Writer.EMPTY)
+        return list(zip(layers.tolist(), positions.tolist()))
+
+    def reset(self):
+        """Forget every write. Stale tensors stay, but reads are causal: a position is rewritten before it is read."""
+        self.writer[:] = Writer.EMPTY
+        self.write_count[:] = 0

