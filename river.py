@@ -1,0 +1,289 @@
+"""The Exit River (W4A16 copies of every block sharing the backbone's KV cache) and the generation engine."""
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from exit_policy import NeverExit, SimilarityExit
+from kv_cache import Writer
+
+MODES = ("backbone", "quantized", "river")
+INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of 32
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+@dataclass
+class QuantizedWeight:
+    """w ~ (q - offset) * scale + zero, with one (scale, zero) per `group_size` input features of a row."""
+    q: torch.Tensor       # (N, K) int32 codes: 0..15 for 4 bits, -127..127 for 8 bits
+    scale: torch.Tensor   # (N, K // group_size) fp32 step between neighbouring codes
+    zero: torch.Tensor    # (N, K // group_size) fp32 value of code `offset` (0 for the symmetric 8-bit)
+    bits: int
+    group_size: int
+
+    @property
+    def offset(self):
+        return 8 if self.bits == 4 else 0
+
+    def dequantize(self):
+        """(N, K) fp32: the weight the low-bit kernels compute with (up to their bf16 scales)."""
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        zero = self.zero.repeat_interleave(self.group_size, dim=1)
+        return (self.q - self.offset).float() * scale + zero
+
+
+def check_quant_args(bits, group_size):
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 or group_size % 32:
+        raise ValueError(f"group_size must be a positive multiple of 32 (the int4 kernels' unit), "
+                         f"got {group_size!r}")
+
+
+def quantize_weight(w, bits=4, group_size=64):
+    """Round-to-nearest min/max quantization of an (out_features, in_features) weight.
+
+    4 bits: asymmetric, groups of `group_size` input features (W4A16). 8 bits: symmetric, one scale per
+    output channel (group_size is then the whole row). Each weight lands within half a step of its code.
+    """
+    check_quant_args(bits, group_size)
+    N, K = w.shape
+    w = w.detach().float()
+    if bits == 8:
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # (N, 1)
+        q = (w / scale).round().clamp(-127, 127).to(torch.int32)
+        return QuantizedWeight(q, scale, torch.zeros_like(scale), 8, K)
+    if K % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {K} of a {N}x{K} weight")
+    groups = w.view(N, K // group_size, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)                      # (N, K // group_size)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    zero = low + 8 * scale                                                   # tinygemm's zero: the value of code 8
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return QuantizedWeight(codes.view(N, K).to(torch.int32), scale, zero, 4, group_size)
+
+
+class QuantizedLinear(nn.Module):
+    """Weight-only low-bit linear layer: bf16 activations through PyTorch's int4 / int8 kernels.
+
+    The packed layout depends on the device, so build it on the device it runs on.
+    """
+
+    def __init__(self, qw, device, act_dtype=torch.bfloat16):
+        super().__init__()
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.out_features, self.in_features = qw.q.shape
+        self.act_dtype = act_dtype
+        device = torch.device(device)
+        if qw.bits == 8:
+            self.register_buffer("weight", qw.q.to(device, torch.int8))                  # (N, K)
+            self.register_buffer("scales", qw.scale[:, 0].to(device, act_dtype))         # (N,)
+            return
+        scales_and_zeros = torch.stack([qw.scale.t(), qw.zero.t()], dim=-1)           # (K / group, N, 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device, act_dtype).contiguous())
+        if device.type == "cuda":
+            nibbles = (qw.q[:, ::2] << 4 | qw.q[:, 1::2]).to(torch.uint8)               # (N, K / 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), INT4_INNER_K_TILES)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device), INT4_INNER_K_TILES)
+        self.register_buffer("weight", packed)
+
+    def forward(self, x):
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features).to(self.act_dtype)                           # (B*T, K)
+        if self.bits == 8:
+            if x.is_cuda:  # no int8 weight-only kernel on CUDA: dequantize on the fly
+                y = (x @ self.weight.to(x.dtype).t()) * self.scales
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        elif x.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
+                                                           self.scales_and_zeros)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- the river
+
+def river_block(block, bits=4, group_size=64):
+    """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
+    so it reads and writes the very cache slots its backbone twin would have written."""
+    twin = copy.deepcopy(block)
+    twin.cache_writer = Writer.RIVER
+    device = block.attn_norm.weight.device
+    for parent in (twin.attn, twin.mlp):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                qw = quantize_weight(child.weight, bits, group_size)
+                setattr(parent, name, QuantizedLinear(qw, device))
+    return twin
+
+
+class ExitRiver(nn.Module):
+    """One low-bit copy of every backbone block, river block j writing layer j's K/V."""
+
+    def __init__(self, model, bits=4, group_size=64):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.blocks = nn.ModuleList(river_block(b, bits, group_size) for b in model.blocks)
+        assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+@dataclass
+class Generation:
+    tokens: list             # generated ids
+    backbone_blocks: list    # backbone blocks run by the forward pass that produced each token
+    prefill_s: float
+    decode_s: float          # wall time of the decode steps (every generated token after the first)
+
+    @property
+    def decode_tokens_per_s(self):
+        steps = len(self.tokens) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class Engine:
+    """One forward pass for the three modes: `backbone` (no exit), `quantized` (every block a river copy),
+    `river` (backbone until the policy says exit, then river copies to the end). All share the final norm
+    and LM head, and one KV cache."""
+
+    def __init__(self, model, river=None):
+        if river is not None and len(river.blocks) != len(model.blocks):
+            raise ValueError(f"river has {len(river.blocks)} blocks, the model {len(model.blocks)}")
+        self.model, self.river = model, river
+
+    def check_mode(self, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "backbone" and self.river is None:
+            raise ValueError(f"mode {mode!r} needs an ExitRiver; build the Engine with one")
+
+    @torch.inference_mode()
+    def forward(self, tokens, start, cache, mode="river", policy=None):
+        """tokens (B, T) at positions start..start+T-1 -> (logits (B, T, vocab), backbone blocks run).
+
+        A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
+        """
+        model, n_layers = self.model, self.model.cfg.n_layers
+        x = model.embed_tokens(tokens)                                         # h_0: (B, T, d_model)
+        pos = model.positions(start, tokens.shape[1], cache)
+        depth = 0
+        if mode != "quantized":
+            policy = policy if mode == "river" and policy is not None else NeverExit()
+            for layer, block in enumerate(model.blocks):
+                h = block(x, pos, cache)                                       # h_{l+1}
+                exits = layer < n_layers - 1 and policy.should_exit(layer, x, h)
+                x, depth = h, layer + 1
+                if exits:
+                    break
+        for block in self.river.blocks[depth:] if depth < n_layers else ():
+            x = block(x, pos, cache)  # river block j writes layer j: the cache stays whole
+        return model.head(x), depth
+
+    def generate(self, prompt, max_new_tokens=64, mode="river", policy=None, temperature=0.0, top_p=1.0,
+                 seed=None, stop_ids=()):
+        """Generate from a list of prompt ids; greedy unless temperature > 0."""
+        self.check_mode(mode)
+        model = self.model
+        if len(prompt) == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens exceeds the "
+                             f"model's context of {model.cfg.max_seq_len}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=model.device)
+            generator.manual_seed(0 if seed is None else seed)
+        cache = model.new_cache(len(prompt) + max_new_tokens)
+        tokens = torch.tensor([prompt], device=model.device)
+        sync(model.device)
+        t0 = time.perf_counter()
+        logits, depth = self.forward(tokens, 0, cache, mode, policy)
+        out, depths = [sample(logits[0, -1], temperature, top_p, generator)], [depth]
+        sync(model.device)
+        t1 = time.perf_counter()
+        while len(out) < max_new_tokens and out[-1] not in stop_ids:
+            tokens = torch.tensor([[out[-1]]], device=model.device)
+            logits, depth = self.forward(tokens, len(prompt) + len(out) - 1, cache, mode, policy)
+            out.append(sample(logits[0, -1], temperature, top_p, generator))
+            depths.append(depth)
+        sync(model.device)
+        return Generation(out, depths, t1 - t0, time.perf_counter() - t1)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(logits, temperature, top_p, generator):
+    """Next id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < top_p        # the smallest prefix holding top_p of the mass
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--mode", choices=MODES, default="river")
+    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    # Local import: the library part of this file needs no loader; only the command line does.
+    from load_weights import chat_prompt, load_model, resolve_device
+    device = resolve_device(args.device)
+    policy = SimilarityExit(args.tau)
+    check_quant_args(args.bits, args.group_size)
+    if not args.prompt:
+        parser.error("--prompt is empty")
+    model, tokenizer = load_model(args.model, device=device, dtype=torch.bfloat16)
+    river = ExitRiver(model, args.bits, args.group_size) if args.mode != "backbone" else None
+    text = chat_prompt(args.prompt, args.model) if args.chat else args.prompt
+    prompt = tokenizer.encode(text).ids
+    stop = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
+            if i is not None]
+    result = Engine(model, river).generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature,
+                                           args.top_p, args.seed, stop)
+    reply = tokenizer.decode(result.tokens)
+    blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)
+    if args.json:
+        print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
+                          "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
+                          "mode": args.mode, "tau": args.tau, "bits": args.bits}))
+    else:
+        print(reply)
+        print(f"[{args.mode}] decode {result.decode_tokens_per_s:.1f} tok/s, "
+              f"mean backbone blocks per token {blocks:.2f} of {model.cfg.n_layers}")
+
+
+if __name__ == "__main__":
+    main()
