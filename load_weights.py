@@ -239,9 +239,14 @@ def load_model(path=None, device="cpu", dtype=torch.float32):
 
 
 def resolve_device(device):
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device} is not supported; use cpu or cuda")
+    """torch.device for 'cpu', 'cuda' or 'cuda:N'; anything else is a clear error."""
+    requested = str(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here")
     return device

@@ -81,9 +81,13 @@ class QuantizedLinear(nn.Module):
         self.act_dtype = act_dtype
         device = torch.device(device)
         if qw.bits == 8:
+            if self.in_features % 16:
+                raise ValueError(f"the int8 kernel needs in_features {self.in_features} to be a multiple of 16")
             self.register_buffer("weight", qw.q.to(device, torch.int8))                  # (N, K)
             self.register_buffer("scales", qw.scale[:, 0].to(device, act_dtype))         # (N,)
             return
+        if self.out_features % 16:
+            raise ValueError(f"the int4 kernels need out_features {self.out_features} to be a multiple of 16")
         scales_and_zeros = torch.stack([qw.scale.t(), qw.zero.t()], dim=-1)           # (K / group, N, 2)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(device, act_dtype).contiguous())
         if device.type == "cuda":
@@ -95,7 +99,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features).to(self.act_dtype)                           # (B*T, K)
+        x = x.view(-1, self.in_features).to(self.act_dtype)                              # (B*T, K)
         if self.bits == 8:
             if x.is_cuda:  # no int8 weight-only kernel on CUDA: dequantize on the fly
                 y = (x @ self.weight.to(x.dtype).t()) * self.scales
@@ -106,7 +110,7 @@ class QuantizedLinear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
                                                            self.scales_and_zeros)
-        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+        return y.view(*shape[:-1], self.out_features).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the river

@@ -1,0 +1,515 @@
+"""Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
+dequantize-then-matmul, the bundled model end to end, and every bad input."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+import load_weights
+from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
+from kv_cache import KVCache, Writer
+from load_weights import load_model
+from model import LlamaConfig, Transformer
+from river import Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
+
+PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+# ------------------------------------------------------------------------------------ independent reference
+
+def naive_rope(x, positions, cfg):
+    """x (T, heads, head_dim), rotate-half layout, angles computed here from scratch (with llama3 scaling)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / cfg.head_dim)
+    if cfg.rope_scaling:
+        s = cfg.rope_scaling
+        old = s["original_max_position_embeddings"]
+        new = []
+        for f in inv_freq.tolist():
+            wavelen = 2 * math.pi / f
+            if wavelen < old / s["high_freq_factor"]:
+                new.append(f)
+            elif wavelen > old / s["low_freq_factor"]:
+                new.append(f / s["factor"])
+            else:
+                smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+                new.append((1 - smooth) * f / s["factor"] + smooth * f)
+        inv_freq = torch.tensor(new, dtype=torch.float64)
+    angle = positions.double()[:, None] * inv_freq[None, :]                      # (T, half)
+    cos, sin = angle.cos().float()[:, None, :], angle.sin().float()[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def naive_attention(q, k, v):
+    """q (T, n_heads, hd), k/v (T, n_kv_heads, hd): causal softmax attention with K/V repeated per head."""
+    T, n_heads, hd = q.shape
+    group = n_heads // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, n_heads * hd)
+
+
+def naive_rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_forward(model, tokens, river=None, last_backbone=None):
+    """Full-sequence forward with no cache, written from the equations. With a river, token s runs backbone
+    blocks 0..last_backbone[s] and river copies after; every layer's K/V of s comes from the block s ran.
+    Returns logits (T, vocab) and per layer the K and V it computed, (T, n_kv_heads, head_dim)."""
+    cfg = model.cfg
+    T = tokens.shape[0]
+    positions = torch.arange(T)
+    h = model.embed.weight.float()[tokens]
+    kv = []
+    for layer in range(cfg.n_layers):
+        paths = [model.blocks[layer]] + ([river.blocks[layer]] if river is not None else [])
+        backbone = torch.ones(T, dtype=torch.bool) if river is None else torch.tensor(
+            [layer <= e for e in last_backbone])[:, None]
+
+        def per_token(fn):  # each token's row from the path it took at this layer
+            outs = [fn(p).float() for p in paths]
+            return outs[0] if len(outs) == 1 else torch.where(backbone.view(T, *[1] * (outs[0].dim() - 1)),
+                                                                 outs[0], outs[1])
+        x = per_token(lambda p: naive_rms_norm(h, p.attn_norm.weight.float(), cfg.norm_eps))
+        qkv = per_token(lambda p: p.attn.wqkv(x.to(model.dtype)))
+        q, k, v = qkv.split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q = naive_rope(q.reshape(T, cfg.n_heads, cfg.head_dim), positions, cfg)
+        k = naive_rope(k.reshape(T, cfg.n_kv_heads, cfg.head_dim), positions, cfg)
+        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        kv.append((k, v))
+        att = naive_attention(q, k, v)
+        h = h + per_token(lambda p: p.attn.wo(att.to(model.dtype)))
+        x = per_token(lambda p: naive_rms_norm(h, p.mlp_norm.weight.float(), cfg.norm_eps))
+        gate_up = per_token(lambda p: p.mlp.w_gate_up(x.to(model.dtype)))
+        gate, up = gate_up.split(cfg.ffn_dim, dim=-1)
+        h = h + per_token(lambda p: p.mlp.w_down((F.silu(gate) * up).to(model.dtype)))
+    h = naive_rms_norm(h, model.norm.weight.float(), cfg.norm_eps)
+    return h @ model.lm_head.weight.float().t(), kv
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+@st.composite
+def tiny_configs(draw, quantizable=False):
+    """Random small Llama configs; `quantizable` keeps every in_features a multiple of 32 for int4."""
+    n_kv_heads = draw(st.integers(1, 3))
+    n_heads = n_kv_heads * draw(st.integers(1, 3))
+    if quantizable:  # q_dim = n_heads * head_dim is wo's in_features
+        head_dim = 16 if n_heads % 2 == 0 and draw(st.booleans()) else 32
+        d_model, ffn_dim = draw(st.sampled_from([32, 64])), draw(st.sampled_from([64, 96]))
+    else:
+        head_dim = draw(st.sampled_from([2, 4, 6, 8]))
+        d_model, ffn_dim = draw(st.integers(3, 33)), draw(st.integers(3, 41))
+    scaling = draw(st.sampled_from([None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}]))
+    return LlamaConfig(vocab_size=draw(st.integers(5, 70)), d_model=d_model, n_layers=draw(st.integers(1, 4)),
+                       n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, head_dim=head_dim,
+                       rope_theta=draw(st.sampled_from([10000.0, 500.0])), rope_scaling=scaling, max_seq_len=64,
+                       tie_embeddings=draw(st.booleans()))
+
+
+def assert_close_bf16(got, expected):
+    """bf16 activations keep about 3 significant digits: compare relative to the tensor's own scale."""
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+def tiny_model(cfg, seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------- decoder and the cache
+
+@PROPERTY
+@given(cfg=tiny_configs(), n_prompt=st.integers(1, 8), n_steps=st.integers(0, 5), seed=st.integers(0, 99))
+def test_cached_decoding_equals_full_forward_and_naive_reference(cfg, n_prompt, n_steps, seed):
+    model = tiny_model(cfg, seed)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + n_steps), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = model(tokens)[0]                                       # one causal forward, no cache
+        reference, _ = reference_forward(model, tokens[0])
+        cache = model.new_cache(n_prompt + n_steps)
+        steps = [model(tokens[:, :n_prompt], 0, cache)[0]]
+        for t in range(n_prompt, n_prompt + n_steps):
+            steps.append(model(tokens[:, t:t + 1], t, cache)[0])
+    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-4)
+    assert cache.holes(n_prompt + n_steps) == []
+    assert (cache.writer[:, :n_prompt + n_steps] == Writer.BACKBONE).all()
+
+
+def test_cache_refuses_writes_past_capacity():
+    cache = KVCache(n_layers=2, n_kv_heads=1, head_dim=4, capacity=3)
+    k = torch.zeros(1, 1, 2, 4)
+    cache.write(0, 0, k, k, Writer.BACKBONE)
+    with pytest.raises(IndexError, match="outside its capacity 3"):
+        cache.write(0, 2, k, k, Writer.BACKBONE)
+    assert cache.writer[0, 2] == Writer.EMPTY, "a refused write must leave the record untouched"
+
+
+def test_batched_decoding_matches_single_sequences():
+    cfg = LlamaConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, max_seq_len=32)
+    model = tiny_model(cfg, 0)
+    tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model.new_cache(7, batch_size=2)
+        batched = torch.cat([model(tokens[:, :4], 0, cache)] + [model(tokens[:, t:t + 1], t, cache)
+                                                               for t in range(4, 7)], dim=1)
+        for b in range(2):
+            torch.testing.assert_close(batched[b], model(tokens[b:b + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------- quantization
+
+@PROPERTY
+@given(n=st.integers(1, 40), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 5), seed=st.integers(0, 99))
+def test_int4_kernel_equals_dequantized_matmul(n, groups, group_size, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n * 16, groups * group_size, generator=g) * torch.rand(n * 16, 1, generator=g)
+    qw = quantize_weight(w, 4, group_size)
+    step = qw.scale.repeat_interleave(group_size, dim=1)
+    assert ((w - qw.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
+    assert qw.q.min() >= 0 and qw.q.max() <= 15
+    x = torch.randn(rows, w.shape[1], generator=g).bfloat16()
+    # The kernel computes with bf16 scales and zeros: the reference dequantizes with the same ones.
+    scale, zero = qw.scale.bfloat16().float(), qw.zero.bfloat16().float()
+    w_kernel = (qw.q - 8).float() * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
+    expected = x.float() @ w_kernel.t()
+    got = QuantizedLinear(qw, "cpu")(x).float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@PROPERTY
+@given(n=st.integers(1, 64), k16=st.integers(1, 12), rows=st.integers(1, 5), seed=st.integers(0, 99))
+def test_int8_kernel_equals_dequantized_matmul(n, k16, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 16 * k16
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, 8)
+    assert ((w - qw.dequantize()).abs() <= qw.scale / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    expected = x.float() @ (qw.q.float() * qw.scale.bfloat16().float()).t()
+    got = QuantizedLinear(qw, "cpu")(x).float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("bits, group_size, message", [
+    (3, 64, "bits must be 4 or 8"), (16, 64, "bits must be 4 or 8"), (4, 0, "group_size must be"),
+    (4, 48, "group_size must be"), (4, 96, "does not divide in_features 64")])
+def test_quantizer_rejects_bad_arguments(bits, group_size, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_weight(torch.randn(8, 64), bits, group_size)
+
+
+# ------------------------------------------------------------------------------------------- the river
+
+def tiny_river(cfg, seed, bits):
+    model = tiny_model(cfg, seed)
+    return model, ExitRiver(model, bits, 32)
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), bits=st.sampled_from([4, 8]), n_prompt=st.integers(1, 6),
+       exits=st.lists(st.integers(-1, 4), min_size=0, max_size=6), seed=st.integers(0, 99))
+def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(cfg, bits, n_prompt, exits, seed):
+    """Prefill exits after block exits[0], decode token t after block exits[t]; -1 means no backbone block."""
+    model, river = tiny_river(cfg, seed, bits)
+    engine = Engine(model, river)
+    L = cfg.n_layers
+    exits = [min(e, L - 1) for e in (exits or [L - 1])]
+    tokens = torch.randint(0, cfg.vocab_size, (n_prompt + len(exits) - 1,),
+                           generator=torch.Generator().manual_seed(seed))
+    last_backbone = [exits[0]] * n_prompt + exits[1:]
+    cache = model.new_cache(len(tokens))
+
+    def run(chunk, start, exit_after):
+        mode, policy = ("quantized", None) if exit_after < 0 else ("river", FixedExit(exit_after))
+        logits, depth = engine.forward(chunk[None], start, cache, mode, policy)
+        assert depth == exit_after + 1
+        return logits[0]
+    logits = [run(tokens[:n_prompt], 0, exits[0])]
+    for i, e in enumerate(exits[1:]):
+        logits.append(run(tokens[n_prompt + i:n_prompt + i + 1], n_prompt + i, e))
+
+    S = len(tokens)
+    assert cache.holes(S) == []
+    assert (cache.write_count[:, :S] == 1).all(), "every (layer, position) written exactly once"
+    expected_writer = np.array([[Writer.BACKBONE if layer <= e else Writer.RIVER for e in last_backbone]
+                                for layer in range(L)])
+    np.testing.assert_array_equal(cache.writer[:, :S], expected_writer)
+    ref_logits, ref_kv = reference_forward(model, tokens, river, last_backbone)
+    for layer, (k, v) in enumerate(ref_kv):
+        assert_close_bf16(cache.k[layer, 0, :, :S].transpose(0, 1), k)
+        assert_close_bf16(cache.v[layer, 0, :, :S].transpose(0, 1), v)
+    assert_close_bf16(torch.cat(logits), ref_logits)
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6))
+def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new):
+    model, river = tiny_river(cfg, seed, 4)
+    engine = Engine(model, river)
+    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    backbone = engine.generate(prompt, n_new, "backbone")
+    for policy in (SimilarityExit(1.01), NeverExit()):
+        river_run = engine.generate(prompt, n_new, "river", policy)
+        assert river_run.tokens == backbone.tokens
+        assert river_run.backbone_blocks == [cfg.n_layers] * len(backbone.tokens)
+    cache_a, cache_b = model.new_cache(5), model.new_cache(5)
+    tokens = torch.tensor([prompt])
+    logits_a, _ = engine.forward(tokens, 0, cache_a, "backbone")
+    logits_b, _ = engine.forward(tokens, 0, cache_b, "river", SimilarityExit(1.5))
+    assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), bits=st.sampled_from([4, 8]), seed=st.integers(0, 99))
+def test_quantized_mode_equals_a_decoder_built_from_dequantized_weights(cfg, bits, seed):
+    model, river = tiny_river(cfg, seed, bits)
+    dequantized = tiny_model(cfg, seed)
+    with torch.no_grad():
+        for block in dequantized.blocks:
+            for linear in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down):
+                linear.weight.copy_(quantize_weight(linear.weight, bits, 32).dequantize())
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(seed))
+    got, depth = Engine(model, river).forward(tokens, 0, model.new_cache(6), "quantized")
+    assert depth == 0
+    # bf16 activations inside the low-bit kernels set the tolerance.
+    assert_close_bf16(got, dequantized(tokens))
+
+
+def test_similarity_rule_exits_at_first_block_above_tau():
+    h0 = torch.tensor([[[1.0, 0.0]]])
+    assert transition_similarity(h0, torch.tensor([[[1.0, 1.0]]])).item() == pytest.approx(math.sqrt(0.5))
+    policy = SimilarityExit(0.9, min_layer=1)
+    same, turned = torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])
+    assert not policy.should_exit(0, h0, same), "below min_layer"
+    assert policy.should_exit(1, h0, same)
+    assert not policy.should_exit(1, h0, turned)
+    both = torch.cat([same, turned], dim=1)  # minimum over tokens decides
+    assert not policy.should_exit(1, torch.cat([h0, h0], dim=1), both)
+    assert not SimilarityExit(1.0001).should_exit(5, h0, same), "tau > 1 never exits"
+
+
+@pytest.mark.parametrize("tau", [float("nan"), "0.5", None, True])
+def test_tau_must_be_a_number(tau):
+    with pytest.raises(ValueError, match="tau must be a real number"):
+        SimilarityExit(tau)
+
+
+def test_generate_rejects_bad_input_before_doing_anything():
+    cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    engine = Engine(model, river)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 16"):
+        engine.generate(list(range(14)), 4)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.generate([1, 2], 2, mode="fast")
+    with pytest.raises(ValueError, match="needs an ExitRiver"):
+        Engine(model).generate([1, 2], 2, mode="river")
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[1, 99]]))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(torch.tensor([1, 2]))
+
+
+# ------------------------------------------------------------------------------------- the bundled model
+
+@pytest.fixture(scope="module")
+def bundled():
+    model, tokenizer = load_model()
+    return model, tokenizer
+
+
+def greedy(model, tokenizer, text, n):
+    return tokenizer.decode(Engine(model).generate(tokenizer.encode(text).ids, n, "backbone",
+                                                   stop_ids=[2]).tokens)
+
+
+def test_bundled_model_knows_the_capital_of_france(bundled):
+    model, tokenizer = bundled
+    ids = tokenizer.encode("The capital of France is").ids
+    with torch.no_grad():
+        next_id = model(torch.tensor([ids]))[0, -1].argmax().item()
+    assert tokenizer.decode([next_id]) == " Paris"
+    reply = greedy(model, tokenizer, load_weights.chat_prompt("What is the capital of France?"), 20)
+    assert "Paris" in reply
+
+
+def test_bundled_tokenizer_keeps_chat_markers_whole(bundled):
+    _, tokenizer = bundled
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids[0] == 1
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids[-1] == 2
+    assert tokenizer.decode(tokenizer.encode("def f(x):\n    return x + 12").ids) == "def f(x):\n    return x + 12"
+
+
+def test_export_then_load_gives_the_same_logits(bundled, tmp_path):
+    model, tokenizer = bundled
+    subprocess.run([sys.executable, "load_weights.py", "--export", str(tmp_path / "hf")], check=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    exported, exported_tokenizer = load_model(tmp_path / "hf")
+    ids = tokenizer.encode("def add(a, b):").ids
+    assert exported_tokenizer.encode("def add(a, b):").ids == ids
+    with torch.no_grad():
+        assert torch.equal(exported(torch.tensor([ids])), model(torch.tensor([ids])))
+
+
+def test_bundled_river_with_tau_above_one_equals_backbone_and_exits_early_below(bundled):
+    model, tokenizer = bundled
+    engine = Engine(model, ExitRiver(model, 4, 64))
+    prompt = tokenizer.encode("def fibonacci(n):").ids
+    backbone = engine.generate(prompt, 8, "backbone")
+    assert engine.generate(prompt, 8, "river", SimilarityExit(1.1)).tokens == backbone.tokens
+    early = engine.generate(prompt, 8, "river", SimilarityExit(0.9))
+    assert max(early.backbone_blocks) < model.cfg.n_layers
+
+
+def test_cli_json_output(bundled, capsys):
+    river_main(["--prompt", "The capital of France is", "--max-new-tokens", "3", "--json", "--mode", "river"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 3 and len(out["backbone_blocks"]) == 3
+    assert {"text", "decode_tokens_per_s"} <= out.keys()
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    (["--prompt", ""], SystemExit, None),
+    (["--prompt", "x", "--tau", "nan"], ValueError, "tau must be a real number"),
+    (["--prompt", "x", "--bits", "3"], ValueError, "bits must be 4 or 8"),
+    (["--prompt", "x", "--group-size", "40"], ValueError, "group_size must be"),
+    (["--prompt", "x", "--device", "tpu"], ValueError, "device 'tpu' is not supported"),
+    (["--prompt", "x", "--max-new-tokens", "9000"], ValueError, "exceeds the model's context of 8192"),
+])
+def test_cli_rejects_bad_input_with_nothing_printed(argv, error, message, capsys):
+    with pytest.raises(error, match=message):
+        river_main(argv)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(RuntimeError, match="device cuda was asked for, but torch sees no CUDA GPU"):
+        river_main(["--prompt", "x", "--device", "cuda"])
+    assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------------------------------ bad checkpoints
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A tiny HF-format folder written by the exporter, for corrupting one piece at a time."""
+    cfg = LlamaConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24,
+                      tie_embeddings=True)
+    model = tiny_model(cfg, 0)
+    _, tokenizer = load_model()
+    tensors = {}
+    for ours, names in load_weights.hf_tensor_names(cfg).items():
+        rows = [load_weights.hf_tensor_shapes(cfg)[n][0] for n in names]
+        tensors.update(zip(names, model.state_dict()[ours].split(rows)))
+    cfg.vocab_size = tokenizer.get_vocab_size()  # the tokenizer must fit the vocabulary
+    tensors["model.embed_tokens.weight"] = torch.randn(cfg.vocab_size, 16)
+    load_weights.save_hf_folder(cfg, tensors, tokenizer, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_small_checkpoint_loads(small_checkpoint):
+    model, _ = load_model(small_checkpoint)
+    assert model.cfg.n_layers == 1
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_folder_and_files(small_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    (small_checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        load_model(small_checkpoint)
+
+
+def test_missing_weights_file(small_checkpoint):
+    (small_checkpoint / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_model(small_checkpoint)
+
+
+def test_missing_config(small_checkpoint):
+    (small_checkpoint / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(small_checkpoint)
+
+
+def test_truncated_weights(small_checkpoint):
+    path = small_checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(small_checkpoint)
+
+
+def test_missing_tensor_and_wrong_shape_are_named(small_checkpoint):
+    path = small_checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(9, 16)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(9, 16\), "
+                                         r"config.json implies \(8, 16\)"):
+        load_model(small_checkpoint)
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, path)
+    with pytest.raises(KeyError, match="model.layers.0.self_attn.k_proj.weight is missing"):
+        load_model(small_checkpoint)
+
+
+def test_other_architectures_are_refused(small_checkpoint):
+    edit_config(small_checkpoint, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="only Llama-style decoders"):
+        load_model(small_checkpoint)
+
+
+def test_tokenizer_larger_than_vocabulary_is_refused(small_checkpoint):
+    edit_config(small_checkpoint, vocab_size=1000)
+    with pytest.raises(ValueError, match="the tokenizer does not belong to this model"):
+        load_model(small_checkpoint)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        LlamaConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=3, n_kv_heads=2, ffn_dim=8)
+    with pytest.raises(ValueError, match="LlamaConfig.n_layers must be a positive int"):
+        LlamaConfig(vocab_size=8, d_model=8, n_layers=0, n_heads=2, n_kv_heads=2, ffn_dim=8)
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        LlamaConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8,
+                    rope_scaling={"rope_type": "yarn"})
+
+
+def test_kernel_shape_limits_are_clear_errors():
+    with pytest.raises(ValueError, match="out_features 40 to be a multiple of 16"):
+        QuantizedLinear(quantize_weight(torch.randn(40, 64), 4, 32), "cpu")
+    with pytest.raises(ValueError, match="in_features 200 to be a multiple of 16"):  # the kernel would crash
+        QuantizedLinear(quantize_weight(torch.randn(8, 200), 8), "cpu")
+
+
+def test_quant_arguments_checked_up_front():
+    check_quant_args(8, 64)
+    with pytest.raises(ValueError):
+        check_quant_args(4, 33)
