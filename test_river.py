@@ -513,3 +513,35 @@ def test_quant_arguments_checked_up_front():
     check_quant_args(8, 64)
     with pytest.raises(ValueError):
         check_quant_args(4, 33)
+
+
+# ---------------------------------------------------------------------------------- CUDA (skipped on CPU)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (8, 64)])
+def test_cuda_kernels_equal_dequantized_matmul(bits, group_size):
+    g = torch.Generator().manual_seed(bits + group_size)
+    w = torch.randn(192, 512, generator=g)
+    qw = quantize_weight(w, bits, group_size)
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    expected = x.float() @ qw.dequantize().t()
+    got = QuantizedLinear(qw, "cuda")(x.cuda()).float().cpu()
+    assert_close_bf16(got, expected)
+
+
+@cuda_only
+def test_cuda_engine_matches_cpu_engine():
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model(cfg, 0).to(device=device, dtype=torch.bfloat16)
+        engine = Engine(model, ExitRiver(model, 4, 32))
+        for mode, policy in (("backbone", None), ("quantized", None), ("river", FixedExit(0))):
+            logits, _ = engine.forward(tokens.to(device), 0, model.new_cache(9), mode, policy)
+            results[device, mode] = logits.float().cpu()
+    for mode in ("backbone", "quantized", "river"):
+        assert_close_bf16(results["cuda", mode], results["cpu", mode])
