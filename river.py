@@ -45,11 +45,14 @@ def check_quant_args(bits, group_size):
                          f"got {group_size!r}")
 
 
-def quantize_weight(w, bits=4, group_size=64):
-    """Round-to-nearest min/max quantization of an (out_features, in_features) weight.
+def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
+    """Quantize an (out_features, in_features) weight.
 
-    4 bits: asymmetric, groups of `group_size` input features (W4A16). 8 bits: symmetric, one scale per
-    output channel (group_size is then the whole row). Each weight lands within half a step of its code.
+    4 bits: asymmetric, one (scale, zero) per group of `group_size` input features (W4A16). Round-to-nearest
+    from each group's min/max, where every weight lands within half a step of its code; then `refine_steps`
+    rounds of least squares that alternate between the nearest codes for (scale, low) and the (scale, low)
+    that fit those codes best. Neither half-round can raise a group's squared error. 8 bits: symmetric, one
+    scale per output channel (group_size is then the whole row).
     """
     check_quant_args(bits, group_size)
     N, K = w.shape
@@ -60,11 +63,19 @@ def quantize_weight(w, bits=4, group_size=64):
         return QuantizedWeight(q, scale, torch.zeros_like(scale), 8, K)
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {K} of a {N}x{K} weight")
-    groups = w.view(N, K // group_size, group_size)
-    low, high = groups.amin(dim=2), groups.amax(dim=2)                      # (N, K // group_size)
-    scale = ((high - low) / 15).clamp(min=1e-12)
+    groups = w.view(N, K // group_size, group_size)                          # (N, n_groups, group_size)
+    low = groups.amin(dim=2, keepdim=True)                                   # value of code 0
+    scale = ((groups.amax(dim=2, keepdim=True) - low) / 15).clamp(min=1e-12)
+    codes = ((groups - low) / scale).round().clamp(0, 15)
+    for _ in range(refine_steps):
+        code_mean, w_mean = codes.mean(dim=2, keepdim=True), groups.mean(dim=2, keepdim=True)
+        var = (codes - code_mean).pow(2).sum(dim=2, keepdim=True)
+        cov = ((codes - code_mean) * (groups - w_mean)).sum(dim=2, keepdim=True)
+        scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-12)
+        low = w_mean - scale * code_mean
+        codes = ((groups - low) / scale).round().clamp(0, 15)
+    scale, low = scale[..., 0], low[..., 0]                                  # (N, n_groups)
     zero = low + 8 * scale                                                   # tinygemm's zero: the value of code 8
-    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
     return QuantizedWeight(codes.view(N, K).to(torch.int32), scale, zero, 4, group_size)
 
 

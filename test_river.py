@@ -128,7 +128,7 @@ def tiny_model(cfg, seed, dtype=torch.float32):
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.5)
+            p.normal_(0, 0.2)
     return model.to(dtype).eval()
 
 
@@ -181,10 +181,13 @@ def test_batched_decoding_matches_single_sequences():
 def test_int4_kernel_equals_dequantized_matmul(n, groups, group_size, rows, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n * 16, groups * group_size, generator=g) * torch.rand(n * 16, 1, generator=g)
+    rtn = quantize_weight(w, 4, group_size, refine_steps=0)
+    step = rtn.scale.repeat_interleave(group_size, dim=1)
+    assert ((w - rtn.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
     qw = quantize_weight(w, 4, group_size)
-    step = qw.scale.repeat_interleave(group_size, dim=1)
-    assert ((w - qw.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
     assert qw.q.min() >= 0 and qw.q.max() <= 15
+    group_error = lambda q: (w - q.dequantize()).pow(2).view(w.shape[0], groups, group_size).sum(-1)  # noqa: E731
+    assert (group_error(qw) <= group_error(rtn) * (1 + 1e-4) + 1e-9).all(), "refinement raised an error"
     x = torch.randn(rows, w.shape[1], generator=g).bfloat16()
     # The kernel computes with bf16 scales and zeros: the reference dequantizes with the same ones.
     scale, zero = qw.scale.bfloat16().float(), qw.zero.bfloat16().float()
