@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from exit_policy import SimilarityExit
 from kv_cache import Writer
 from load_weights import load_model, resolve_device
-from river import Engine, ExitRiver, check_quant_args, sync
+from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_quant_args, sync
 
-DEFAULT_TAU = 0.9
-DEFAULT_GROUP_SIZE = 64
-SWEEP_TAUS = (0.5, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
-QUICK_TAUS = (0.8, 0.9, 0.97)
+SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
+QUICK_TAUS = (0.9, 0.97)
 
 
 def log(message):
@@ -143,7 +141,7 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
     so that drift of the machine hits them all alike."""
     for v in rows:  # warm-up
         engines[v.bits].generate(prompt, 4, v.mode, v.policy())
-    tps, prefill = {v.name: [] for v in rows}, {v.name: [] for v in rows}
+    tps, prefill, blocks = ({v.name: [] for v in rows} for _ in range(3))
     for r in range(repeats):
         log(f"  speed repeat {r + 1}/{repeats}")
         order = rows[r % len(rows):] + rows[:r % len(rows)]
@@ -151,9 +149,11 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
             g = engines[v.bits].generate(prompt, new_tokens, v.mode, v.policy())
             tps[v.name].append(g.decode_tokens_per_s)
             prefill[v.name].append(g.prefill_s)
+            blocks[v.name] += g.backbone_blocks[1:]
     return {v.name: {"decode_tokens_per_s": statistics.median(tps[v.name]),
                      "decode_tokens_per_s_all": tps[v.name],
-                     "prefill_s": statistics.median(prefill[v.name])} for v in rows}
+                     "prefill_s": statistics.median(prefill[v.name]),
+                     "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
 
 def backbone_dtype(path, device, prompt, new_tokens):

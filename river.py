@@ -12,6 +12,10 @@ from exit_policy import NeverExit, SimilarityExit
 from kv_cache import Writer
 
 MODES = ("backbone", "quantized", "river")
+# Chosen from bench.py's sweep on the bundled model (see README): the lowest tau whose NLL increase stays
+# under half of the whole-model 4-bit increase.
+DEFAULT_TAU = 0.96
+DEFAULT_GROUP_SIZE = 64
 INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of 32
 
 
@@ -264,9 +268,9 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--mode", choices=MODES, default="river")
-    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
