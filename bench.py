@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from exit_policy import SimilarityExit
 from kv_cache import Writer
+from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_model, resolve_device
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_quant_args, sync
 
@@ -29,21 +30,32 @@ def log(message):
 
 @dataclass
 class Variant:
-    """One row of the comparison: a mode of the engine, with river bits and exit threshold."""
+    """One row of the comparison: a mode of the engine (or a baseline KV strategy), river bits, exit threshold."""
     name: str
     mode: str
     bits: int = 4
     tau: float = 2.0   # > 1: never exits
 
+    @property
+    def exits(self):
+        return self.mode == "river" or self.mode in STRATEGIES
+
+    @property
+    def engine(self):
+        """Key of the engine that runs this row."""
+        return "baseline" if self.mode in STRATEGIES else self.bits
+
     def policy(self):
-        return SimilarityExit(self.tau) if self.mode == "river" else None
+        return SimilarityExit(self.tau) if self.exits else None
 
 
-def variants(tau, taus):
+def variants(tau, taus, strategies=False):
     rows = [Variant("backbone", "backbone"), Variant("quantized", "quantized", 4),
             Variant("river", "river", 4, tau), Variant("quantized_int8", "quantized", 8),
             Variant("river_int8", "river", 8, tau)]
     rows += [Variant(f"river_tau{t:g}", "river", 4, t) for t in taus if t != tau]
+    if strategies:
+        rows += [Variant(s, s, tau=tau) for s in STRATEGIES]
     return rows
 
 
@@ -93,8 +105,10 @@ def teacher_forced(engine, variant, context, target):
 
 
 def kv_cosines(cache, backbone_cache, length):
-    """Cosine between river-written K (and V) and the backbone's at the same (layer, position)."""
-    river = torch.from_numpy(cache.writer[:, :length] == Writer.RIVER).to(cache.k.device)  # (L, S)
+    """Cosine between K (and V) written by a river block or by propagation and the backbone's, at the same
+    (layer, position)."""
+    writer = cache.writer[:, :length]
+    river = torch.from_numpy((writer == Writer.RIVER) | (writer == Writer.PROPAGATED)).to(cache.k.device)
     if not river.any():
         return []
     out = []
@@ -111,7 +125,7 @@ def measure_quality(engines, rows, sequences, n_layers):
         log(f"  quality {i + 1}/{len(sequences)}: {len(context)} context + {len(target)} target tokens")
         targets = None
         for v in rows:
-            logits, depths, cache = teacher_forced(engines[v.bits], v, context, target)
+            logits, depths, cache = teacher_forced(engines[v.engine], v, context, target)
             logp = logits.log_softmax(-1)
             if v.name == "backbone":
                 base_logp, base_cache = logp, cache
@@ -140,13 +154,13 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
     """Median decode tokens/s and prefill seconds of each row; rows interleaved, order rotated per repeat,
     so that drift of the machine hits them all alike."""
     for v in rows:  # warm-up
-        engines[v.bits].generate(prompt, 4, v.mode, v.policy())
+        engines[v.engine].generate(prompt, 4, v.mode, v.policy())
     tps, prefill, blocks = ({v.name: [] for v in rows} for _ in range(3))
     for r in range(repeats):
         log(f"  speed repeat {r + 1}/{repeats}")
         order = rows[r % len(rows):] + rows[:r % len(rows)]
         for v in order:
-            g = engines[v.bits].generate(prompt, new_tokens, v.mode, v.policy())
+            g = engines[v.engine].generate(prompt, new_tokens, v.mode, v.policy())
             tps[v.name].append(g.decode_tokens_per_s)
             prefill[v.name].append(g.prefill_s)
             blocks[v.name] += g.backbone_blocks[1:]
@@ -196,7 +210,7 @@ def resident_bytes(model, rivers, v):
     shared = tensor_bytes(model.embed) + tensor_bytes(model.norm) + (
         0 if model.cfg.tie_embeddings else tensor_bytes(model.lm_head))
     backbone = tensor_bytes(model.blocks)
-    river = tensor_bytes(rivers[v.bits].blocks) if v.mode != "backbone" else 0
+    river = tensor_bytes(rivers[v.bits].blocks) if v.mode in ("quantized", "river") else 0
     return shared + river + (backbone if v.mode != "quantized" else 0)
 
 
@@ -223,8 +237,8 @@ def print_table(result, rows):
     print("-" * len(header))
     for v in rows:
         m = modes[v.name]
-        tau = f"{v.tau:g}" if v.mode == "river" else "-"
-        bits = str(v.bits) if v.mode != "backbone" else "16" if result["dtype"] == "bfloat16" else "32"
+        tau = f"{v.tau:g}" if v.exits else "-"
+        bits = str(v.bits) if v.mode in ("quantized", "river") else "16" if result["dtype"] == "bfloat16" else "32"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
         print(f"{v.name:<16}{bits:>5}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
@@ -252,6 +266,11 @@ def plot(result, rows, path):
                                 ("river_int8", "^", "River, 8-bit")):
         ax.plot(loss(name), speed(name), marker, markersize=9, label=label)
     ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
+    strategies = [v for v in rows if v.mode in STRATEGIES]
+    for v in strategies:
+        ax.plot(loss(v.name), speed(v.name), "x", markersize=9, mew=2, label=f"{v.name}, no river (tau {v.tau:g})")
+    if strategies:  # their losses are orders of magnitude larger: keep River's end readable
+        ax.set_xscale("symlog", linthresh=0.05)
     ax.set_xlabel("NLL increase over the backbone (HumanEval canonical solutions, nats/token)")
     ax.set_ylabel("decode speedup over the backbone")
     ax.set_title(f"River-LLM on {result['model']}\n{result['machine']}", fontsize=9)
@@ -272,6 +291,8 @@ def main(argv=None):
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
+    parser.add_argument("--strategies", action="store_true",
+                        help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     SimilarityExit(args.tau)
@@ -284,7 +305,7 @@ def main(argv=None):
         raise FileNotFoundError(f"--text file {args.text} does not exist")
     problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
     taus = QUICK_TAUS if args.quick else SWEEP_TAUS
-    rows = variants(args.tau, taus)
+    rows = variants(args.tau, taus, args.strategies)
 
     t_start = time.perf_counter()
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
@@ -296,6 +317,7 @@ def main(argv=None):
     log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
     rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
     engines = {bits: Engine(model, river) for bits, river in rivers.items()}
+    engines["baseline"] = BaselineEngine(model)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
     sequences = quality_sequences(tokenizer, problems, max_target, args.text)
@@ -304,8 +326,8 @@ def main(argv=None):
 
     backbone_weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
     bandwidth = copy_bandwidth(device)
-    modes = {v.name: {**speed[v.name], **quality[v.name], "bits": v.bits if v.mode != "backbone" else None,
-                      "tau": v.tau if v.mode == "river" else None,
+    modes = {v.name: {**speed[v.name], **quality[v.name],
+                      "bits": v.bits if v.mode in ("quantized", "river") else None, "tau": v.tau if v.exits else None,
                       "resident_mb": resident_bytes(model, rivers, v) / 2**20} for v in rows}
     base = modes["backbone"]["decode_tokens_per_s"]
     result = {

@@ -10,6 +10,7 @@ class Writer(IntEnum):
     EMPTY = 0
     BACKBONE = 1
     RIVER = 2
+    PROPAGATED = 3  # projected from another layer's state (the CALM-style baseline)
 
 
 class KVCache:
@@ -49,6 +50,10 @@ class KVCache:
         query = torch.arange(start, start + length, device=self.k.device)[:, None]
         key = torch.arange(self.capacity, device=self.k.device)[None, :]
         return key <= query
+
+    def filled(self, layer):
+        """(capacity,) bool on the cache's device: which positions of `layer` hold K/V."""
+        return torch.from_numpy(self.writer[layer] != Writer.EMPTY).to(self.k.device)
 
     def holes(self, upto):
         """(layer, position) pairs below `upto` that no block has written."""

@@ -165,6 +165,16 @@ class Attention(nn.Module):
         y = y.view(B, cfg.n_kv_heads, G, T, cfg.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
         return self.wo(y)
 
+    def project_kv(self, x, pos):
+        """Only the K and V this layer would write for normed states x (B, T, d_model), with no attention:
+        each (B, n_kv_heads, T, head_dim). Used to fill a skipped layer from another layer's state."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        kv = F.linear(x, self.wqkv.weight[cfg.q_dim:])                         # (B, T, 2 kv_dim)
+        k = apply_rope(kv[..., :cfg.kv_dim].view(B, T, cfg.n_kv_heads, cfg.head_dim), pos.cos, pos.sin_signed)
+        v = kv[..., cfg.kv_dim:].view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
 
 class MLP(nn.Module):
     """SwiGLU with the gate and up projections fused into one matmul."""

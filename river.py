@@ -262,12 +262,16 @@ def sample(logits, temperature, top_p, generator):
 # ------------------------------------------------------------------------------------------ command line
 
 def main(argv=None):
+    # Local imports: the library part of this file needs neither; only the command line does.
+    from kv_strategies import STRATEGIES, BaselineEngine
+    from load_weights import chat_prompt, load_model, resolve_device
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--mode", choices=MODES, default="river")
+    parser.add_argument("--mode", choices=MODES + STRATEGIES, default="river",
+                        help="river modes, or a KV strategy River argues against (exits with no river)")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
@@ -277,20 +281,21 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    # Local import: the library part of this file needs no loader; only the command line does.
-    from load_weights import chat_prompt, load_model, resolve_device
     device = resolve_device(args.device)
     policy = SimilarityExit(args.tau)
     check_quant_args(args.bits, args.group_size)
     if not args.prompt:
         parser.error("--prompt is empty")
     model, tokenizer = load_model(args.model, device=device, dtype=torch.bfloat16)
-    river = ExitRiver(model, args.bits, args.group_size) if args.mode != "backbone" else None
+    if args.mode in STRATEGIES:
+        engine = BaselineEngine(model)
+    else:
+        engine = Engine(model, ExitRiver(model, args.bits, args.group_size) if args.mode != "backbone" else None)
     text = chat_prompt(args.prompt, args.model) if args.chat else args.prompt
     prompt = tokenizer.encode(text).ids
     stop = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
             if i is not None]
-    result = Engine(model, river).generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature,
+    result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature,
                                            args.top_p, args.seed, stop)
     reply = tokenizer.decode(result.tokens)
     blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)

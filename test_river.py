@@ -17,6 +17,7 @@ from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similar
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import LlamaConfig, Transformer
+from kv_strategies import STRATEGIES, BaselineEngine
 from river import Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
@@ -548,3 +549,115 @@ def test_cuda_engine_matches_cpu_engine():
             results[device, mode] = logits.float().cpu()
     for mode in ("backbone", "quantized", "river"):
         assert_close_bf16(results["cuda", mode], results["cpu", mode])
+
+
+# ------------------------------------------------------------------- the KV strategies River argues against
+
+def run_schedule(engine, mode, tokens, n_prompt, exits):
+    """Prefill then decode, token t exiting after block exits[t] (capped by what the strategy allows)."""
+    cache = engine.model.new_cache(len(tokens))
+    steps = [engine.forward(tokens[None, :n_prompt], 0, cache, mode, FixedExit(exits[0]))]
+    for i, e in enumerate(exits[1:]):
+        steps.append(engine.forward(tokens[None, n_prompt + i:n_prompt + i + 1], n_prompt + i, cache, mode,
+                                    FixedExit(e)))
+    return cache, steps
+
+
+strategy_schedules = dict(cfg=tiny_configs(), n_prompt=st.integers(1, 5),
+                          exits=st.lists(st.integers(0, 3), min_size=1, max_size=6), seed=st.integers(0, 99))
+
+
+@pytest.mark.parametrize("mode", STRATEGIES)
+def test_strategies_without_exits_are_exactly_the_backbone(mode):
+    cfg = LlamaConfig(vocab_size=50, d_model=24, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=40, max_seq_len=32)
+    model = tiny_model(cfg, 3)
+    prompt = list(range(1, 7))
+    backbone = Engine(model).generate(prompt, 6, "backbone")
+    engine = BaselineEngine(model)
+    for policy in (NeverExit(), SimilarityExit(1.01)):
+        assert engine.generate(prompt, 6, mode, policy).tokens == backbone.tokens
+    cache_a, cache_b = model.new_cache(6), model.new_cache(6)
+    logits_a, _ = Engine(model).forward(torch.tensor([prompt]), 0, cache_a, "backbone")
+    logits_b, _ = engine.forward(torch.tensor([prompt]), 0, cache_b, mode, NeverExit())
+    assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
+
+
+@PROPERTY
+@given(**strategy_schedules)
+def test_recomputation_leaves_the_backbone_cache(cfg, n_prompt, exits, seed):
+    model = tiny_model(cfg, seed)
+    exits = [min(e, cfg.n_layers - 1) for e in exits]
+    tokens = torch.randint(0, cfg.vocab_size, (n_prompt + len(exits) - 1,), generator=torch.Generator().manual_seed(seed))
+    engine = BaselineEngine(model)
+    cache, _ = run_schedule(engine, "recompute", tokens, n_prompt, exits)
+    engine.flush(cache)
+    backbone_cache = model.new_cache(len(tokens))
+    model(tokens[None], 0, backbone_cache)
+    assert cache.holes(len(tokens)) == [] and (cache.write_count[:, :len(tokens)] == 1).all()
+    torch.testing.assert_close(cache.k, backbone_cache.k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.v, backbone_cache.v, rtol=1e-4, atol=1e-4)
+
+
+@PROPERTY
+@given(**strategy_schedules)
+def test_masking_never_reads_an_empty_slot(cfg, n_prompt, exits, seed):
+    """Poison every empty slot with huge values: outputs that do not move never read them."""
+    model = tiny_model(cfg, seed)
+    exits = [min(e, cfg.n_layers - 1) for e in exits]
+    tokens = torch.randint(0, cfg.vocab_size, (n_prompt + len(exits) - 1,), generator=torch.Generator().manual_seed(seed))
+    clean_cache, clean = run_schedule(BaselineEngine(model), "mask", tokens, n_prompt, exits)
+    poisoned = {"n": 0}
+    original_write = KVCache.write
+
+    def write_then_poison(cache, layer, start, k, v, writer):
+        out = original_write(cache, layer, start, k, v, writer)
+        empty = torch.from_numpy(cache.writer == Writer.EMPTY)                 # (L, capacity)
+        cache.k[empty.nonzero(as_tuple=True)[0], :, :, empty.nonzero(as_tuple=True)[1]] = 1e4
+        cache.v[empty.nonzero(as_tuple=True)[0], :, :, empty.nonzero(as_tuple=True)[1]] = 1e4
+        poisoned["n"] += int(empty.sum())
+        return out
+    KVCache.write = write_then_poison
+    try:
+        cache, dirty = run_schedule(BaselineEngine(model), "mask", tokens, n_prompt, exits)
+    finally:
+        KVCache.write = original_write
+    for (a, _), (b, _) in zip(clean, dirty):
+        torch.testing.assert_close(a, b)
+    expected_holes = sum(cfg.n_layers - 1 - e for e in exits[1:]) + n_prompt * (cfg.n_layers - 1 - exits[0])
+    assert len(cache.holes(len(tokens))) == expected_holes
+    assert expected_holes == 0 or poisoned["n"] > 0
+
+
+@PROPERTY
+@given(**strategy_schedules)
+def test_propagation_fills_every_slot(cfg, n_prompt, exits, seed):
+    model = tiny_model(cfg, seed)
+    exits = [min(e, cfg.n_layers - 1) for e in exits]
+    tokens = torch.randint(0, cfg.vocab_size, (n_prompt + len(exits) - 1,), generator=torch.Generator().manual_seed(seed))
+    cache, _ = run_schedule(BaselineEngine(model), "propagate", tokens, n_prompt, exits)
+    S = len(tokens)
+    assert cache.holes(S) == [] and (cache.write_count[:, :S] == 1).all()
+    last = [exits[0]] * n_prompt + exits[1:]
+    expected = np.array([[Writer.BACKBONE if layer <= e else Writer.PROPAGATED for e in last]
+                         for layer in range(cfg.n_layers)])
+    np.testing.assert_array_equal(cache.writer[:, :S], expected)
+
+
+@PROPERTY
+@given(**strategy_schedules)
+def test_monotonic_exit_never_deepens_and_reads_no_hole(cfg, n_prompt, exits, seed):
+    model = tiny_model(cfg, seed)
+    exits = [min(e, cfg.n_layers - 1) for e in exits]
+    tokens = torch.randint(0, cfg.vocab_size, (n_prompt + len(exits) - 1,), generator=torch.Generator().manual_seed(seed))
+    cache, steps = run_schedule(BaselineEngine(model), "monotonic", tokens, n_prompt, exits)
+    depths = [d for _, d in steps]
+    assert all(b <= a for a, b in zip(depths, depths[1:])), "exit depth rose along the sequence"
+    assert depths == [min(e + 1 for e in exits[:i + 1]) for i in range(len(exits))]
+    for t, depth in enumerate([depths[0]] * n_prompt + depths[1:]):  # every layer a token ran was readable
+        assert (cache.writer[:depth, :t + 1] != Writer.EMPTY).all()
+
+
+def test_unknown_strategy_is_refused():
+    cfg = LlamaConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        BaselineEngine(tiny_model(cfg, 0)).generate([1], 2, "skip")
