@@ -151,21 +151,24 @@ def measure_quality(engines, rows, sequences, n_layers):
 # -------------------------------------------------------------------------------------------------- speed
 
 def measure_speed(engines, rows, prompt, new_tokens, repeats):
-    """Median decode tokens/s and prefill seconds of each row; rows interleaved, order rotated per repeat,
-    so that drift of the machine hits them all alike."""
+    """Decode tokens/s of each row from the median step time over all its repeats (robust to the bursts of a
+    shared machine; the mean-based figure is kept too), and median prefill seconds. Rows are interleaved, the
+    order rotated per repeat, so that drift of the machine hits them all alike."""
     for v in rows:  # warm-up
         engines[v.engine].generate(prompt, 4, v.mode, v.policy())
-    tps, prefill, blocks = ({v.name: [] for v in rows} for _ in range(3))
+    tps, steps, prefill, blocks = ({v.name: [] for v in rows} for _ in range(4))
     for r in range(repeats):
         log(f"  speed repeat {r + 1}/{repeats}")
         order = rows[r % len(rows):] + rows[:r % len(rows)]
         for v in order:
             g = engines[v.engine].generate(prompt, new_tokens, v.mode, v.policy())
             tps[v.name].append(g.decode_tokens_per_s)
+            steps[v.name] += g.step_s
             prefill[v.name].append(g.prefill_s)
             blocks[v.name] += g.backbone_blocks[1:]
-    return {v.name: {"decode_tokens_per_s": statistics.median(tps[v.name]),
-                     "decode_tokens_per_s_all": tps[v.name],
+    return {v.name: {"decode_tokens_per_s": 1 / statistics.median(steps[v.name]),
+                     "decode_tokens_per_s_mean_based": len(steps[v.name]) / sum(steps[v.name]),
+                     "decode_tokens_per_s_per_repeat": tps[v.name],
                      "prefill_s": statistics.median(prefill[v.name]),
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
@@ -179,8 +182,8 @@ def backbone_dtype(path, device, prompt, new_tokens):
         model, _ = load_model(path, device, dtype)
         engine = Engine(model)
         engine.generate(prompt, 4, "backbone")
-        speeds[str(dtype).removeprefix("torch.")] = statistics.median(
-            engine.generate(prompt, new_tokens, "backbone").decode_tokens_per_s for _ in range(3))
+        step_s = [s for _ in range(3) for s in engine.generate(prompt, new_tokens, "backbone").step_s]
+        speeds[str(dtype).removeprefix("torch.")] = 1 / statistics.median(step_s)
         del model, engine
     best = max(speeds, key=speeds.get)
     return getattr(torch, best), speeds
@@ -352,7 +355,7 @@ def main(argv=None):
     print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
     print(f"backbone {result['dtype']} (fp32 vs bf16 tok/s: {dtype_speeds or 'bf16 on CUDA'}); river activations "
           f"bf16; 4-bit groups of {args.group_size}; decode of {new_tokens} tokens after a {len(prompt)}-token "
-          f"prompt, median of {repeats}; quality: {result['data']}\n")
+          f"prompt, {repeats} repeats, 1 / median step time; quality: {result['data']}\n")
     print_table(result, rows)
     bw = result["backbone_bandwidth"]
     print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "

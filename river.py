@@ -161,12 +161,11 @@ class Generation:
     tokens: list             # generated ids
     backbone_blocks: list    # backbone blocks run by the forward pass that produced each token
     prefill_s: float
-    decode_s: float          # wall time of the decode steps (every generated token after the first)
+    step_s: list             # wall time of each decode step (every generated token after the first)
 
     @property
     def decode_tokens_per_s(self):
-        steps = len(self.tokens) - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+        return len(self.step_s) / sum(self.step_s) if self.step_s else float("nan")
 
 
 class Engine:
@@ -231,15 +230,15 @@ class Engine:
         t0 = time.perf_counter()
         logits, depth = self.forward(tokens, 0, cache, mode, policy)
         out, depths = [sample(logits[0, -1], temperature, top_p, generator)], [depth]
-        sync(model.device)
-        t1 = time.perf_counter()
+        prefill_s, steps = time.perf_counter() - t0, []
         while len(out) < max_new_tokens and out[-1] not in stop_ids:
+            t0 = time.perf_counter()
             tokens = torch.tensor([[out[-1]]], device=model.device)
             logits, depth = self.forward(tokens, len(prompt) + len(out) - 1, cache, mode, policy)
-            out.append(sample(logits[0, -1], temperature, top_p, generator))
+            out.append(sample(logits[0, -1], temperature, top_p, generator))  # reads the logits: syncs
             depths.append(depth)
-        sync(model.device)
-        return Generation(out, depths, t1 - t0, time.perf_counter() - t1)
+            steps.append(time.perf_counter() - t0)
+        return Generation(out, depths, prefill_s, steps)
 
 
 def sync(device):
