@@ -151,9 +151,10 @@ def measure_quality(engines, rows, sequences, n_layers):
 # -------------------------------------------------------------------------------------------------- speed
 
 def measure_speed(engines, rows, prompt, new_tokens, repeats):
-    """Decode tokens/s of each row from the median step time over all its repeats (robust to the bursts of a
-    shared machine; the mean-based figure is kept too), and median prefill seconds. Rows are interleaved, the
-    order rotated per repeat, so that drift of the machine hits them all alike."""
+    """Decode tokens/s of each row: the median over repeats of (decode steps / their total time), and the
+    median prefill seconds. Rows are interleaved, the order rotated per repeat, so that drift of the machine
+    hits them all alike; a median over whole repeats keeps the cost of uneven steps (deep exits, catch-up
+    recomputation) while shrugging off a repeat hit by a burst of the shared machine."""
     for v in rows:  # warm-up
         engines[v.engine].generate(prompt, 4, v.mode, v.policy())
     tps, steps, prefill, blocks = ({v.name: [] for v in rows} for _ in range(4))
@@ -166,9 +167,9 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
             steps[v.name] += g.step_s
             prefill[v.name].append(g.prefill_s)
             blocks[v.name] += g.backbone_blocks[1:]
-    return {v.name: {"decode_tokens_per_s": 1 / statistics.median(steps[v.name]),
-                     "decode_tokens_per_s_mean_based": len(steps[v.name]) / sum(steps[v.name]),
+    return {v.name: {"decode_tokens_per_s": statistics.median(tps[v.name]),
                      "decode_tokens_per_s_per_repeat": tps[v.name],
+                     "decode_step_ms_median": 1e3 * statistics.median(steps[v.name]),
                      "prefill_s": statistics.median(prefill[v.name]),
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
@@ -294,6 +295,9 @@ def main(argv=None):
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run every block eagerly (default: torch.compile the blocks' decode regions, "
+                             "backbone and river alike; needs a C++ compiler on CPU)")
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
     args = parser.parse_args(argv)
@@ -319,8 +323,9 @@ def main(argv=None):
     model, tokenizer = load_model(args.model, device, dtype)
     log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
     rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
-    engines = {bits: Engine(model, river) for bits, river in rivers.items()}
-    engines["baseline"] = BaselineEngine(model)
+    compile = not args.no_compile
+    engines = {bits: Engine(model, river, compile) for bits, river in rivers.items()}
+    engines["baseline"] = BaselineEngine(model, compile)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
     sequences = quality_sequences(tokenizer, problems, max_target, args.text)
@@ -336,7 +341,8 @@ def main(argv=None):
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
         "device": str(device), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "river_activation_dtype": "bfloat16", "backbone_dtype_tokens_per_s": dtype_speeds,
+        "river_activation_dtype": "bfloat16", "backbone_dtype_tokens_per_s_eager": dtype_speeds,
+        "compiled_decode_regions": compile,
         "group_size": args.group_size, "tau": args.tau, "quick": args.quick,
         "data": args.text or f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens",
         "kv_cache_mb": model.cfg.n_layers * 2 * model.cfg.kv_dim * (len(prompt) + new_tokens) * model.dtype.itemsize
@@ -353,9 +359,10 @@ def main(argv=None):
         "seconds": time.perf_counter() - t_start,
     }
     print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
-    print(f"backbone {result['dtype']} (fp32 vs bf16 tok/s: {dtype_speeds or 'bf16 on CUDA'}); river activations "
-          f"bf16; 4-bit groups of {args.group_size}; decode of {new_tokens} tokens after a {len(prompt)}-token "
-          f"prompt, {repeats} repeats, 1 / median step time; quality: {result['data']}\n")
+    choice = {k: round(v, 1) for k, v in dtype_speeds.items()} or "bf16 on CUDA"
+    print(f"backbone {result['dtype']} (eager fp32 vs bf16 tok/s: {choice}); blocks "
+          f"{'compiled' if compile else 'eager'}; river activations bf16; 4-bit groups of {args.group_size}; decode of {new_tokens} tokens after a {len(prompt)}-token "
+          f"prompt, median of {repeats} repeats; quality: {result['data']}\n")
     print_table(result, rows)
     bw = result["backbone_bandwidth"]
     print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "

@@ -25,8 +25,8 @@ class BaselineEngine(Engine):
     """Token-level early exit without a river. Keeps the little state a strategy needs between the steps of
     one sequence (a prefill at position 0 starts a new one)."""
 
-    def __init__(self, model):
-        super().__init__(model, river=None)
+    def __init__(self, model, compile=False):
+        super().__init__(model, river=None, compile=compile)
         self.pending = {}       # recompute: position -> [next layer it lacks, its state there (d_model,)]
         self.depth_cap = model.cfg.n_layers  # monotonic: the previous token's exit depth
 

@@ -138,7 +138,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with fused QKV; K/V go through the cache at explicit positions."""
+    """Grouped-query attention's projections: fused QKV in, heads merged and projected out. The attention
+    itself runs in Block.forward, between the cache write and these two."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -146,24 +147,28 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=False)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, pos, cache, layer, writer):
-        cfg = self.cfg
+    def project_qkv(self, x, cos, sin_signed):
+        """Normed states (B, T, d_model) -> q (B, n_kv_heads, G*T, head_dim), k and v (B, n_kv_heads, T, head_dim).
+
+        GQA without repeating K/V: the G query heads that share a KV head become G*T query rows of it.
+        """
+        cfg, G = self.cfg, self.cfg.group_size
         B, T, _ = x.shape
         qkv = self.wqkv(x)                                                     # (B, T, q_dim + 2 kv_dim)
         qk = qkv[..., :cfg.q_dim + cfg.kv_dim].view(B, T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
-        qk = apply_rope(qk, pos.cos, pos.sin_signed)                                  # q and k rotated in one go
+        qk = apply_rope(qk, cos, sin_signed)                                   # q and k rotated in one go
         q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=2)
         v = qkv[..., cfg.q_dim + cfg.kv_dim:].view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)                            # (B, n_kv_heads, T, head_dim)
-        if cache is not None:
-            k, v = cache.write(layer, pos.start, k, v, writer)                 # (B, n_kv_heads, capacity, head_dim)
-        # GQA without repeating K/V: the query heads that share a KV head become extra query rows of it.
-        G = cfg.group_size
         q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(B, cfg.n_kv_heads, G * T, cfg.head_dim)                 # (B, n_kv_heads, G*T, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attn_mask)  # (B, n_kv_heads, G*T, head_dim)
-        y = y.view(B, cfg.n_kv_heads, G, T, cfg.head_dim).permute(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
-        return self.wo(y)
+        q = q.reshape(B, cfg.n_kv_heads, G * T, cfg.head_dim)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def merge_heads(self, y):
+        """Attention output (B, n_kv_heads, G*T, head_dim) -> (B, T, d_model)."""
+        cfg = self.cfg
+        B, T = y.shape[0], y.shape[2] // cfg.group_size
+        y = y.view(B, cfg.n_kv_heads, cfg.group_size, T, cfg.head_dim).permute(0, 3, 1, 2, 4)
+        return self.wo(y.reshape(B, T, cfg.q_dim))
 
     def project_kv(self, x, pos):
         """Only the K and V this layer would write for normed states x (B, T, d_model), with no attention:
@@ -196,15 +201,41 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer                  # which cache slots this block reads and writes
         self.cache_writer = Writer.BACKBONE  # recorded in the cache beside every K/V this block writes
+        self.compiled_regions = None        # set by compile_blocks
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, pos, cache):
-        """x (B, T, d_model) -> (B, T, d_model)."""
-        x = x + self.attn(self.attn_norm(x), pos, cache, self.layer, self.cache_writer)
-        return x + self.mlp(self.mlp_norm(x))
+        """x (B, T, d_model) -> (B, T, d_model), writing this step's K/V into cache layer `self.layer`."""
+        regions = self.compiled_regions if self.compiled_regions and x.shape[1] == 1 else self.eager_regions
+        q, k, v = regions[0](self, x, pos.cos, pos.sin_signed)
+        if cache is not None:
+            k, v = cache.write(self.layer, pos.start, k, v, self.cache_writer)  # (B, n_kv_heads, capacity, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attn_mask)  # (B, n_kv_heads, G*T, head_dim)
+        return regions[1](self, x, y)
+
+    def pre_attention(self, x, cos, sin_signed):
+        return self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
+
+    def post_attention(self, x, y):
+        h = x + self.attn.merge_heads(y)
+        return h + self.mlp(self.mlp_norm(h))
+
+    eager_regions = (pre_attention, post_attention)
+
+
+def compile_blocks(blocks):
+    """Compile the two attention-free regions of every block for one-token decode steps, in place.
+
+    Per-op overhead, not arithmetic, dominates a one-token step of a small model; fusing the norms, RoPE,
+    residual adds and SwiGLU into a few kernels removes most of it. The regions take no positions or layer
+    index, so blocks of the same kind (backbone or river) share one compiled graph. Prefill stays eager.
+    """
+    regions = tuple(torch.compile(f, dynamic=False) for f in Block.eager_regions)
+    for block in blocks:
+        block.compiled_regions = regions
 
 
 class Transformer(nn.Module):

@@ -18,7 +18,7 @@ from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import LlamaConfig, Transformer
 from kv_strategies import STRATEGIES, BaselineEngine
-from river import Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
+from river import MODES, Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -661,3 +661,23 @@ def test_unknown_strategy_is_refused():
     cfg = LlamaConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
     with pytest.raises(ValueError, match="strategy must be one of"):
         BaselineEngine(tiny_model(cfg, 0)).generate([1], 2, "skip")
+
+
+def test_compiled_decode_regions_equal_eager():
+    """compile_blocks (used by bench.py) changes speed, not results: same tokens, logits within fp32 noise."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
+    model = tiny_model(cfg, 5)
+    river = ExitRiver(model, 4, 32)
+    prompt = list(range(3, 10))
+
+    def run(engine):
+        tokens = {mode: engine.generate(prompt, 5, mode, FixedExit(0)).tokens for mode in MODES}
+        cache = model.new_cache(8)
+        engine.forward(torch.tensor([prompt]), 0, cache, "river", FixedExit(0))
+        return tokens, engine.forward(torch.tensor([[11]]), 7, cache, "river", FixedExit(0))[0], cache
+    eager_tokens, eager_logits, eager_cache = run(Engine(model, river))
+    compiled_tokens, compiled_logits, compiled_cache = run(Engine(model, river, compile=True))
+    assert model.blocks[0].compiled_regions is not None and river.blocks[0].compiled_regions is not None
+    assert compiled_tokens == eager_tokens
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_cache.k, eager_cache.k, rtol=1e-4, atol=1e-4)
