@@ -35,7 +35,7 @@ class BaselineEngine(Engine):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {mode!r}")
 
     @torch.inference_mode()
-    def forward(self, tokens, start, cache, mode="propagate", policy=None):
+    def forward(self, tokens, start, cache, mode="propagate", policy=None, all_logits=False):
         """Like Engine.forward; returns (logits, blocks run), counting blocks recomputed for waiting tokens."""
         self.check_mode(mode)
         model, n_layers = self.model, self.model.cfg.n_layers
@@ -66,7 +66,7 @@ class BaselineEngine(Engine):
                 self.pending[start + i] = [depth, x[:, i]]
         elif mode == "monotonic":
             self.depth_cap = depth
-        return model.head(x), blocks_run
+        return model.head(x if all_logits else x[:, -1:]), blocks_run
 
     def mask_empty(self, pos, cache, layer):
         """The step's mask, less the slots of `layer` nobody wrote (the step's own slots are written first)."""

@@ -190,8 +190,9 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs an ExitRiver; build the Engine with one")
 
     @torch.inference_mode()
-    def forward(self, tokens, start, cache, mode="river", policy=None):
-        """tokens (B, T) at positions start..start+T-1 -> (logits (B, T, vocab), backbone blocks run).
+    def forward(self, tokens, start, cache, mode="river", policy=None, all_logits=False):
+        """tokens (B, T) at positions start..start+T-1 -> (logits, backbone blocks run). Logits are
+        (B, 1, vocab) for the last token, or (B, T, vocab) with all_logits: a prefill only needs the last.
 
         A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
         """
@@ -209,7 +210,7 @@ class Engine:
                     break
         for block in self.river.blocks[depth:] if depth < n_layers else ():
             x = block(x, pos, cache)  # river block j writes layer j: the cache stays whole
-        return model.head(x), depth
+        return model.head(x if all_logits else x[:, -1:]), depth
 
     def generate(self, prompt, max_new_tokens=64, mode="river", policy=None, temperature=0.0, top_p=1.0,
                  seed=None, stop_ids=()):

@@ -243,7 +243,7 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
 
     def run(chunk, start, exit_after):
         mode, policy = ("quantized", None) if exit_after < 0 else ("river", FixedExit(exit_after))
-        logits, depth = engine.forward(chunk[None], start, cache, mode, policy)
+        logits, depth = engine.forward(chunk[None], start, cache, mode, policy, all_logits=True)
         assert depth == exit_after + 1
         return logits[0]
     logits = [run(tokens[:n_prompt], 0, exits[0])]
@@ -276,8 +276,8 @@ def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new):
         assert river_run.backbone_blocks == [cfg.n_layers] * len(backbone.tokens)
     cache_a, cache_b = model.new_cache(5), model.new_cache(5)
     tokens = torch.tensor([prompt])
-    logits_a, _ = engine.forward(tokens, 0, cache_a, "backbone")
-    logits_b, _ = engine.forward(tokens, 0, cache_b, "river", SimilarityExit(1.5))
+    logits_a, _ = engine.forward(tokens, 0, cache_a, "backbone", all_logits=True)
+    logits_b, _ = engine.forward(tokens, 0, cache_b, "river", SimilarityExit(1.5), all_logits=True)
     assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
 
 
@@ -291,7 +291,7 @@ def test_quantized_mode_equals_a_decoder_built_from_dequantized_weights(cfg, bit
             for linear in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down):
                 linear.weight.copy_(quantize_weight(linear.weight, bits, 32).dequantize())
     tokens = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(seed))
-    got, depth = Engine(model, river).forward(tokens, 0, model.new_cache(6), "quantized")
+    got, depth = Engine(model, river).forward(tokens, 0, model.new_cache(6), "quantized", all_logits=True)
     assert depth == 0
     # bf16 activations inside the low-bit kernels set the tolerance.
     assert_close_bf16(got, dequantized(tokens))
@@ -545,7 +545,7 @@ def test_cuda_engine_matches_cpu_engine():
         model = tiny_model(cfg, 0).to(device=device, dtype=torch.bfloat16)
         engine = Engine(model, ExitRiver(model, 4, 32))
         for mode, policy in (("backbone", None), ("quantized", None), ("river", FixedExit(0))):
-            logits, _ = engine.forward(tokens.to(device), 0, model.new_cache(9), mode, policy)
+            logits, _ = engine.forward(tokens.to(device), 0, model.new_cache(9), mode, policy, all_logits=True)
             results[device, mode] = logits.float().cpu()
     for mode in ("backbone", "quantized", "river"):
         assert_close_bf16(results["cuda", mode], results["cpu", mode])
@@ -556,7 +556,7 @@ def test_cuda_engine_matches_cpu_engine():
 def run_schedule(engine, mode, tokens, n_prompt, exits):
     """Prefill then decode, token t exiting after block exits[t] (capped by what the strategy allows)."""
     cache = engine.model.new_cache(len(tokens))
-    steps = [engine.forward(tokens[None, :n_prompt], 0, cache, mode, FixedExit(exits[0]))]
+    steps = [engine.forward(tokens[None, :n_prompt], 0, cache, mode, FixedExit(exits[0]), all_logits=True)]
     for i, e in enumerate(exits[1:]):
         steps.append(engine.forward(tokens[None, n_prompt + i:n_prompt + i + 1], n_prompt + i, cache, mode,
                                     FixedExit(e)))
@@ -577,8 +577,8 @@ def test_strategies_without_exits_are_exactly_the_backbone(mode):
     for policy in (NeverExit(), SimilarityExit(1.01)):
         assert engine.generate(prompt, 6, mode, policy).tokens == backbone.tokens
     cache_a, cache_b = model.new_cache(6), model.new_cache(6)
-    logits_a, _ = Engine(model).forward(torch.tensor([prompt]), 0, cache_a, "backbone")
-    logits_b, _ = engine.forward(torch.tensor([prompt]), 0, cache_b, mode, NeverExit())
+    logits_a, _ = Engine(model).forward(torch.tensor([prompt]), 0, cache_a, "backbone", all_logits=True)
+    logits_b, _ = engine.forward(torch.tensor([prompt]), 0, cache_b, mode, NeverExit(), all_logits=True)
     assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
 
 
