@@ -3,7 +3,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import sys
@@ -361,8 +360,9 @@ def main(argv=None):
     print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
     choice = {k: round(v, 1) for k, v in dtype_speeds.items()} or "bf16 on CUDA"
     print(f"backbone {result['dtype']} (eager fp32 vs bf16 tok/s: {choice}); blocks "
-          f"{'compiled' if compile else 'eager'}; river activations bf16; 4-bit groups of {args.group_size}; decode of {new_tokens} tokens after a {len(prompt)}-token "
-          f"prompt, median of {repeats} repeats; quality: {result['data']}\n")
+          f"{'compiled' if compile else 'eager'}; river activations bf16; 4-bit groups of {args.group_size}; "
+          f"decode of {new_tokens} tokens after a {len(prompt)}-token prompt, median of {repeats} repeats; "
+          f"quality: {result['data']}\n")
     print_table(result, rows)
     bw = result["backbone_bandwidth"]
     print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "

