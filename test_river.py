@@ -673,3 +673,28 @@ def test_compiled_decode_regions_equal_eager():
     assert compiled_tokens == eager_tokens
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled_cache.k, eager_cache.k, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bench.py
+
+def test_bench_rejects_bad_arguments_before_loading_anything(tmp_path):
+    import bench
+    with pytest.raises(ValueError, match="tau must be a real number"):
+        bench.main(["--tau", "nan"])
+    with pytest.raises(ValueError, match="group_size must be"):
+        bench.main(["--group-size", "48"])
+    with pytest.raises(FileNotFoundError, match="--text file .* does not exist"):
+        bench.main(["--text", str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        bench.main(["--threads", "0"])
+
+
+def test_bench_text_windows_and_humaneval(bundled, tmp_path):
+    import bench
+    _, tokenizer = bundled
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    windows = bench.quality_sequences(tokenizer, 3, 16, text)
+    assert len(windows) == 3 and all(len(c) == 32 and 1 < len(t) <= 16 for c, t in windows)
+    problems = bench.quality_sequences(tokenizer, 2, 16)
+    assert len(problems) == 2 and problems[0][0] == tokenizer.encode(bench.humaneval_problems()[0][0]).ids
