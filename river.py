@@ -196,6 +196,7 @@ class Engine:
 
         A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
         """
+        self.check_mode(mode)
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens)                                         # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache)

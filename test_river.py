@@ -297,6 +297,18 @@ def test_quantized_mode_equals_a_decoder_built_from_dequantized_weights(cfg, bit
     assert_close_bf16(got, dequantized(tokens))
 
 
+def test_sampling_is_reproducible_and_top_p_narrows_to_greedy():
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+    model, river = tiny_river(cfg, 4, 4)
+    engine = Engine(model, river)
+    runs = [engine.generate([1, 2, 3], 12, "river", SimilarityExit(0.5), temperature=1.5, seed=s).tokens
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    greedy_tokens = engine.generate([1, 2, 3], 12, "river", SimilarityExit(0.5)).tokens
+    assert engine.generate([1, 2, 3], 12, "river", SimilarityExit(0.5), temperature=1.5, top_p=1e-6,
+                           seed=1).tokens == greedy_tokens
+
+
 def test_similarity_rule_exits_at_first_block_above_tau():
     h0 = torch.tensor([[[1.0, 0.0]]])
     assert transition_similarity(h0, torch.tensor([[[1.0, 1.0]]])).item() == pytest.approx(math.sqrt(0.5))
