@@ -217,9 +217,11 @@ class Block(nn.Module):
         return regions[1](self, x, y)
 
     def pre_attention(self, x, cos, sin_signed):
+        """Everything before the cache: norm, fused QKV projection, RoPE."""
         return self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
 
     def post_attention(self, x, y):
+        """Everything after attention: output projection, residual, norm, SwiGLU MLP, residual."""
         h = x + self.attn.merge_heads(y)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -230,7 +232,7 @@ def compile_blocks(blocks):
     """Compile the two attention-free regions of every block for one-token decode steps, in place.
 
     Per-op overhead, not arithmetic, dominates a one-token step of a small model; fusing the norms, RoPE,
-    residual adds and SwiGLU into a few kernels removes most of it. The regions take no positions or layer
+    residual adds and SwiGLU into a few kernels removes much of it. The regions take no positions or layer
     index, so blocks of the same kind (backbone or river) share one compiled graph. Prefill stays eager.
     """
     regions = tuple(torch.compile(f, dynamic=False) for f in Block.eager_regions)
