@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from exit_policy import SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
-from load_weights import load_model, resolve_device
+from load_weights import load_model, load_model_tokenizer, resolve_device
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_quant_args, sync
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
@@ -173,20 +173,22 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
 
-def backbone_dtype(path, device, prompt, new_tokens):
-    """The faster of fp32 and bf16 for the full-precision backbone on this device (the paper's is 16-bit)."""
+def load_backbone(path, device, prompt, new_tokens):
+    """The model in the faster of fp32 and bf16 on this device (the paper's backbone is 16-bit), and the
+    eager decode tokens/s of each; only the faster one is kept in memory."""
     if device.type == "cuda":
-        return torch.bfloat16, {}
-    speeds = {}
+        return load_model(path, device, torch.bfloat16)[0], {}
+    best, best_speed, speeds = None, 0.0, {}
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = load_model(path, device, dtype)
         engine = Engine(model)
         engine.generate(prompt, 4, "backbone")
         step_s = [s for _ in range(3) for s in engine.generate(prompt, new_tokens, "backbone").step_s]
-        speeds[str(dtype).removeprefix("torch.")] = 1 / statistics.median(step_s)
+        speeds[str(dtype).removeprefix("torch.")] = speed = 1 / statistics.median(step_s)
+        if speed > best_speed:
+            best, best_speed = model, speed
         del model, engine
-    best = max(speeds, key=speeds.get)
-    return getattr(torch, best), speeds
+    return best, speeds
 
 
 def copy_bandwidth(device):
@@ -315,11 +317,11 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
-    _, tokenizer = load_model(args.model, device)
+    tokenizer = load_model_tokenizer(args.model)
     prompt = tokenizer.encode(humaneval_problems()[0][0]).ids
     log("choosing the backbone dtype (faster of fp32 and bf16) ...")
-    dtype, dtype_speeds = backbone_dtype(args.model, device, prompt, 16)
-    model, tokenizer = load_model(args.model, device, dtype)
+    model, dtype_speeds = load_backbone(args.model, device, prompt, 16)
+    dtype = model.dtype
     log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
     rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
     compile = not args.no_compile

@@ -96,7 +96,7 @@ def load_tokenizer(folder, cfg):
     return tokenizer
 
 
-def load_hf_folder(folder, device, dtype):
+def read_config_and_tokenizer(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -104,7 +104,12 @@ def load_hf_folder(folder, device, dtype):
     if not config_path.exists():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
     cfg = LlamaConfig.from_hf(json.loads(config_path.read_text()))
-    tokenizer = load_tokenizer(folder, cfg)
+    return cfg, load_tokenizer(folder, cfg)
+
+
+def load_hf_folder(folder, device, dtype):
+    folder = Path(folder)
+    cfg, tokenizer = read_config_and_tokenizer(folder)
     tensors = read_safetensors(folder)
     check_tensors(cfg, tensors, folder)
     state = {ours: torch.cat([tensors[n] for n in hf_names]).float()
@@ -236,6 +241,11 @@ def model_dir(path=None):
 def load_model(path=None, device="cpu", dtype=torch.float32):
     """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct."""
     return load_hf_folder(model_dir(path), resolve_device(device), dtype)
+
+
+def load_model_tokenizer(path=None):
+    """The tokenizer alone, without reading any weights."""
+    return read_config_and_tokenizer(model_dir(path))[1]
 
 
 def resolve_device(device):
