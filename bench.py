@@ -297,7 +297,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
     parser.add_argument("--no-compile", action="store_true",
-                        help="run every block eagerly (default: torch.compile the blocks' decode regions, "
+                        help="run every block eagerly (default: torch.compile the blocks' one-token decode step, "
                              "backbone and river alike; needs a C++ compiler on CPU)")
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
@@ -343,7 +343,7 @@ def main(argv=None):
         "model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
         "device": str(device), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
         "river_activation_dtype": "bfloat16", "backbone_dtype_tokens_per_s_eager": dtype_speeds,
-        "compiled_decode_regions": compile,
+        "compiled_decode_steps": compile,
         "group_size": args.group_size, "tau": args.tau, "quick": args.quick,
         "data": args.text or f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens",
         "kv_cache_mb": model.cfg.n_layers * 2 * model.cfg.kv_dim * (len(prompt) + new_tokens) * model.dtype.itemsize

@@ -32,18 +32,22 @@ class KVCache:
         self.write_count = np.zeros((n_layers, capacity), dtype=np.int32)
         self.capacity = capacity
 
-    def write(self, layer, start, k, v, writer):
-        """Store k, v (B, n_kv_heads, T, head_dim) at positions start..start+T-1 of `layer`; return the
-        layer's whole K and V (B, n_kv_heads, capacity, head_dim) for attention."""
-        end = start + k.shape[2]
+    def claim(self, layer, start, length, writer):
+        """Check and record a write of positions start..start+length-1 of `layer`; return the layer's whole K and
+        V (B, n_kv_heads, capacity, head_dim), for the block to write its slots into and attend over."""
+        end = start + length
         if start < 0 or end > self.capacity:
             raise IndexError(f"KV cache write at positions {start}..{end - 1} is outside its capacity "
                              f"{self.capacity}; the cache never wraps or grows")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
         self.writer[layer, start:end] = writer
         self.write_count[layer, start:end] += 1
         return self.k[layer], self.v[layer]
+
+    def write(self, layer, start, k, v, writer):
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions start..start+T-1 of `layer`."""
+        k_layer, v_layer = self.claim(layer, start, k.shape[2], writer)
+        k_layer[:, :, start:start + k.shape[2]] = k
+        v_layer[:, :, start:start + k.shape[2]] = v
 
     def causal_mask(self, start, length):
         """(length, capacity) bool: query at position start+i may read key positions 0..start+i."""

@@ -139,7 +139,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention's projections: fused QKV in, heads merged and projected out. The attention
-    itself runs in Block.forward, between the cache write and these two."""
+    itself runs in Block.step, between the cache write and these two."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -201,7 +201,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer                  # which cache slots this block reads and writes
         self.cache_writer = Writer.BACKBONE  # recorded in the cache beside every K/V this block writes
-        self.compiled_regions = None        # set by compile_blocks
+        self.compiled_step = None           # set by compile_blocks
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -209,35 +209,35 @@ class Block(nn.Module):
 
     def forward(self, x, pos, cache):
         """x (B, T, d_model) -> (B, T, d_model), writing this step's K/V into cache layer `self.layer`."""
-        regions = self.compiled_regions if self.compiled_regions and x.shape[1] == 1 else self.eager_regions
-        q, k, v = regions[0](self, x, pos.cos, pos.sin_signed)
-        if cache is not None:
-            k, v = cache.write(self.layer, pos.start, k, v, self.cache_writer)  # (B, n_kv_heads, capacity, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attn_mask)  # (B, n_kv_heads, G*T, head_dim)
-        return regions[1](self, x, y)
+        k_cache, v_cache = (None, None) if cache is None else cache.claim(self.layer, pos.start, x.shape[1],
+                                                                          self.cache_writer)
+        step = self.compiled_step if self.compiled_step is not None and x.shape[1] == 1 else Block.step
+        return step(self, x, pos.cos, pos.sin_signed, pos.attn_mask, k_cache, v_cache, pos.start)
 
-    def pre_attention(self, x, cos, sin_signed):
-        """Everything before the cache: norm, fused QKV projection, RoPE."""
-        return self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
-
-    def post_attention(self, x, y):
-        """Everything after attention: output projection, residual, norm, SwiGLU MLP, residual."""
+    def step(self, x, cos, sin_signed, attn_mask, k_cache, v_cache, start):
+        """The block's arithmetic. K/V go into the layer's cache (B, n_kv_heads, capacity, head_dim) at
+        start.., and attention reads the whole cache under the mask; with no cache, only this step's K/V."""
+        q, k, v = self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
+        if k_cache is not None:
+            k_cache[:, :, start:start + x.shape[1]] = k
+            v_cache[:, :, start:start + x.shape[1]] = v
+            k, v = k_cache, v_cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, n_kv_heads, G*T, head_dim)
         h = x + self.attn.merge_heads(y)
         return h + self.mlp(self.mlp_norm(h))
 
-    eager_regions = (pre_attention, post_attention)
-
 
 def compile_blocks(blocks):
-    """Compile the two attention-free regions of every block for one-token decode steps, in place.
+    """Compile every block's one-token decode step, in place.
 
     Per-op overhead, not arithmetic, dominates a one-token step of a small model; fusing the norms, RoPE,
-    residual adds and SwiGLU into a few kernels removes much of it. The regions take no positions or layer
-    index, so blocks of the same kind (backbone or river) share one compiled graph. Prefill stays eager.
+    residual adds, cache writes and SwiGLU into a few kernels removes much of it. Positions and sizes are
+    symbolic, so blocks of the same kind (backbone, or a river of given bits) share one compiled graph.
+    Prefill stays eager.
     """
-    regions = tuple(torch.compile(f, dynamic=False) for f in Block.eager_regions)
+    step = torch.compile(Block.step, dynamic=True)
     for block in blocks:
-        block.compiled_regions = regions
+        block.compiled_step = step
 
 
 class Transformer(nn.Module):

@@ -667,7 +667,7 @@ def test_unknown_strategy_is_refused():
         BaselineEngine(tiny_model(cfg, 0)).generate([1], 2, "skip")
 
 
-def test_compiled_decode_regions_equal_eager():
+def test_compiled_decode_steps_equal_eager():
     """compile_blocks (used by bench.py) changes speed, not results: same tokens, logits within fp32 noise."""
     cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
     model = tiny_model(cfg, 5)
@@ -681,7 +681,7 @@ def test_compiled_decode_regions_equal_eager():
         return tokens, engine.forward(torch.tensor([[11]]), 7, cache, "river", FixedExit(0))[0], cache
     eager_tokens, eager_logits, eager_cache = run(Engine(model, river))
     compiled_tokens, compiled_logits, compiled_cache = run(Engine(model, river, compile=True))
-    assert model.blocks[0].compiled_regions is not None and river.blocks[0].compiled_regions is not None
+    assert model.blocks[0].compiled_step is not None and river.blocks[0].compiled_step is not None
     assert compiled_tokens == eager_tokens
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled_cache.k, eager_cache.k, rtol=1e-4, atol=1e-4)
