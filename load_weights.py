@@ -262,16 +262,32 @@ def resolve_device(device):
     return device
 
 
+def tokenizer_config(path=None):
+    """The checkpoint's tokenizer_config.json as a dict ({} when it has none)."""
+    config_path = model_dir(path) / "tokenizer_config.json"
+    return json.loads(config_path.read_text()) if config_path.exists() else {}
+
+
 def chat_prompt(user_message, path=None):
     """Render the checkpoint's chat template (tokenizer_config.json) for one user turn, ready for the reply."""
     import jinja2  # installed with torch
-    config_path = model_dir(path) / "tokenizer_config.json"
-    template = json.loads(config_path.read_text()).get("chat_template") if config_path.exists() else None
-    if not template:
-        raise ValueError(f"{config_path} holds no chat_template; pass a plain prompt instead")
+    config = tokenizer_config(path)
+    if not config.get("chat_template"):
+        raise ValueError(f"{model_dir(path)} has no chat_template in tokenizer_config.json; "
+                         "pass a plain prompt instead")
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
-                                            add_generation_prompt=True)
+    special = {k: v if isinstance(v, str) else v.get("content", "") for k, v in config.items()
+               if k in ("bos_token", "eos_token")}
+    return env.from_string(config["chat_template"]).render(
+        messages=[{"role": "user", "content": user_message}], add_generation_prompt=True, **special)
+
+
+def stop_token_ids(tokenizer, path=None):
+    """Ids that end a reply: the checkpoint's eos token and the usual end-of-turn markers in its vocabulary."""
+    eos = tokenizer_config(path).get("eos_token")
+    names = {eos if isinstance(eos, str) else (eos or {}).get("content"),
+             "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"}
+    return sorted(i for i in (tokenizer.token_to_id(n) for n in names if n) if i is not None)
 
 
 def main():

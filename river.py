@@ -270,7 +270,7 @@ def sample(logits, temperature, top_p, generator):
 def main(argv=None):
     # Local imports: the library part of this file needs neither; only the command line does.
     from kv_strategies import STRATEGIES, BaselineEngine
-    from load_weights import chat_prompt, load_model, resolve_device
+    from load_weights import chat_prompt, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -302,12 +302,11 @@ def main(argv=None):
         engine = Engine(model, river, args.compile)
     text = chat_prompt(args.prompt, args.model) if args.chat else args.prompt
     prompt = tokenizer.encode(text).ids
-    stop = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
-            if i is not None]
+    stop = stop_token_ids(tokenizer, args.model)
     if args.compile:  # compile outside the timed run
         engine.generate(prompt, 3, args.mode, policy)
-    result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature,
-                                           args.top_p, args.seed, stop)
+    result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature, args.top_p,
+                             args.seed, stop)
     reply = tokenizer.decode(result.tokens)
     blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)
     if args.json:

@@ -369,6 +369,11 @@ def test_bundled_model_knows_the_capital_of_france(bundled):
     assert "Paris" in reply
 
 
+def test_stop_tokens_come_from_the_checkpoint(bundled):
+    _, tokenizer = bundled
+    assert load_weights.stop_token_ids(tokenizer) == [0, 2]  # <|endoftext|>, <|im_end|> (also its eos_token)
+
+
 def test_bundled_tokenizer_keeps_chat_markers_whole(bundled):
     _, tokenizer = bundled
     assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids[0] == 1
