@@ -173,11 +173,11 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
 
-def load_backbone(path, device, prompt, new_tokens):
+def load_backbone(path, device, prompt, new_tokens, dtype="auto"):
     """The model in the faster of fp32 and bf16 on this device (the paper's backbone is 16-bit), and the
-    eager decode tokens/s of each; only the faster one is kept in memory."""
-    if device.type == "cuda":
-        return load_model(path, device, torch.bfloat16)[0], {}
+    eager decode tokens/s of each; only the faster one is kept in memory. A named dtype skips the check."""
+    if dtype != "auto" or device.type == "cuda":
+        return load_model(path, device, getattr(torch, "bfloat16" if dtype == "auto" else dtype))[0], {}
     best, best_speed, speeds = None, 0.0, {}
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = load_model(path, device, dtype)
@@ -291,6 +291,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="backbone dtype (auto: the faster of the two on CPU, measured; bf16 on CUDA)")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
@@ -319,8 +321,8 @@ def main(argv=None):
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
     tokenizer = load_model_tokenizer(args.model)
     prompt = tokenizer.encode(humaneval_problems()[0][0]).ids
-    log("choosing the backbone dtype (faster of fp32 and bf16) ...")
-    model, dtype_speeds = load_backbone(args.model, device, prompt, 16)
+    log("loading the backbone" + (" (faster of fp32 and bf16) ..." if args.dtype == "auto" else " ..."))
+    model, dtype_speeds = load_backbone(args.model, device, prompt, 16, args.dtype)
     dtype = model.dtype
     log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
     rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
@@ -360,7 +362,7 @@ def main(argv=None):
         "seconds": time.perf_counter() - t_start,
     }
     print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
-    choice = {k: round(v, 1) for k, v in dtype_speeds.items()} or "bf16 on CUDA"
+    choice = {k: round(v, 1) for k, v in dtype_speeds.items()} or "not measured, chosen"
     print(f"backbone {result['dtype']} (eager fp32 vs bf16 tok/s: {choice}); blocks "
           f"{'compiled' if compile else 'eager'}; river activations bf16; 4-bit groups of {args.group_size}; "
           f"decode of {new_tokens} tokens after a {len(prompt)}-token prompt, median of {repeats} repeats; "
