@@ -90,14 +90,13 @@ def quality_sequences(tokenizer, n, max_target, text_file=None):
 def teacher_forced(engine, variant, context, target):
     """Prefill the context, then feed the target token by token through the same exit logic as generation.
     Returns the logits that predict each target token (len(target), vocab), the decode depths and the cache."""
-    model = engine.model
+    model, policy = engine.model, variant.policy()
     cache = model.new_cache(len(context) + len(target))
-    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, variant.mode,
-                                   variant.policy())
+    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, variant.mode, policy)
     rows, depths = [logits[0, -1]], []
     for i, token in enumerate(target[:-1]):
         logits, depth = engine.forward(torch.tensor([[token]], device=model.device), len(context) + i, cache,
-                                       variant.mode, variant.policy())
+                                       variant.mode, policy)
         rows.append(logits[0, -1])
         depths.append(depth)
     return torch.stack(rows).float(), depths, cache
@@ -107,14 +106,14 @@ def kv_cosines(cache, backbone_cache, length):
     """Cosine between K (and V) written by a river block or by propagation and the backbone's, at the same
     (layer, position)."""
     writer = cache.writer[:, :length]
-    river = torch.from_numpy((writer == Writer.RIVER) | (writer == Writer.PROPAGATED)).to(cache.k.device)
-    if not river.any():
+    compared = torch.from_numpy((writer == Writer.RIVER) | (writer == Writer.PROPAGATED)).to(cache.k.device)
+    if not compared.any():
         return []
     out = []
     for mine, theirs in ((cache.k, backbone_cache.k), (cache.v, backbone_cache.v)):
         a = mine[:, 0, :, :length].transpose(1, 2).flatten(2).float()                       # (L, S, heads*hd)
         b = theirs[:, 0, :, :length].transpose(1, 2).flatten(2).float()
-        out += F.cosine_similarity(a, b, dim=-1)[river].tolist()
+        out += F.cosine_similarity(a, b, dim=-1)[compared].tolist()
     return out
 
 
