@@ -137,6 +137,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """Bias-free nn.Linear whose one-token product compiles to a single pass over the weight.
+
+    For one row, x @ W^T is a matrix-vector product bound by reading W. Written as a broadcast multiply and a
+    sum, inductor fuses it into one vectorized loop that streams W once with fp32 accumulation; on the 2-core
+    CPU this is about twice as fast as the BLAS call (README, "Where the time goes"). Eager keeps F.linear:
+    there the multiply would materialize the whole product. CUDA keeps cuBLAS, the path measured there.
+    """
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     """Grouped-query attention's projections: fused QKV in, heads merged and projected out. The attention
     itself runs in Block.step, between the cache write and these two."""
@@ -144,8 +162,8 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=False)
-        self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=False)
+        self.wqkv = Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim)
+        self.wo = Linear(cfg.q_dim, cfg.d_model)
 
     def project_qkv(self, x, cos, sin_signed):
         """Normed states (B, T, d_model) -> q (B, n_kv_heads, G*T, head_dim), k and v (B, n_kv_heads, T, head_dim).
@@ -186,8 +204,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.w_gate_up = Linear(cfg.d_model, 2 * cfg.ffn_dim)
+        self.w_down = Linear(cfg.ffn_dim, cfg.d_model)
 
     def forward(self, x):
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -216,12 +234,14 @@ class Block(nn.Module):
 
     def step(self, x, cos, sin_signed, attn_mask, k_cache, v_cache, start):
         """The block's arithmetic. K/V go into the layer's cache (B, n_kv_heads, capacity, head_dim) at
-        start.., and attention reads the whole cache under the mask; with no cache, only this step's K/V."""
+        start.., and attention reads the cache up to this step's last position under the mask; with no cache,
+        only this step's K/V."""
         q, k, v = self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
         if k_cache is not None:
-            k_cache[:, :, start:start + x.shape[1]] = k
-            v_cache[:, :, start:start + x.shape[1]] = v
-            k, v = k_cache, v_cache
+            end = start + x.shape[1]
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            k, v, attn_mask = k_cache[:, :, :end], v_cache[:, :, :end], attn_mask[:, :end]  # nothing later is read
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, n_kv_heads, G*T, head_dim)
         h = x + self.attn.merge_heads(y)
         return h + self.mlp(self.mlp_norm(h))
@@ -240,6 +260,12 @@ def compile_blocks(blocks):
         block.compiled_step = step
 
 
+def compile_head(model):
+    """Compile the final norm and LM head for one position (decode, and a prefill's last token), in place:
+    the largest single matrix-vector product of a step (Linear), shared by every mode."""
+    model.compiled_logits = torch.compile(Transformer.logits, dynamic=True)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -247,7 +273,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
+        self.compiled_logits = None  # set by compile_head
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Host-side float64, so moving the model to bf16 never coarsens the rotation angles.
@@ -292,6 +319,10 @@ class Transformer(nn.Module):
 
     def head(self, x):
         """Final norm and LM head: (B, T, d_model) -> logits (B, T, vocab_size)."""
+        logits = self.compiled_logits if self.compiled_logits is not None and x.shape[1] == 1 else Transformer.logits
+        return logits(self, x)
+
+    def logits(self, x):
         return self.lm_head(self.norm(x))
 
     def forward(self, tokens, start=0, cache=None):

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from exit_policy import NeverExit, SimilarityExit
 from kv_cache import Writer
-from model import compile_blocks
+from model import compile_blocks, compile_head
 
 MODES = ("backbone", "quantized", "river")
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau whose NLL increase stays
@@ -180,6 +180,7 @@ class Engine:
         self.model, self.river = model, river
         if compile:  # backbone and river alike: the comparison stays fair
             compile_blocks(model.blocks)
+            compile_head(model)
             if river is not None:
                 compile_blocks(river.blocks)
 

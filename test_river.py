@@ -16,7 +16,7 @@ import load_weights
 from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
-from model import LlamaConfig, Transformer
+from model import Linear, LlamaConfig, Transformer
 from kv_strategies import STRATEGIES, BaselineEngine
 from river import MODES, Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
 
@@ -690,6 +690,20 @@ def test_compiled_decode_steps_equal_eager():
     assert compiled_tokens == eager_tokens
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled_cache.k, eager_cache.k, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_one_row_linear_is_the_matmul():
+    """Linear's compiled one-row path (a multiply and a sum) against an fp32 matmul, in bf16 and fp32; more
+    rows keep F.linear."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        layer = Linear(96, 80).to(dtype)
+        compiled = torch.compile(layer.forward, dynamic=True)
+        for rows in (1, 3):
+            x = torch.randn(1, rows, 96, dtype=dtype)
+            y = compiled(x)
+            assert y.shape == (1, rows, 80) and y.dtype == dtype
+            torch.testing.assert_close(y.float(), x.float() @ layer.weight.float().t(), rtol=tol, atol=tol)
 
 
 # ------------------------------------------------------------------------------------------------ bench.py
