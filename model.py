@@ -155,6 +155,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight)
 
 
+def attend(q, k, v, mask, one_token):
+    """Softmax attention of q (B, n_kv_heads, G*T, head_dim) over k, v (B, n_kv_heads, S, head_dim), where the
+    bool mask (G*T, S) allows it.
+
+    For one token on CPU under torch.compile, written as multiplies and sums that inductor fuses: a few
+    hundred keys are too little work for the SDPA kernel's own setup, which cost more than the arithmetic.
+    """
+    if not (one_token and torch.compiler.is_compiling() and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, H, G, S)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2).to(q.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query attention's projections: fused QKV in, heads merged and projected out. The attention
     itself runs in Block.step, between the cache write and these two."""
@@ -242,7 +256,7 @@ class Block(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             k, v, attn_mask = k_cache[:, :, :end], v_cache[:, :, :end], attn_mask[:, :end]  # nothing later is read
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, n_kv_heads, G*T, head_dim)
+        y = attend(q, k, v, attn_mask, one_token=x.shape[1] == 1)           # (B, n_kv_heads, G*T, head_dim)
         h = x + self.attn.merge_heads(y)
         return h + self.mlp(self.mlp_norm(h))
 

@@ -16,7 +16,7 @@ import load_weights
 from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
-from model import Linear, LlamaConfig, Transformer
+from model import Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from river import MODES, Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
 
@@ -673,7 +673,8 @@ def test_unknown_strategy_is_refused():
 
 
 def test_compiled_decode_steps_equal_eager():
-    """compile_blocks (used by bench.py) changes speed, not results: same tokens, logits within fp32 noise."""
+    """Compiling (used by bench.py) changes speed, not results: same tokens; logits and K/V within fp32 noise
+    for the backbone, within bf16 rounding where river kernels round their activations to bf16."""
     cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
     model = tiny_model(cfg, 5)
     river = ExitRiver(model, 4, 32)
@@ -681,15 +682,22 @@ def test_compiled_decode_steps_equal_eager():
 
     def run(engine):
         tokens = {mode: engine.generate(prompt, 5, mode, FixedExit(0)).tokens for mode in MODES}
-        cache = model.new_cache(8)
-        engine.forward(torch.tensor([prompt]), 0, cache, "river", FixedExit(0))
-        return tokens, engine.forward(torch.tensor([[11]]), 7, cache, "river", FixedExit(0))[0], cache
-    eager_tokens, eager_logits, eager_cache = run(Engine(model, river))
-    compiled_tokens, compiled_logits, compiled_cache = run(Engine(model, river, compile=True))
+        logits, caches = {}, {}
+        for mode in MODES:
+            caches[mode] = cache = model.new_cache(8)
+            engine.forward(torch.tensor([prompt]), 0, cache, mode, FixedExit(0))
+            logits[mode] = engine.forward(torch.tensor([[11]]), 7, cache, mode, FixedExit(0))[0]
+        return tokens, logits, caches
+    eager_tokens, eager_logits, eager_caches = run(Engine(model, river))
+    compiled_tokens, compiled_logits, compiled_caches = run(Engine(model, river, compile=True))
     assert model.blocks[0].compiled_step is not None and river.blocks[0].compiled_step is not None
+    assert model.compiled_logits is not None
     assert compiled_tokens == eager_tokens
-    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(compiled_cache.k, eager_cache.k, rtol=1e-4, atol=1e-4)
+    for mode in MODES:
+        tol = 1e-4 if mode == "backbone" else 1e-2
+        torch.testing.assert_close(compiled_logits[mode], eager_logits[mode], rtol=tol, atol=tol)
+        torch.testing.assert_close(compiled_caches[mode].k, eager_caches[mode].k, rtol=tol, atol=tol)
+        torch.testing.assert_close(compiled_caches[mode].v, eager_caches[mode].v, rtol=tol, atol=tol)
 
 
 def test_compiled_one_row_linear_is_the_matmul():
@@ -704,6 +712,17 @@ def test_compiled_one_row_linear_is_the_matmul():
             y = compiled(x)
             assert y.shape == (1, rows, 80) and y.dtype == dtype
             torch.testing.assert_close(y.float(), x.float() @ layer.weight.float().t(), rtol=tol, atol=tol)
+
+
+def test_compiled_one_token_attention_is_masked_softmax():
+    """attend's compiled one-token path against a naive masked softmax, holes in the mask included."""
+    torch.manual_seed(0)
+    compiled = torch.compile(attend, dynamic=True)
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    mask = torch.rand(3, 9) < 0.6
+    mask[:, 0] = True                                        # every query row sees at least one key
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(compiled(q, k, v, mask, True), torch.softmax(scores, -1) @ v)
 
 
 # ------------------------------------------------------------------------------------------------ bench.py
