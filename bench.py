@@ -172,6 +172,35 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
 
+def weight_products_ms(model, river, device, compile, repeats=15):
+    """Milliseconds of the weight products alone of one decode step: one token through every projection of
+    the 30 backbone blocks, of the 30 river blocks, and the LM head, each set in one call with nothing
+    between the products (no norms, attention, cache or dispatch). What the kernels cost, however lean the
+    rest: the ceiling of any speedup."""
+    def products(blocks):
+        return [lin for b in blocks for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate_up, b.mlp.w_down)]
+
+    def apply(layers, inputs):
+        return [layer(inputs[layer.in_features]) for layer in layers]
+    apply = torch.compile(apply) if compile else apply
+    sets = {"backbone_blocks": products(model.blocks), "river_blocks": products(river.blocks),
+            "lm_head": [model.lm_head]}
+    inputs = {n: torch.randn(1, 1, n, device=device, dtype=model.dtype) for n in (model.cfg.d_model,
+                                                                                  model.cfg.ffn_dim)}
+    times = {name: [] for name in sets}
+    with torch.inference_mode():
+        for layers in sets.values():
+            apply(layers, inputs)
+        for _ in range(repeats):
+            for name, layers in sets.items():
+                sync(device)
+                t = time.perf_counter()
+                apply(layers, inputs)
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def load_backbone(path, device, prompt, new_tokens, dtype="auto"):
     """The model in the faster of fp32 and bf16 on this device (the paper's backbone is 16-bit), and the
     eager decode tokens/s of each; only the faster one is kept in memory. A named dtype skips the check."""
@@ -334,6 +363,14 @@ def main(argv=None):
     log(f"quality: {len(sequences)} sequences, teacher-forced")
     quality = measure_quality(engines, rows, sequences, model.cfg.n_layers)
 
+    log("weight products alone ...")
+    products = weight_products_ms(model, rivers[4], device, compile)
+    n_layers, depth = model.cfg.n_layers, speed["river"]["generation_mean_backbone_blocks"]
+    floor = {"backbone": products["backbone_blocks"] + products["lm_head"],
+             "quantized": products["river_blocks"] + products["lm_head"],
+             "river": (depth * products["backbone_blocks"] + (n_layers - depth) * products["river_blocks"])
+             / n_layers + products["lm_head"]}
+
     backbone_weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
     bandwidth = copy_bandwidth(device)
     modes = {v.name: {**speed[v.name], **quality[v.name],
@@ -354,6 +391,8 @@ def main(argv=None):
                     "quantized_vs_backbone": modes["quantized"]["decode_tokens_per_s"] / base,
                     "river_vs_quantized": modes["river"]["decode_tokens_per_s"]
                     / modes["quantized"]["decode_tokens_per_s"]},
+        "weight_products_ms": {**products, "per_step": floor,
+                               "speedup_ceiling": {m: floor["backbone"] / floor[m] for m in ("river", "quantized")}},
         "backbone_bandwidth": {"weight_bytes_per_token": backbone_weight_bytes,
                                "achieved_gb_per_s": backbone_weight_bytes * base / 1e9,
                                "copy_gb_per_s_read_plus_write": bandwidth,
@@ -371,6 +410,11 @@ def main(argv=None):
     print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "
           f"{result['speedup']['quantized_vs_backbone']:.2f}x, river / quantized "
           f"{result['speedup']['river_vs_quantized']:.2f}x")
+    fl = result["weight_products_ms"]
+    print(f"weight products alone (no norms, attention or dispatch): backbone {fl['per_step']['backbone']:.1f} ms, "
+          f"river {fl['per_step']['river']:.1f} ms ({depth:.1f} bf16 blocks), quantized "
+          f"{fl['per_step']['quantized']:.1f} ms per token (LM head {fl['lm_head']:.1f} ms): speedup ceilings "
+          f"{fl['speedup_ceiling']['river']:.2f}x (river) and {fl['speedup_ceiling']['quantized']:.2f}x (quantized)")
     print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
           f"{bw['achieved_gb_per_s']:.1f} GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a "
           f"{bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy (read + write)")
