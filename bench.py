@@ -299,6 +299,8 @@ def plot(result, rows, path):
                                 ("river_int8", "^", "River, 8-bit")):
         ax.plot(loss(name), speed(name), marker, markersize=9, label=label)
     ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
+    ax.axhline(result["weight_products_ms"]["speedup_ceiling"]["river"], color="C0", ls="--", lw=1,
+               label=f"River ceiling at tau {result['tau']:g}: weight products alone")
     strategies = [v for v in rows if v.mode in STRATEGIES]
     for v in strategies:
         ax.plot(loss(v.name), speed(v.name), "x", markersize=9, mew=2, label=f"{v.name}, no river (tau {v.tau:g})")
@@ -327,8 +329,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
     parser.add_argument("--no-compile", action="store_true",
-                        help="run every block eagerly (default: torch.compile the blocks' one-token decode step, "
-                             "backbone and river alike; needs a C++ compiler on CPU)")
+                        help="run everything eagerly (default: torch.compile each block's one-token decode step "
+                             "and the LM head, backbone and river alike; needs a C++ compiler on CPU)")
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
     args = parser.parse_args(argv)

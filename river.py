@@ -287,7 +287,8 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the blocks' one-token decode step (faster decode, seconds to start)")
+                        help="torch.compile the one-token decode step of every block and the LM head "
+                             "(faster decode, seconds to start)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
