@@ -142,8 +142,8 @@ class Linear(nn.Linear):
 
     For one row, x @ W^T is a matrix-vector product bound by reading W. Written as a broadcast multiply and a
     sum, inductor fuses it into one vectorized loop that streams W once with fp32 accumulation; on the 2-core
-    CPU this is about twice as fast as the BLAS call (README, "Where the time goes"). Eager keeps F.linear:
-    there the multiply would materialize the whole product. CUDA keeps cuBLAS, the path measured there.
+    CPU this is about twice as fast as the BLAS call (README, "Why the speedup is small here"). Eager keeps
+    F.linear: there the multiply would materialize the whole product. CUDA keeps cuBLAS.
     """
 
     def __init__(self, in_features, out_features):
