@@ -107,14 +107,15 @@ def rope_inv_freq(cfg):
     return np.where(in_band, blended, scaled)
 
 
-def apply_rope(x, cos, sin_signed):
-    """Rotate x (B, T, heads, head_dim) in HF's rotate-half layout, where dimension i pairs with i + head_dim/2.
+def apply_rope(x, cos, sin):
+    """Rotate x (B, T, heads, head_dim) in HF's rotate-half layout, where dimension i pairs with i + head_dim/2:
+    each pair (x1, x2) turns by its angle. cos, sin: (T, 1, head_dim/2).
 
-    x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), equals x * cos + roll(x) * sin_signed,
-    roll(x) = cat(x2, x1), when sin_signed = cat(-sin1, sin2): one op fewer on the hot path.
-    cos, sin_signed: (T, 1, head_dim).
+    Two contiguous halves, not a roll of x: under torch.compile a roll becomes a gather that the fused
+    attention would redo for every key it reads.
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 @dataclass
@@ -122,8 +123,8 @@ class Positions:
     """What every block needs to know about the positions of this step, computed once per step."""
     start: int                # position of the first token of the step
     length: int               # tokens in the step (T)
-    cos: torch.Tensor         # (T, 1, head_dim)
-    sin_signed: torch.Tensor  # (T, 1, head_dim): sin with its first half negated, see apply_rope
+    cos: torch.Tensor         # (T, 1, head_dim/2) of each position's rotation angles
+    sin: torch.Tensor         # (T, 1, head_dim/2)
     attn_mask: torch.Tensor   # (group_size * T, kv_len) bool, True where a query may attend
 
 
@@ -179,7 +180,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim)
         self.wo = Linear(cfg.q_dim, cfg.d_model)
 
-    def project_qkv(self, x, cos, sin_signed):
+    def project_qkv(self, x, cos, sin):
         """Normed states (B, T, d_model) -> q (B, n_kv_heads, G*T, head_dim), k and v (B, n_kv_heads, T, head_dim).
 
         GQA without repeating K/V: the G query heads that share a KV head become G*T query rows of it.
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x)                                                     # (B, T, q_dim + 2 kv_dim)
         qk = qkv[..., :cfg.q_dim + cfg.kv_dim].view(B, T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
-        qk = apply_rope(qk, cos, sin_signed)                                   # q and k rotated in one go
+        qk = apply_rope(qk, cos, sin)                                          # q and k rotated in one go
         q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=2)
         v = qkv[..., cfg.q_dim + cfg.kv_dim:].view(B, T, cfg.n_kv_heads, cfg.head_dim)
         q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim).permute(0, 2, 3, 1, 4)
@@ -208,7 +209,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         kv = F.linear(x, self.wqkv.weight[cfg.q_dim:])                         # (B, T, 2 kv_dim)
-        k = apply_rope(kv[..., :cfg.kv_dim].view(B, T, cfg.n_kv_heads, cfg.head_dim), pos.cos, pos.sin_signed)
+        k = apply_rope(kv[..., :cfg.kv_dim].view(B, T, cfg.n_kv_heads, cfg.head_dim), pos.cos, pos.sin)
         v = kv[..., cfg.kv_dim:].view(B, T, cfg.n_kv_heads, cfg.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 
@@ -244,13 +245,13 @@ class Block(nn.Module):
         k_cache, v_cache = (None, None) if cache is None else cache.claim(self.layer, pos.start, x.shape[1],
                                                                           self.cache_writer)
         step = self.compiled_step if self.compiled_step is not None and x.shape[1] == 1 else Block.step
-        return step(self, x, pos.cos, pos.sin_signed, pos.attn_mask, k_cache, v_cache, pos.start)
+        return step(self, x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache, pos.start)
 
-    def step(self, x, cos, sin_signed, attn_mask, k_cache, v_cache, start):
+    def step(self, x, cos, sin, attn_mask, k_cache, v_cache, start):
         """The block's arithmetic. K/V go into the layer's cache (B, n_kv_heads, capacity, head_dim) at
         start.., and attention reads the cache up to this step's last position under the mask; with no cache,
         only this step's K/V."""
-        q, k, v = self.attn.project_qkv(self.attn_norm(x), cos, sin_signed)
+        q, k, v = self.attn.project_qkv(self.attn_norm(x), cos, sin)
         if k_cache is not None:
             end = start + x.shape[1]
             k_cache[:, :, start:end] = k
@@ -312,15 +313,13 @@ class Transformer(nn.Module):
     def positions(self, start, length, cache=None):
         """RoPE tables and the attention mask for positions start..start+length-1, shared by all blocks."""
         angles = np.arange(start, start + length, dtype=np.float64)[:, None] * self.inv_freq  # (T, head_dim/2)
-        cos = np.concatenate([np.cos(angles), np.cos(angles)], axis=-1)[:, None, :]          # (T, 1, head_dim)
-        sin_signed = np.concatenate([-np.sin(angles), np.sin(angles)], axis=-1)[:, None, :]
-        cos = torch.from_numpy(cos).to(self.device, self.dtype)
-        sin_signed = torch.from_numpy(sin_signed).to(self.device, self.dtype)
+        cos = torch.from_numpy(np.cos(angles)[:, None, :]).to(self.device, self.dtype)     # (T, 1, head_dim/2)
+        sin = torch.from_numpy(np.sin(angles)[:, None, :]).to(self.device, self.dtype)
         if cache is None:  # attention over this step's own tokens only
             mask = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         else:
             mask = cache.causal_mask(start, length)
-        return Positions(start, length, cos, sin_signed, mask.repeat(self.cfg.group_size, 1))
+        return Positions(start, length, cos, sin, mask.repeat(self.cfg.group_size, 1))
 
     def embed_tokens(self, tokens):
         """tokens (B, T) -> h_0 (B, T, d_model)."""
