@@ -172,9 +172,18 @@ def measure_speed(engines, rows, prompt, new_tokens, repeats):
                      "generation_mean_backbone_blocks": statistics.mean(blocks[v.name])} for v in rows}
 
 
+def seconds(fn, device):
+    """Wall time of one call of fn, the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
 def weight_products_ms(model, river, device, compile, repeats=15):
     """Milliseconds of the weight products alone of one decode step: one token through every projection of
-    the 30 backbone blocks, of the 30 river blocks, and the LM head, each set in one call with nothing
+    all backbone blocks, of all river blocks, and the LM head, each set in one call with nothing
     between the products (no norms, attention, cache or dispatch). What the kernels cost, however lean the
     rest: the ceiling of any speedup."""
     def products(blocks):
@@ -193,11 +202,7 @@ def weight_products_ms(model, river, device, compile, repeats=15):
             apply(layers, inputs)
         for _ in range(repeats):
             for name, layers in sets.items():
-                sync(device)
-                t = time.perf_counter()
-                apply(layers, inputs)
-                sync(device)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(seconds(lambda: apply(layers, inputs), device))
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
@@ -224,14 +229,7 @@ def copy_bandwidth(device):
     a = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
-    times = []
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * a.numel() / min(times) / 1e9
+    return 2 * a.numel() / min(seconds(lambda: b.copy_(a), device) for _ in range(5)) / 1e9
 
 
 def tensor_bytes(module):

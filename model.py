@@ -138,6 +138,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def fused_one_token(x):
+    """Whether one-token work on x is written as multiplies and sums for inductor to fuse (Linear, attend):
+    under torch.compile on CPU, where that beat the library kernels. Eager and CUDA keep the library calls."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 class Linear(nn.Linear):
     """Bias-free nn.Linear whose one-token product compiles to a single pass over the weight.
 
@@ -151,7 +157,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        if fused_one_token(x) and x.shape[:-1].numel() == 1:
             return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
         return F.linear(x, self.weight)
 
@@ -163,7 +169,7 @@ def attend(q, k, v, mask, one_token):
     For one token on CPU under torch.compile, written as multiplies and sums that inductor fuses: a few
     hundred keys are too little work for the SDPA kernel's own setup, which cost more than the arithmetic.
     """
-    if not (one_token and torch.compiler.is_compiling() and q.device.type == "cpu"):
+    if not (one_token and fused_one_token(q)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, H, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
