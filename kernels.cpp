@@ -1,0 +1,488 @@
+// One-token decode of a run of Llama blocks on the CPU: bf16 and 4-bit weight products (int16 activations), attention over
+// the shared bf16 KV cache, norms, RoPE, SwiGLU, all inside one thread team. Built twice by kernels.py, once per
+// instruction set (RIVER_AVX512: AVX-512 VNNI; otherwise AVX2 + FMA + F16C), and picked by the CPU's flags.
+// Activations and the residual stream stay fp32; K/V are stored as bf16, as the torch path stores them.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+extern "C" {
+
+enum { KIND_BF16 = 0, KIND_Q4 = 1 };
+
+// A weight matrix (n rows, k inputs). bf16: row-major. Q4: for each block of 16 rows and each group of `group`
+// inputs, group/8 chunks of 64 bytes (byte j of row r's 4-byte lane: code k+j in the low nibble, k+4+j in the
+// high one), then the 16 rows' fp16 scales and fp16 lows: w = low + scale * code, code in 0..15.
+struct Mat {
+    const uint8_t* w;
+    int32_t kind, n, k, group;
+};
+
+struct Layer {
+    const float* attn_norm;  // (d,) fp32
+    const float* mlp_norm;   // (d,) fp32
+    Mat qkv, o, gate_up, down;
+};
+
+struct Dims {
+    int32_t d, n_heads, n_kv_heads, head_dim, ffn;
+    float eps;
+};
+
+// ------------------------------------------------------------------------------------------------ helpers
+
+static inline f32x16 load16(const float* p) { f32x16 v; memcpy(&v, p, 64); return v; }
+static inline void store16(float* p, f32x16 v) { memcpy(p, &v, 64); }
+static inline float hsum16(f32x16 v) {
+    float s = 0;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+#ifndef RIVER_AVX512
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+static inline f32x16 splat(float x) { return f32x16{} + x; }
+
+// 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
+static inline f32x16 bf16x16(const uint16_t* p) {
+    u16x16 h;
+    memcpy(&h, p, 32);
+    u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f;
+    memcpy(&f, &w, 64);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's conversion does
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// exp for 16 lanes: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]; relative error about 2e-7.
+static inline f32x16 exp16(f32x16 x) {
+    x = x < -87.0f ? splat(-87.0f) : x;
+    x = x > 88.0f ? splat(88.0f) : x;
+    f32x16 n = x * 1.44269504f + 12582912.0f;  // round to nearest through the float mantissa
+    n = n - 12582912.0f;
+    f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, the first exact in n * part
+    f32x16 p = 1.98756912e-4f + r * 1.39819994e-3f;
+    p = 8.33345205e-3f + r * p;
+    p = 4.16657962e-2f + r * p;
+    p = 1.66666657e-1f + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r + r * r * p;
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    f32x16 scale;
+    memcpy(&scale, &e, 64);
+    return p * scale;
+}
+
+static void rms_norm(const float* x, const float* w, float* out, int d, float eps) {
+    float ss = 0;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / d + eps);
+    for (int i = 0; i < d; i++) out[i] = x[i] * r * w[i];
+}
+
+// Activations for the 4-bit product: int16 per group of `group` inputs, symmetric, with each group's step and
+// its exact fp32 sum (the weights' lows multiply the sum, so it need not be rounded).
+static void quantize_activations(const float* x, int k, int group, int16_t* q, float* step, float* sum) {
+    for (int g = 0; g < k / group; g++) {
+        const float* xg = x + g * group;
+        float amax = 0, s = 0;
+        for (int i = 0; i < group; i++) {
+            amax = fmaxf(amax, fabsf(xg[i]));
+            s += xg[i];
+        }
+        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+        for (int i = 0; i < group; i++) q[g * group + i] = (int16_t)nearbyintf(xg[i] * inv);
+        step[g] = amax / 32767.0f;
+        sum[g] = s;
+    }
+}
+
+// What a product needs of its input: fp32 for bf16 weights, int16 groups for Q4.
+struct Input {
+    const float* x;
+    const float* xeo;  // bf16 weights: x in even_odd order
+    const int16_t* q;
+    const float* scale;
+    const float* sum;
+};
+
+// ------------------------------------------------------------------------------------------ weight products
+
+// x rearranged for bf16 products: per 32 inputs, the 16 even ones then the 16 odd ones. A bf16 pair read as one
+// 32-bit lane gives the even weight by a left shift and the odd one by masking the low half: no unpacking.
+static void even_odd(const float* x, int k, float* xeo) {
+    for (int c = 0; c + 32 <= k; c += 32)
+        for (int j = 0; j < 16; j++) {
+            xeo[c + j] = x[c + 2 * j];
+            xeo[c + 16 + j] = x[c + 2 * j + 1];
+        }
+}
+
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// y[r] = W[r] . x for rows r0..r1 of a bf16 matrix, four rows at a time sharing each load of x.
+static void rows_bf16(const Mat& m, const float* x, const float* xeo, float* y, int r0, int r1) {
+    const uint16_t* w = (const uint16_t*)m.w;
+    const int k = m.k, k32 = k & ~31;
+    int r = r0;
+#ifdef RIVER_AVX512
+    const __m512i odd = _mm512_set1_epi32((int)0xffff0000);
+#define BF16_DOT(acc_e, acc_o, p)                                                                          \
+    {                                                                                                      \
+        __m512i v = _mm512_loadu_si512(p);                                                                 \
+        acc_e = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, acc_e);                 \
+        acc_o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), xo, acc_o);                 \
+    }
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t* w0 = w + (int64_t)r * k;
+        __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
+        for (int i = 0; i < k32; i += 32) {
+            __m512 xe = _mm512_loadu_ps(xeo + i), xo = _mm512_loadu_ps(xeo + i + 16);
+            BF16_DOT(e0, o0, w0 + i);
+            BF16_DOT(e1, o1, w0 + k + i);
+            BF16_DOT(e2, o2, w0 + 2 * k + i);
+            BF16_DOT(e3, o3, w0 + 3 * k + i);
+        }
+        float s[4] = {_mm512_reduce_add_ps(_mm512_add_ps(e0, o0)), _mm512_reduce_add_ps(_mm512_add_ps(e1, o1)),
+                      _mm512_reduce_add_ps(_mm512_add_ps(e2, o2)), _mm512_reduce_add_ps(_mm512_add_ps(e3, o3))};
+#undef BF16_DOT
+#else
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
+#define BF16_DOT(acc_e, acc_o, p)                                                                          \
+    {                                                                                                      \
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p));                                               \
+        acc_e = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc_e);                 \
+        acc_o = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, acc_o);                 \
+    }
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t* w0 = w + (int64_t)r * k;
+        __m256 e0 = _mm256_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
+        for (int i = 0; i < k32; i += 16) {  // 16 inputs: the even/odd halves of a 32-input chunk, 8 pairs each
+            const int c = i & ~31, half = (i & 16) / 2;
+            __m256 xe = _mm256_loadu_ps(xeo + c + half), xo = _mm256_loadu_ps(xeo + c + 16 + half);
+            BF16_DOT(e0, o0, w0 + i);
+            BF16_DOT(e1, o1, w0 + k + i);
+            BF16_DOT(e2, o2, w0 + 2 * k + i);
+            BF16_DOT(e3, o3, w0 + 3 * k + i);
+        }
+        float s[4] = {hsum8(_mm256_add_ps(e0, o0)), hsum8(_mm256_add_ps(e1, o1)), hsum8(_mm256_add_ps(e2, o2)),
+                      hsum8(_mm256_add_ps(e3, o3))};
+#undef BF16_DOT
+#endif
+        for (int j = 0; j < 4; j++) {
+            for (int i = k32; i < k; i++) s[j] += bf16_value(w0[j * k + i]) * x[i];
+            y[r + j] = s[j];
+        }
+    }
+    for (; r < r1; r++) {
+        const uint16_t* wr = w + (int64_t)r * k;
+        float s = 0;
+        for (int i = 0; i < k; i++) s += bf16_value(wr[i]) * x[i];
+        y[r] = s;
+    }
+}
+
+// y for row blocks b0..b1 (16 rows each) of a Q4 matrix: per group, integer dot products of the 4-bit codes with
+// the int16 activations (16 rows side by side, a pair of inputs per 32-bit lane), then
+// y += scale * x_step * dot + low * x_sum. Within a lane the nibble at bit 4j holds code k+2j and the one at bit
+// 16+4j code k+2j+1, so (lane >> 4j) & 0x000f000f is the pair (k+2j, k+2j+1) as two int16.
+static void rows_q4(const Mat& m, const Input& in, float* y, int b0, int b1) {
+    const int groups = m.k / m.group, chunks = m.group / 8;
+    const int64_t group_bytes = (int64_t)chunks * 64 + 64;
+    for (int b = b0; b < b1; b++) {
+        const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
+#ifdef RIVER_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        const __m512i nib = _mm512_set1_epi32(0x000f000f);
+        for (int g = 0; g < groups; g++, p += group_bytes) {
+            const int16_t* xq = in.q + g * m.group;
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            for (int c = 0; c < chunks; c++) {
+                __m512i v = _mm512_loadu_si512(p + c * 64);
+                int32_t xp[4];
+                memcpy(xp, xq + c * 8, 16);
+                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, nib), _mm512_set1_epi32(xp[0]));
+                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 4), nib), _mm512_set1_epi32(xp[1]));
+                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(_mm512_srli_epi32(v, 8), nib), _mm512_set1_epi32(xp[2]));
+                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 12), nib), _mm512_set1_epi32(xp[3]));
+            }
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+            const uint8_t* sl = p + chunks * 64;
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
+            __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
+            acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
+            acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
+        }
+        _mm512_storeu_ps(y + b * 16, acc);
+#else
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        const __m256i nib = _mm256_set1_epi32(0x000f000f);
+        for (int g = 0; g < groups; g++, p += group_bytes) {
+            const int16_t* xq = in.q + g * m.group;
+            const uint8_t* sl = p + chunks * 64;
+            for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
+                __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+                for (int c = 0; c < chunks; c++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+                    int32_t xp[4];
+                    memcpy(xp, xq + c * 8, 16);
+                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, nib), _mm256_set1_epi32(xp[0])));
+                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 4), nib),
+                                                                _mm256_set1_epi32(xp[1])));
+                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), nib),
+                                                                _mm256_set1_epi32(xp[2])));
+                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 12), nib),
+                                                                _mm256_set1_epi32(xp[3])));
+                }
+                __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
+                __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1));
+                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
+                acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
+            }
+        }
+        _mm256_storeu_ps(y + b * 16, acc[0]);
+        _mm256_storeu_ps(y + b * 16 + 8, acc[1]);
+#endif
+    }
+}
+
+// This thread's rows [*r0, *r1) of `count`, cut at multiples of `unit` (the last thread takes the rest).
+static inline void my_rows(int count, int unit, int* r0, int* r1) {
+    int t = omp_get_thread_num(), n = omp_get_num_threads(), units = count / unit;
+    *r0 = (int)((int64_t)units * t / n) * unit;
+    *r1 = t == n - 1 ? count : (int)((int64_t)units * (t + 1) / n) * unit;
+}
+
+static inline int row_unit(const Mat& m) { return m.kind == KIND_BF16 ? 4 : 16; }
+
+// This thread's rows of y = W x, rows first..first+count-1 of W going to y[0..count).
+static void product(const Mat& m, const Input& in, float* y, int first, int count) {
+    int r0, r1;
+    my_rows(count, row_unit(m), &r0, &r1);
+    Mat sub = m;
+    if (m.kind == KIND_BF16) {
+        sub.w = m.w + (int64_t)first * m.k * 2;
+        rows_bf16(sub, in.x, in.xeo, y, r0, r1);
+    } else {
+        sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / 8) * 64 + 64);
+        rows_q4(sub, in, y, r0 / 16, r1 / 16);
+    }
+}
+
+// --------------------------------------------------------------------------------------------------- a block
+
+struct Scratch {
+    float *xn, *xeo, *qkv, *att, *y, *hidden, *gate, *up, *scores, *xs, *xsum;
+    int16_t* xq;
+};
+
+static Input prepare(const Mat& m, const float* x, float* xeo, int16_t* xq, float* xs, float* xsum) {
+    if (m.kind == KIND_Q4)
+        quantize_activations(x, m.k, m.group, xq, xs, xsum);
+    else
+        even_odd(x, m.k, xeo);
+    return Input{x, xeo, xq, xs, xsum};
+}
+
+static void rope(float* v, const float* cos, const float* sin, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+// hidden[i] = silu(gate[i]) * up[i] for i in i0..i1.
+static void silu_times(const float* gate, const float* up, float* hidden, int i0, int i1) {
+    int i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        f32x16 g = load16(gate + i);
+        store16(hidden + i, g / (1.0f + exp16(-g)) * load16(up + i));
+    }
+    for (; i < i1; i++) hidden[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+// Softmax attention of query head h over cache positions 0..pos of its KV head.
+static void attend(const Dims& D, int h, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                   int64_t head_stride, int pos, float* scores, float* out) {
+    const int hd = D.head_dim, kv = h / (D.n_heads / D.n_kv_heads);
+    const uint16_t* K = k_cache + kv * head_stride;
+    const uint16_t* V = v_cache + kv * head_stride;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float mx = -INFINITY;
+    for (int p = 0; p <= pos; p++) {
+        const uint16_t* kp = K + (int64_t)p * hd;
+        f32x16 a = {};
+        int i = 0;
+        for (; i + 16 <= hd; i += 16) a += bf16x16(kp + i) * load16(q + i);
+        float s = hsum16(a);
+        for (; i < hd; i++) {
+            uint32_t u = (uint32_t)kp[i] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            s += f * q[i];
+        }
+        scores[p] = s * scale;
+        mx = fmaxf(mx, scores[p]);
+    }
+    float total = 0;
+    int p = 0;
+    for (; p + 16 <= pos + 1; p += 16) {
+        f32x16 e = exp16(load16(scores + p) - mx);
+        store16(scores + p, e);
+        total += hsum16(e);
+    }
+    for (; p <= pos; p++) {
+        scores[p] = expf(scores[p] - mx);
+        total += scores[p];
+    }
+    for (int i = 0; i < hd; i++) out[i] = 0;
+    for (int p2 = 0; p2 <= pos; p2++) {
+        const uint16_t* vp = V + (int64_t)p2 * hd;
+        const float w = scores[p2] / total;
+        int i = 0;
+        for (; i + 16 <= hd; i += 16) store16(out + i, load16(out + i) + bf16x16(vp + i) * w);
+        for (; i < hd; i++) {
+            uint32_t u = (uint32_t)vp[i] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            out[i] += f * w;
+        }
+    }
+}
+
+// Run blocks layers[0..n) for one token at position `pos`, updating x (d,) in place. Block i reads and writes
+// cache layer first_layer + i: k_cache/v_cache point at layer 0 of (layers, n_kv_heads, capacity, head_dim) bf16.
+void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x, uint16_t* k_cache,
+                      uint16_t* v_cache, int64_t layer_stride, int64_t head_stride, int pos, const float* cos,
+                      const float* sin, int threads) {
+    const Dims D = *dims;
+    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
+    const int widest = D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
+    // one allocation for every intermediate of a block; scores per query head so heads run in parallel
+    float* mem = (float*)aligned_alloc(64, sizeof(float) * ((size_t)widest * 9 + q_dim + 2 * kv_dim +
+                                                            (size_t)D.n_heads * (pos + 16) + 64));
+    Scratch s;
+    s.xn = mem;
+    s.xeo = s.xn + widest;
+    s.att = s.xeo + widest;
+    s.y = s.att + widest;
+    s.hidden = s.y + widest;
+    s.gate = s.hidden + widest;
+    s.up = s.gate + widest;
+    s.xs = s.up + widest;
+    s.xsum = s.xs + widest;
+    s.qkv = s.xsum + widest;
+    s.scores = s.qkv + q_dim + 2 * kv_dim;
+    int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * widest);
+    s.xq = xq;
+    Input in;
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < n; l++) {
+        const Layer& L = layers[l];
+        uint16_t* kl = k_cache + (int64_t)(first_layer + l) * layer_stride;
+        uint16_t* vl = v_cache + (int64_t)(first_layer + l) * layer_stride;
+        int lo, hi;
+        // attention: q, k, v of the normed state; K/V into this layer's slots at pos; heads in parallel
+#pragma omp single
+        {
+            rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
+            in = prepare(L.qkv, s.xn, s.xeo, s.xq, s.xs, s.xsum);
+        }
+        product(L.qkv, in, s.qkv, 0, L.qkv.n);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
+            for (int h = 0; h < D.n_kv_heads; h++) {
+                float* k = s.qkv + q_dim + h * hd;
+                const float* v = s.qkv + q_dim + kv_dim + h * hd;
+                rope(k, cos, sin, hd / 2);
+                uint16_t* kd = kl + h * head_stride + (int64_t)pos * hd;
+                uint16_t* vd = vl + h * head_stride + (int64_t)pos * hd;
+                for (int i = 0; i < hd; i++) {
+                    kd[i] = to_bf16(k[i]);
+                    vd[i] = to_bf16(v[i]);
+                }
+            }
+        }
+        my_rows(D.n_heads, 1, &lo, &hi);
+        for (int h = lo; h < hi; h++)
+            attend(D, h, s.qkv + h * hd, kl, vl, head_stride, pos, s.scores + (int64_t)h * (pos + 16),
+                   s.att + h * hd);
+#pragma omp barrier
+#pragma omp single
+        in = prepare(L.o, s.att, s.xeo, s.xq, s.xs, s.xsum);
+        product(L.o, in, s.y, 0, D.d);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int i = 0; i < D.d; i++) x[i] += s.y[i];
+            rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
+            in = prepare(L.gate_up, s.xn, s.xeo, s.xq, s.xs, s.xsum);
+        }
+        // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no extra barrier
+        product(L.gate_up, in, s.gate, 0, D.ffn);
+        product(L.gate_up, in, s.up, D.ffn, D.ffn);
+        my_rows(D.ffn, row_unit(L.gate_up), &lo, &hi);
+        silu_times(s.gate, s.up, s.hidden, lo, hi);
+#pragma omp barrier
+#pragma omp single
+        in = prepare(L.down, s.hidden, s.xeo, s.xq, s.xs, s.xsum);
+        product(L.down, in, s.y, 0, D.d);
+#pragma omp barrier
+#pragma omp single
+        for (int i = 0; i < D.d; i++) x[i] += s.y[i];
+    }
+    free(xq);
+    free(mem);
+}
+
+// Final norm and LM head: logits (vocab,) = W_head . rms_norm(x), the head's rows shared among the threads.
+void river_head(const Mat* head, const float* norm, float eps, const float* x, float* xn, float* logits,
+                int threads) {
+    float* xeo = (float*)malloc(sizeof(float) * head->k);
+    rms_norm(x, norm, xn, head->k, eps);
+    Input in = prepare(*head, xn, xeo, nullptr, nullptr, nullptr);
+#pragma omp parallel num_threads(threads)
+    product(*head, in, logits, 0, head->n);
+    free(xeo);
+}
+
+// One product y = W x, for tests and for callers outside a block run.
+void river_product(const Mat* m, const float* x, float* y, int threads) {
+    const int groups = m->k / m->group + 1;
+    float* xeo = (float*)malloc(sizeof(float) * (m->k + 2 * groups));
+    int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * m->k);
+    Input in = prepare(*m, x, xeo, xq, xeo + m->k, xeo + m->k + groups);
+#pragma omp parallel num_threads(threads)
+    product(*m, in, y, 0, m->n);
+    free(xq);
+    free(xeo);
+}
+
+}  // extern "C"

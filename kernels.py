@@ -1,0 +1,184 @@
+"""Native CPU decode kernels (kernels.cpp): built on first use for this CPU's instruction set, loaded with ctypes."""
+import ctypes
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+KIND_BF16, KIND_Q4 = 0, 1
+Q4_ROWS = 16  # rows side by side in the packed 4-bit layout: one 512-bit register holds 8 codes of each
+
+# Each instruction set the source is built for: the /proc/cpuinfo flags it needs and the compiler flags.
+ISAS = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-DRIVER_AVX512"]),
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
+}
+
+
+def cpu_flags():
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        return set()
+    for line in path.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def usable_isas(flags=None):
+    """The instruction sets this CPU runs, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for name, (needs, _) in ISAS.items() if needs <= flags]
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("group", ctypes.c_int32)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", Mat), ("o", Mat),
+                ("gate_up", Mat), ("down", Mat)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("d", ctypes.c_int32), ("n_heads", ctypes.c_int32), ("n_kv_heads", ctypes.c_int32),
+                ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32), ("eps", ctypes.c_float)]
+
+
+class Kernels:
+    """The built library of one instruction set, with its C signatures declared."""
+
+    def __init__(self, isa, path):
+        self.isa, self.path = isa, path
+        lib = ctypes.CDLL(path)
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        self.run_blocks = lib.river_run_blocks
+        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, ptr, i64, i64, i32, ptr, ptr, i32]
+        self.head = lib.river_head
+        self.head.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i32]
+        self.product = lib.river_product
+        self.product.argtypes = [ptr, ptr, ptr, i32]
+        for fn in (self.run_blocks, self.head, self.product):
+            fn.restype = None
+
+
+def build(isa):
+    """Compile kernels.cpp for `isa` (cached under the cache folder, keyed by the source, the flags and torch) and
+    load it. Raises on a failed build."""
+    from torch.utils.cpp_extension import load  # imports setuptools: only when a build is needed
+    from load_weights import cache_dir
+    _, flags = ISAS[isa]
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", *flags]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()
+    folder = cache_dir() / "kernels" / f"{isa}-{key[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = load(name=f"river_kernels_{isa}", sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                build_directory=str(folder), is_python_module=False, verbose=False)
+    return Kernels(isa, path)
+
+
+_loaded = {}
+
+
+def native(isa=None):
+    """Kernels for `isa` (default: the best this CPU runs), built on first use; None where none can run here or
+    the build fails (a note says why, once: callers then take the pure-torch path)."""
+    isas = usable_isas()
+    isa = isa or (isas[0] if isas else None)
+    if isa is None or isa not in isas or os.environ.get("RIVER_NATIVE") == "0":
+        return None
+    if isa not in _loaded:
+        try:
+            _loaded[isa] = build(isa)
+        except Exception as err:  # noqa: BLE001 - any build failure means: fall back, and say so
+            print(f"river: could not build the native {isa} kernels ({type(err).__name__}: {err}); "
+                  "using the pure-torch path", file=sys.stderr)
+            _loaded[isa] = None
+    return _loaded[isa]
+
+
+# --------------------------------------------------------------------------------------------- weight layouts
+
+def bf16_mat(w):
+    """A bf16 (N, K) weight as the kernels see it (no copy: the tensor must stay alive)."""
+    assert w.dtype == torch.bfloat16 and w.is_contiguous() and w.device.type == "cpu"
+    return Mat(w.data_ptr(), KIND_BF16, w.shape[0], w.shape[1], w.shape[1])
+
+
+def pack_q4(codes, scale, low):
+    """codes (N, K) in 0..15, scale and low (N, K / group) -> the packed bytes of kernels.cpp's Q4 layout:
+    per block of 16 rows and per group, group/8 chunks of 64 bytes (row r's 32-bit lane holds 8 codes: the nibble
+    at bit 4j is code 2j, the one at bit 16 + 4j code 2j + 1, so a shift and a mask give an int16 pair), then the
+    16 rows' fp16 scales and fp16 lows."""
+    N, K = codes.shape
+    G = scale.shape[1]
+    gs = K // G
+    if N % Q4_ROWS or gs % 8:
+        raise ValueError(f"the 4-bit kernel packs rows in blocks of {Q4_ROWS} and groups in chunks of 8; "
+                         f"got a {N}x{K} weight with groups of {gs}")
+    c = codes.to(torch.uint8).view(N // Q4_ROWS, Q4_ROWS, G, gs // 8, 8)        # (blocks, row, group, chunk, 8)
+    byte = c[..., [0, 4, 1, 5]] | (c[..., [2, 6, 3, 7]] << 4)                  # little-endian bytes of each lane
+    byte = byte.permute(0, 2, 3, 1, 4).reshape(N // Q4_ROWS, G, gs // 8 * 64)  # (blocks, group, chunk*row*4)
+
+    def halves(t):  # (N, G) -> (blocks, G, 32 bytes) of fp16
+        t = t.to(torch.float16).view(N // Q4_ROWS, Q4_ROWS, G).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).view(N // Q4_ROWS, G, 2 * Q4_ROWS)
+    return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()  # (blocks, G, group/2*16 + 64)
+
+
+def q4_mat(packed, n, k, group):
+    return Mat(packed.data_ptr(), KIND_Q4, n, k, group)
+
+
+def matrix(w, keep):
+    """A Mat for a bf16 (N, K) tensor or a 4-bit (codes, scale, low) triple; what it points at goes into keep."""
+    if isinstance(w, torch.Tensor):
+        keep.append(w.contiguous())
+        return bf16_mat(keep[-1])
+    codes, scale, low = w
+    keep.append(pack_q4(codes, scale, low))
+    return q4_mat(keep[-1], codes.shape[0], codes.shape[1], codes.shape[1] // scale.shape[1])
+
+
+class Stack:
+    """A stack of blocks as kernels.cpp runs them: any run of consecutive blocks in one native call.
+
+    layers: per block a dict of attn_norm and mlp_norm (d,) and the matrices qkv, o, gate_up, down (each bf16 or
+    a 4-bit triple, see `matrix`)."""
+
+    def __init__(self, lib, dims, layers):
+        self.lib, self.dims, self.keep = lib, dims, []
+        norms = [(l["attn_norm"].float().contiguous(), l["mlp_norm"].float().contiguous()) for l in layers]
+        self.keep += [t for pair in norms for t in pair]
+        self.layers = (Layer * len(layers))(*[
+            Layer(a.data_ptr(), m.data_ptr(), *(matrix(l[name], self.keep) for name in ("qkv", "o", "gate_up", "down")))
+            for (a, m), l in zip(norms, layers)])
+        self.base = ctypes.addressof(self.layers)
+
+    def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads):
+        """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`. k_cache, v_cache: the whole cache
+        (layers, 1, n_kv_heads, capacity, head_dim) bf16; block j writes layer j at pos."""
+        self.lib.run_blocks(ctypes.byref(self.dims), self.base + first * ctypes.sizeof(Layer), last - first, first,
+                            x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(),
+                            k_cache.shape[3] * k_cache.shape[4], pos, cos.data_ptr(), sin.data_ptr(), threads)
+
+
+class Head:
+    """Final norm and LM head for one token: logits (vocab,) fp32."""
+
+    def __init__(self, lib, norm, weight, eps):
+        self.lib, self.eps = lib, eps
+        self.norm, self.weight = norm.float().contiguous(), weight.contiguous()
+        self.mat = bf16_mat(self.weight)
+        self.normed = torch.empty(weight.shape[1])
+
+    def __call__(self, x, threads):
+        logits = torch.empty(self.weight.shape[0])
+        self.lib.head(ctypes.byref(self.mat), self.norm.data_ptr(), self.eps, x.data_ptr(), self.normed.data_ptr(),
+                      logits.data_ptr(), threads)
+        return logits
