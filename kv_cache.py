@@ -32,15 +32,19 @@ class KVCache:
         self.write_count = np.zeros((n_layers, capacity), dtype=np.int32)
         self.capacity = capacity
 
-    def claim(self, layer, start, length, writer):
-        """Check and record a write of positions start..start+length-1 of `layer`; return the layer's whole K and
-        V (B, n_kv_heads, capacity, head_dim), for the block to write its slots into and attend over."""
+    def record(self, layers, start, length, writer):
+        """Check and record a write of positions start..start+length-1 into `layers` (an int or a slice)."""
         end = start + length
         if start < 0 or end > self.capacity:
             raise IndexError(f"KV cache write at positions {start}..{end - 1} is outside its capacity "
                              f"{self.capacity}; the cache never wraps or grows")
-        self.writer[layer, start:end] = writer
-        self.write_count[layer, start:end] += 1
+        self.writer[layers, start:end] = writer
+        self.write_count[layers, start:end] += 1
+
+    def claim(self, layer, start, length, writer):
+        """Record a write of positions start..start+length-1 of `layer`; return the layer's whole K and V
+        (B, n_kv_heads, capacity, head_dim), for the block to write its slots into and attend over."""
+        self.record(layer, start, length, writer)
         return self.k[layer], self.v[layer]
 
     def write(self, layer, start, k, v, writer):

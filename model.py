@@ -135,7 +135,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def fused_one_token(x):
@@ -159,7 +159,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if fused_one_token(x) and x.shape[:-1].numel() == 1:
             return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype))  # fp32 activations on bf16 weights: the weights upcast
 
 
 def attend(q, k, v, mask, one_token):
@@ -170,7 +170,7 @@ def attend(q, k, v, mask, one_token):
     hundred keys are too little work for the SDPA kernel's own setup, which cost more than the arithmetic.
     """
     if not (one_token and fused_one_token(q)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
     scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, H, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return (probs.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2).to(q.dtype)
@@ -214,7 +214,7 @@ class Attention(nn.Module):
         each (B, n_kv_heads, T, head_dim). Used to fill a skipped layer from another layer's state."""
         cfg = self.cfg
         B, T, _ = x.shape
-        kv = F.linear(x, self.wqkv.weight[cfg.q_dim:])                         # (B, T, 2 kv_dim)
+        kv = F.linear(x, self.wqkv.weight[cfg.q_dim:].to(x.dtype))                         # (B, T, 2 kv_dim)
         k = apply_rope(kv[..., :cfg.kv_dim].view(B, T, cfg.n_kv_heads, cfg.head_dim), pos.cos, pos.sin)
         v = kv[..., cfg.kv_dim:].view(B, T, cfg.n_kv_heads, cfg.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -316,11 +316,13 @@ class Transformer(nn.Module):
         return KVCache(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, capacity,
                        batch_size=batch_size, dtype=self.dtype, device=self.device)
 
-    def positions(self, start, length, cache=None):
-        """RoPE tables and the attention mask for positions start..start+length-1, shared by all blocks."""
+    def positions(self, start, length, cache=None, dtype=None):
+        """RoPE tables (in `dtype`, default the weights') and the attention mask for positions
+        start..start+length-1, shared by all blocks."""
+        dtype = dtype or self.dtype
         angles = np.arange(start, start + length, dtype=np.float64)[:, None] * self.inv_freq  # (T, head_dim/2)
-        cos = torch.from_numpy(np.cos(angles)[:, None, :]).to(self.device, self.dtype)     # (T, 1, head_dim/2)
-        sin = torch.from_numpy(np.sin(angles)[:, None, :]).to(self.device, self.dtype)
+        cos = torch.from_numpy(np.cos(angles)[:, None, :]).to(self.device, dtype)          # (T, 1, head_dim/2)
+        sin = torch.from_numpy(np.sin(angles)[:, None, :]).to(self.device, dtype)
         if cache is None:  # attention over this step's own tokens only
             mask = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         else:

@@ -5,133 +5,32 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+import kernels
 from exit_policy import NeverExit, SimilarityExit
 from kv_cache import Writer
 from model import compile_blocks, compile_head
+from quantize import QuantizedLinear, check_quant_args, quantize_weight
 
 MODES = ("backbone", "quantized", "river")
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau whose NLL increase stays
 # under half of the whole-model 4-bit increase.
 DEFAULT_TAU = 0.96
 DEFAULT_GROUP_SIZE = 64
-INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of 32
-
-
-# ------------------------------------------------------------------------------------------ quantization
-
-@dataclass
-class QuantizedWeight:
-    """w ~ (q - offset) * scale + zero, with one (scale, zero) per `group_size` input features of a row."""
-    q: torch.Tensor       # (N, K) int32 codes: 0..15 for 4 bits, -127..127 for 8 bits
-    scale: torch.Tensor   # (N, K // group_size) fp32 step between neighbouring codes
-    zero: torch.Tensor    # (N, K // group_size) fp32 value of code `offset` (0 for the symmetric 8-bit)
-    bits: int
-    group_size: int
-
-    @property
-    def offset(self):
-        return 8 if self.bits == 4 else 0
-
-    def dequantize(self):
-        """(N, K) fp32: the weight the low-bit kernels compute with (up to their bf16 scales)."""
-        scale = self.scale.repeat_interleave(self.group_size, dim=1)
-        zero = self.zero.repeat_interleave(self.group_size, dim=1)
-        return (self.q - self.offset).float() * scale + zero
-
-
-def check_quant_args(bits, group_size):
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 or group_size % 32:
-        raise ValueError(f"group_size must be a positive multiple of 32 (the int4 kernels' unit), "
-                         f"got {group_size!r}")
-
-
-def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
-    """Quantize an (out_features, in_features) weight.
-
-    4 bits: asymmetric, one (scale, zero) per group of `group_size` input features (W4A16). Round-to-nearest
-    from each group's min/max, where every weight lands within half a step of its code; then `refine_steps`
-    rounds of least squares that alternate between the nearest codes for (scale, low) and the (scale, low)
-    that fit those codes best. Neither half-round can raise a group's squared error. 8 bits: symmetric, one
-    scale per output channel (group_size is then the whole row).
-    """
-    check_quant_args(bits, group_size)
-    N, K = w.shape
-    w = w.detach().float()
-    if bits == 8:
-        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # (N, 1)
-        q = (w / scale).round().clamp(-127, 127).to(torch.int32)
-        return QuantizedWeight(q, scale, torch.zeros_like(scale), 8, K)
-    if K % group_size:
-        raise ValueError(f"group_size {group_size} does not divide in_features {K} of a {N}x{K} weight")
-    groups = w.view(N, K // group_size, group_size)                          # (N, n_groups, group_size)
-    low = groups.amin(dim=2, keepdim=True)                                   # value of code 0
-    scale = ((groups.amax(dim=2, keepdim=True) - low) / 15).clamp(min=1e-12)
-    codes = ((groups - low) / scale).round().clamp(0, 15)
-    for _ in range(refine_steps):
-        code_mean, w_mean = codes.mean(dim=2, keepdim=True), groups.mean(dim=2, keepdim=True)
-        var = (codes - code_mean).pow(2).sum(dim=2, keepdim=True)
-        cov = ((codes - code_mean) * (groups - w_mean)).sum(dim=2, keepdim=True)
-        scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-12)
-        low = w_mean - scale * code_mean
-        codes = ((groups - low) / scale).round().clamp(0, 15)
-    scale, low = scale[..., 0], low[..., 0]                                  # (N, n_groups)
-    zero = low + 8 * scale                                                   # tinygemm's zero: the value of code 8
-    return QuantizedWeight(codes.view(N, K).to(torch.int32), scale, zero, 4, group_size)
-
-
-class QuantizedLinear(nn.Module):
-    """Weight-only low-bit linear layer: bf16 activations through PyTorch's int4 / int8 kernels.
-
-    The packed layout depends on the device, so build it on the device it runs on.
-    """
-
-    def __init__(self, qw, device, act_dtype=torch.bfloat16):
-        super().__init__()
-        self.bits, self.group_size = qw.bits, qw.group_size
-        self.out_features, self.in_features = qw.q.shape
-        self.act_dtype = act_dtype
-        device = torch.device(device)
-        if qw.bits == 8:
-            if self.in_features % 16:
-                raise ValueError(f"the int8 kernel needs in_features {self.in_features} to be a multiple of 16")
-            self.register_buffer("weight", qw.q.to(device, torch.int8))                  # (N, K)
-            self.register_buffer("scales", qw.scale[:, 0].to(device, act_dtype))         # (N,)
-            return
-        if self.out_features % 16:
-            raise ValueError(f"the int4 kernels need out_features {self.out_features} to be a multiple of 16")
-        scales_and_zeros = torch.stack([qw.scale.t(), qw.zero.t()], dim=-1)           # (K / group, N, 2)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device, act_dtype).contiguous())
-        if device.type == "cuda":
-            nibbles = (qw.q[:, ::2] << 4 | qw.q[:, 1::2]).to(torch.uint8)               # (N, K / 2)
-            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), INT4_INNER_K_TILES)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device), INT4_INNER_K_TILES)
-        self.register_buffer("weight", packed)
-
-    def forward(self, x):
-        shape, dtype = x.shape, x.dtype
-        x = x.view(-1, self.in_features).to(self.act_dtype)                              # (B*T, K)
-        if self.bits == 8:
-            if x.is_cuda:  # no int8 weight-only kernel on CUDA: dequantize on the fly
-                y = (x @ self.weight.to(x.dtype).t()) * self.scales
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
-        elif x.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
-                                                           self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the river
 
-def river_block(block, bits=4, group_size=64):
+def default_activations(bits, device):
+    """int16 activations for a 4-bit river on CPU, where integer dot products make 4-bit weights fast
+    (kernels.cpp); bf16 otherwise (PyTorch's kernels, and the only choice for 8-bit weights)."""
+    return "int16" if bits == 4 and torch.device(device).type == "cpu" else "bf16"
+
+
+def river_block(block, bits=4, group_size=64, activations="bf16"):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
     so it reads and writes the very cache slots its backbone twin would have written."""
     twin = copy.deepcopy(block)
@@ -141,17 +40,19 @@ def river_block(block, bits=4, group_size=64):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 qw = quantize_weight(child.weight, bits, group_size)
-                setattr(parent, name, QuantizedLinear(qw, device))
+                setattr(parent, name, QuantizedLinear(qw, device, activations))
     return twin
 
 
 class ExitRiver(nn.Module):
     """One low-bit copy of every backbone block, river block j writing layer j's K/V."""
 
-    def __init__(self, model, bits=4, group_size=64):
+    def __init__(self, model, bits=4, group_size=64, activations=None):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
-        self.blocks = nn.ModuleList(river_block(b, bits, group_size) for b in model.blocks)
+        activations = activations or default_activations(bits, model.device)
+        check_quant_args(bits, group_size, activations)
+        self.bits, self.group_size, self.activations = bits, group_size, activations
+        self.blocks = nn.ModuleList(river_block(b, bits, group_size, activations) for b in model.blocks)
         assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
 
 
@@ -174,10 +75,24 @@ class Engine:
     `river` (backbone until the policy says exit, then river copies to the end). All share the final norm
     and LM head, and one KV cache."""
 
-    def __init__(self, model, river=None, compile=False):
+    def __init__(self, model, river=None, compile=False, native=None):
+        """native: None runs one-token decode steps through kernels.cpp where this CPU and these weights allow
+        (bf16 backbone, 4-bit river with int16 activations), False never, True insists (an error where it cannot)."""
         if river is not None and len(river.blocks) != len(model.blocks):
             raise ValueError(f"river has {len(river.blocks)} blocks, the model {len(model.blocks)}")
         self.model, self.river = model, river
+        # On CPU the residual stream and activations stay fp32 whatever the weights' precision, as in
+        # kernels.cpp; on CUDA they take the weights' dtype (bf16 tensor cores).
+        self.act_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
+        self.native = None
+        if native is not False:
+            why = NativeDecoder.unsupported(model, river)
+            lib = None if why else kernels.native()
+            if native and (why or lib is None):
+                raise ValueError(f"native decode was asked for but cannot run: {why or 'no kernels for this CPU'}")
+            if lib is not None:
+                self.native = NativeDecoder(lib, model, river)
+        self.native_steps = 0  # decode steps that ran through kernels.cpp
         if compile:  # backbone and river alike: the comparison stays fair
             compile_blocks(model.blocks)
             compile_head(model)
@@ -198,9 +113,12 @@ class Engine:
         A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
         """
         self.check_mode(mode)
+        if self.native is not None and tokens.shape == (1, 1) and cache is not None:
+            self.native_steps += 1
+            return self.native.forward(tokens, start, cache, mode, policy)
         model, n_layers = self.model, self.model.cfg.n_layers
-        x = model.embed_tokens(tokens)                                         # h_0: (B, T, d_model)
-        pos = model.positions(start, tokens.shape[1], cache)
+        x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
+        pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
         depth = 0
         if mode != "quantized":
             policy = policy if mode == "river" and policy is not None else NeverExit()
@@ -247,6 +165,65 @@ class Engine:
             depths.append(depth)
             steps.append(time.perf_counter() - t0)
         return Generation(out, depths, prefill_s, steps)
+
+
+class NativeDecoder:
+    """One-token decode steps on CPU through kernels.cpp: the backbone's blocks and the river's as two native stacks,
+    any run of consecutive blocks in one call, and the final norm + LM head in another. Same arithmetic as the
+    torch path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same record."""
+
+    def __init__(self, lib, model, river):
+        cfg = model.cfg
+        self.model = model
+        dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
+        self.backbone = kernels.Stack(lib, dims, [block_weights(b) for b in model.blocks])
+        self.river = None if river is None else kernels.Stack(lib, dims, [block_weights(b) for b in river.blocks])
+        self.head = kernels.Head(lib, model.norm.weight, model.lm_head.weight, cfg.norm_eps)
+
+    @staticmethod
+    def unsupported(model, river):
+        """Why the native path cannot run this model and river, or None when it can."""
+        cfg = model.cfg
+        if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+            return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
+        if cfg.ffn_dim % kernels.Q4_ROWS or cfg.head_dim % 16:
+            return f"ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
+        if river is not None and river.activations != "int16":
+            return f"the native river takes int16 activations, not {river.activations}"
+        return None
+
+    def forward(self, tokens, start, cache, mode, policy):
+        """Engine.forward for one token of a batch of one."""
+        model, n_layers, threads = self.model, self.model.cfg.n_layers, torch.get_num_threads()
+        x = model.embed.weight[tokens[0, 0]].to(torch.float32, copy=True)    # h_0: (d_model,), updated in place
+        angles = start * model.inv_freq                                      # (head_dim/2,) float64
+        cos, sin = (torch.from_numpy(f(angles).astype("float32")) for f in (np.cos, np.sin))
+        run = lambda stack, first, last: stack.run(x, cache.k, cache.v, first, last, start, cos, sin, threads)  # noqa: E731
+        depth = 0
+        if mode == "backbone" or (mode == "river" and (policy is None or isinstance(policy, NeverExit))):
+            run(self.backbone, 0, n_layers)
+            depth = n_layers
+        elif mode == "river":
+            for layer in range(n_layers):
+                h_in = x.clone()
+                run(self.backbone, layer, layer + 1)
+                depth = layer + 1
+                if layer < n_layers - 1 and policy.should_exit(layer, h_in.view(1, 1, -1), x.view(1, 1, -1)):
+                    break
+        if depth < n_layers:
+            run(self.river, depth, n_layers)
+        cache.record(slice(0, depth), start, 1, Writer.BACKBONE)
+        cache.record(slice(depth, n_layers), start, 1, Writer.RIVER)
+        return self.head(x, threads).view(1, 1, -1), depth
+
+
+def block_weights(block):
+    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or 4-bit (codes, scale, low)."""
+    def matrix(linear):
+        return (linear.codes, linear.scale, linear.low) if isinstance(linear, QuantizedLinear) else linear.weight
+    return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
+            "qkv": matrix(block.attn.wqkv), "o": matrix(block.attn.wo), "gate_up": matrix(block.mlp.w_gate_up),
+            "down": matrix(block.mlp.w_down)}
 
 
 def sync(device):
