@@ -66,12 +66,13 @@ def naive_rms_norm(x, weight, eps):
 def reference_forward(model, tokens, river=None, last_backbone=None):
     """Full-sequence forward with no cache, written from the equations. With a river, token s runs backbone
     blocks 0..last_backbone[s] and river copies after; every layer's K/V of s comes from the block s ran.
-    Returns logits (T, vocab) and per layer the K and V it computed, (T, n_kv_heads, head_dim)."""
+    Returns logits (T, vocab), per layer the K and V it computed, (T, n_kv_heads, head_dim), and the residual
+    states h_0..h_L, each (T, d_model)."""
     cfg = model.cfg
     T = tokens.shape[0]
     positions = torch.arange(T)
     h = model.embed.weight.float()[tokens]
-    kv = []
+    kv, states = [], [h]
     for layer in range(cfg.n_layers):
         paths = [model.blocks[layer]] + ([river.blocks[layer]] if river is not None else [])
         backbone = torch.ones(T, dtype=torch.bool) if river is None else torch.tensor(
@@ -94,8 +95,9 @@ def reference_forward(model, tokens, river=None, last_backbone=None):
         gate_up = per_token(lambda p: p.mlp.w_gate_up(x.to(model.dtype)))
         gate, up = gate_up.split(cfg.ffn_dim, dim=-1)
         h = h + per_token(lambda p: p.mlp.w_down((F.silu(gate) * up).to(model.dtype)))
+        states.append(h)
     h = naive_rms_norm(h, model.norm.weight.float(), cfg.norm_eps)
-    return h @ model.lm_head.weight.float().t(), kv
+    return h @ model.lm_head.weight.float().t(), kv, states
 
 
 # --------------------------------------------------------------------------------------------- tiny models
@@ -142,7 +144,7 @@ def test_cached_decoding_equals_full_forward_and_naive_reference(cfg, n_prompt, 
     tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + n_steps), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full = model(tokens)[0]                                       # one causal forward, no cache
-        reference, _ = reference_forward(model, tokens[0])
+        reference, _, _ = reference_forward(model, tokens[0])
         cache = model.new_cache(n_prompt + n_steps)
         steps = [model(tokens[:, :n_prompt], 0, cache)[0]]
         for t in range(n_prompt, n_prompt + n_steps):
@@ -256,7 +258,7 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
     expected_writer = np.array([[Writer.BACKBONE if layer <= e else Writer.RIVER for e in last_backbone]
                                 for layer in range(L)])
     np.testing.assert_array_equal(cache.writer[:, :S], expected_writer)
-    ref_logits, ref_kv = reference_forward(model, tokens, river, last_backbone)
+    ref_logits, ref_kv, _ = reference_forward(model, tokens, river, last_backbone)
     for layer, (k, v) in enumerate(ref_kv):
         assert_close_bf16(cache.k[layer, 0, :, :S].transpose(0, 1), k)
         assert_close_bf16(cache.v[layer, 0, :, :S].transpose(0, 1), v)
@@ -264,21 +266,134 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
 
 
 @PROPERTY
-@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6))
-def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new):
+@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6), batch=st.integers(1, 3),
+       tau=st.floats(1, 1e6, exclude_min=True))
+def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new, batch, tau):
     model, river = tiny_river(cfg, seed, 4)
     engine = Engine(model, river)
-    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist()
     backbone = engine.generate(prompt, n_new, "backbone")
-    for policy in (SimilarityExit(1.01), NeverExit()):
+    for policy in (SimilarityExit(tau), NeverExit()):
         river_run = engine.generate(prompt, n_new, "river", policy)
         assert river_run.tokens == backbone.tokens
         assert river_run.backbone_blocks == [cfg.n_layers] * len(backbone.tokens)
-    cache_a, cache_b = model.new_cache(5), model.new_cache(5)
-    tokens = torch.tensor([prompt])
-    logits_a, _ = engine.forward(tokens, 0, cache_a, "backbone", all_logits=True)
-    logits_b, _ = engine.forward(tokens, 0, cache_b, "river", SimilarityExit(1.5), all_logits=True)
-    assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 5 + n_new), generator=g)
+    runs = {}
+    for mode, policy in (("backbone", None), ("river", SimilarityExit(tau))):
+        cache = model.new_cache(5 + n_new, batch_size=batch)
+        steps = [engine.forward(tokens[:, :5], 0, cache, mode, policy, all_logits=True)]
+        steps += [engine.forward(tokens[:, t:t + 1], t, cache, mode, policy) for t in range(5, 5 + n_new)]
+        runs[mode] = torch.cat([logits for logits, _ in steps], dim=1), [depth for _, depth in steps], cache
+    (logits_a, depths_a, cache_a), (logits_b, depths_b, cache_b) = runs["backbone"], runs["river"]
+    assert depths_a == depths_b == [cfg.n_layers] * (1 + n_new)
+    assert torch.equal(logits_a, logits_b), "bit-equal logits"
+    assert torch.equal(cache_a.k, cache_b.k) and torch.equal(cache_a.v, cache_b.v), "bit-equal K/V"
+    assert (cache_b.writer == Writer.BACKBONE).all() and (cache_b.write_count == 1).all()
+
+
+def hand_similarities(states):
+    """s_l = cos(h_l, h_{l+1}) written out, from the residual states h_0..h_L (each (..., d_model)): (L, ...)."""
+    h = torch.stack(states)
+    before, after = h[:-1], h[1:]
+    return (before * after).sum(-1) / (before.norm(dim=-1) * after.norm(dim=-1))
+
+
+def step_similarities(model, river, tokens, last_backbone, start, end):
+    """(L, B, end - start): s_l of each batch row's tokens start..end-1 on the backbone path, the tokens before
+    them having taken the paths last_backbone says (those paths wrote the cache slots a step reads)."""
+    schedule = last_backbone + [model.cfg.n_layers - 1] * (end - start)
+    return torch.stack([hand_similarities(reference_forward(model, row[:end], river, schedule)[2])[:, start:end]
+                        for row in tokens], dim=1)
+
+
+def depths_the_rule_allows(minima, tau, min_layer, margin=1e-5):
+    """The exit depths (backbone blocks run) the rule allows, given minima[l] = min of s_l over a step's batch
+    and tokens: after the first block l >= min_layer, never the last, whose minimum exceeds tau; tau > 1 never
+    exits. A minimum within `margin` of tau (the engine rounds differently from the reference) allows both."""
+    allowed, n_layers = [], len(minima)
+    for layer in range(min_layer, n_layers - 1 if tau <= 1 else 0):
+        if minima[layer] > tau - margin:
+            allowed.append(layer + 1)
+        if minima[layer] > tau + margin:
+            return allowed
+    return allowed + [n_layers]
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), bits=st.sampled_from([4, 8]), batch=st.integers(1, 3),
+       n_prompt=st.integers(1, 5), n_steps=st.integers(0, 4), min_layer=st.integers(0, 2), seed=st.integers(0, 99),
+       data=st.data())
+def test_engine_exits_where_the_hand_computed_similarities_say(cfg, bits, batch, n_prompt, n_steps, min_layer,
+                                                                seed, data):
+    """SimilarityExit in the engine, step by step, against the rule applied by hand to similarities from the
+    reference decoder: each step's depth, then the cache record and the logits and K/V of that schedule. tau
+    lies between two of the prefill's per-block minima and means (over batch and tokens): exits happen at
+    varied depths, and a rule on the mean, or on anything but the block's input and output, exits elsewhere."""
+    model, river = tiny_river(cfg, seed, bits)
+    engine, L, S = Engine(model, river), cfg.n_layers, n_prompt + n_steps
+    tokens = torch.randint(0, cfg.vocab_size, (batch, S), generator=torch.Generator().manual_seed(seed))
+    prefill = step_similarities(model, river, tokens, [], 0, n_prompt).flatten(1)       # (L, batch * n_prompt)
+    levels = sorted({v for layer in range(min_layer, L - 1) for v in (prefill[layer].min().item(),
+                                                                       prefill[layer].mean().item())})
+    taus = [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [levels[0] - 0.1 if levels else 0.0, 1.5]
+    tau = data.draw(st.sampled_from(taus), label="tau")
+    policy = SimilarityExit(tau, min_layer)
+    cache = model.new_cache(S, batch_size=batch)
+    last_backbone, logits = [], []
+    for start, end in [(0, n_prompt)] + [(t, t + 1) for t in range(n_prompt, S)]:
+        minima = step_similarities(model, river, tokens, last_backbone, start, end).flatten(1).amin(1)
+        step_logits, depth = engine.forward(tokens[:, start:end], start, cache, "river", policy, all_logits=True)
+        assert depth in depths_the_rule_allows(minima.tolist(), tau, min_layer), f"step at {start}"
+        last_backbone += [depth - 1] * (end - start)
+        logits.append(step_logits)
+    expected_writer = np.array([[Writer.BACKBONE if layer <= e else Writer.RIVER for e in last_backbone]
+                                for layer in range(L)])
+    np.testing.assert_array_equal(cache.writer, expected_writer)
+    assert (cache.write_count == 1).all(), "every (layer, position) written exactly once"
+    logits = torch.cat(logits, dim=1)                                                   # (batch, S, vocab)
+    for b in range(batch):
+        ref_logits, ref_kv, _ = reference_forward(model, tokens[b], river, last_backbone)
+        assert_close_bf16(logits[b], ref_logits)
+        for layer, (k, v) in enumerate(ref_kv):
+            assert_close_bf16(cache.k[layer, b].transpose(0, 1), k)
+            assert_close_bf16(cache.v[layer, b].transpose(0, 1), v)
+
+
+def test_a_batch_or_a_prefill_exits_on_its_minimum_not_its_mean():
+    """tau between the minimum and the mean of s_0 over a batch of two, then over a prefill of four tokens: the
+    token block 0 turned most keeps them all on the backbone past block 0."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    engine = Engine(model, river)
+    for tokens in (torch.tensor([[5], [9]]), torch.tensor([[5, 9, 14, 3]])):
+        B, T = tokens.shape
+        s = step_similarities(model, river, tokens, [], 0, T).flatten(1)                # (L, B * T)
+        tau = (s[0].min() + s[0].mean()).item() / 2
+        allowed = depths_the_rule_allows(s.amin(1).tolist(), tau, 0)
+        assert len(allowed) == 1 and allowed[0] > 1, "the case is built for the mean to exit after block 0"
+        _, depth = engine.forward(tokens, 0, model.new_cache(T, batch_size=B), "river", SimilarityExit(tau))
+        assert depth == allowed[0]
+
+
+def test_rerunning_a_step_overwrites_its_slots_and_counts_both_writes():
+    """A decode step run again at the same position (a regenerated token) rewrites that position in every
+    layer: the record counts two writes and names the latest path, and the cache and logits equal a run where
+    only the second step happened."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 1, 4)
+    engine = Engine(model, river)
+    prompt = torch.tensor([[3, 1, 4, 1]])
+    rerun, fresh = model.new_cache(5), model.new_cache(5)
+    for cache in (rerun, fresh):
+        engine.forward(prompt, 0, cache, "backbone")
+    engine.forward(torch.tensor([[5]]), 4, rerun, "backbone")
+    logits_rerun, _ = engine.forward(torch.tensor([[9]]), 4, rerun, "river", FixedExit(0))
+    logits_fresh, _ = engine.forward(torch.tensor([[9]]), 4, fresh, "river", FixedExit(0))
+    assert (rerun.write_count[:, :4] == 1).all() and (rerun.write_count[:, 4] == 2).all()
+    assert rerun.writer[:, 4].tolist() == [Writer.BACKBONE, Writer.RIVER, Writer.RIVER]
+    assert torch.equal(logits_rerun, logits_fresh)
+    assert torch.equal(rerun.k, fresh.k) and torch.equal(rerun.v, fresh.v)
 
 
 @PROPERTY
