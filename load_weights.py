@@ -89,7 +89,10 @@ def load_tokenizer(folder, cfg):
     path = folder / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} is missing")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"tokenizer file {path} is corrupt: {err}") from err
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{path} has {tokenizer.get_vocab_size()} tokens but config.json has vocab_size "
                          f"{cfg.vocab_size}: the tokenizer does not belong to this model")
@@ -103,7 +106,14 @@ def read_config_and_tokenizer(folder):
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
-    cfg = LlamaConfig.from_hf(json.loads(config_path.read_text()))
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    try:
+        cfg = LlamaConfig.from_hf(hf)
+    except KeyError as err:
+        raise KeyError(f"{config_path} lacks the field {err.args[0]}") from err
     return cfg, load_tokenizer(folder, cfg)
 
 
@@ -243,9 +253,9 @@ def load_model(path=None, device="cpu", dtype=torch.float32):
     return load_hf_folder(model_dir(path), resolve_device(device), dtype)
 
 
-def load_model_tokenizer(path=None):
-    """The tokenizer alone, without reading any weights."""
-    return read_config_and_tokenizer(model_dir(path))[1]
+def load_config_and_tokenizer(path=None):
+    """(LlamaConfig, tokenizer) without reading any weights: enough to check arguments against the model."""
+    return read_config_and_tokenizer(model_dir(path))
 
 
 def resolve_device(device):
@@ -259,6 +269,8 @@ def resolve_device(device):
         raise ValueError(f"device {requested!r} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 

@@ -2,8 +2,11 @@
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -437,9 +440,9 @@ def test_similarity_rule_exits_at_first_block_above_tau():
     assert not SimilarityExit(1.0001).should_exit(5, h0, same), "tau > 1 never exits"
 
 
-@pytest.mark.parametrize("tau", [float("nan"), "0.5", None, True])
-def test_tau_must_be_a_number(tau):
-    with pytest.raises(ValueError, match="tau must be a real number"):
+@pytest.mark.parametrize("tau", [float("nan"), float("inf"), float("-inf"), "0.5", None, True])
+def test_tau_must_be_a_finite_number(tau):
+    with pytest.raises(ValueError, match="tau must be a finite real number"):
         SimilarityExit(tau)
 
 
@@ -453,6 +456,15 @@ def test_generate_rejects_bad_input_before_doing_anything():
         engine.generate(list(range(14)), 4)
     with pytest.raises(ValueError, match="mode must be one of"):
         engine.generate([1, 2], 2, mode="fast")
+    for bad, message in (({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+                         ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
+                         ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+                         ({"temperature": math.inf}, "temperature must be a finite number >= 0"),
+                         ({"top_p": math.nan}, r"top_p must be in \(0, 1\], got nan"),
+                         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                         ({"seed": 2**64}, "seed must be None or an int")):
+        with pytest.raises(ValueError, match=message):
+            engine.generate([1, 2], **{"max_new_tokens": 2, **bad})
     with pytest.raises(ValueError, match="needs an ExitRiver"):
         Engine(model).generate([1, 2], 2, mode="river")
     with pytest.raises(ValueError, match="token ids must lie in"):
@@ -517,32 +529,66 @@ def test_bundled_river_with_tau_above_one_equals_backbone_and_exits_early_below(
     assert max(early.backbone_blocks) < model.cfg.n_layers
 
 
-def test_cli_json_output(bundled, capsys):
+def strict_json(text):
+    """json.loads that refuses NaN and infinities, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_json_output_is_strict_json(capsys):
     river_main(["--prompt", "The capital of France is", "--max-new-tokens", "3", "--json", "--mode", "river"])
-    out = json.loads(capsys.readouterr().out)
+    out = strict_json(capsys.readouterr().out)
     assert len(out["tokens"]) == 3 and len(out["backbone_blocks"]) == 3
     assert {"text", "decode_tokens_per_s"} <= out.keys()
+    river_main(["--prompt", "Hi", "--max-new-tokens", "1", "--json", "--mode", "backbone"])
+    out = strict_json(capsys.readouterr().out)
+    assert len(out["tokens"]) == 1 and out["decode_tokens_per_s"] is None, "no decode step, no rate"
 
 
-@pytest.mark.parametrize("argv, error, message", [
-    (["--prompt", ""], SystemExit, None),
-    (["--prompt", "x", "--tau", "nan"], ValueError, "tau must be a real number"),
-    (["--prompt", "x", "--bits", "3"], ValueError, "bits must be 4 or 8"),
-    (["--prompt", "x", "--group-size", "40"], ValueError, "group_size must be"),
-    (["--prompt", "x", "--device", "tpu"], ValueError, "device 'tpu' is not supported"),
-    (["--prompt", "x", "--max-new-tokens", "9000"], ValueError, "exceeds the model's context of 8192"),
+@pytest.fixture
+def weights_never_load(monkeypatch):
+    """Loading any model's weights fails the test: the errors under test must come before."""
+    def refuse(*args):
+        raise AssertionError("model weights were loaded before the error")
+    monkeypatch.setattr(load_weights, "load_hf_folder", refuse)
+
+
+def assert_usage_error(raised, capsys, message):
+    """argparse's exit: status 2, nothing on stdout, the usage and then one error line naming the argument."""
+    assert raised.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert re.search(r": error: " + message, err.splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "argument --prompt: the prompt is empty"),
+    (["--tau", "nan"], "argument --tau: tau must be a finite real number"),
+    (["--tau", "inf"], "argument --tau: tau must be a finite real number"),
+    (["--tau", "x"], "argument --tau: invalid float value: 'x'"),
+    (["--temperature", "nan"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--top-p", "0"], r"argument --top-p: top_p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"argument --top-p: top_p must be in \(0, 1\]"),
+    (["--top-p", "nan"], r"argument --top-p: top_p must be in \(0, 1\], got nan"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: max_new_tokens must be a positive int, got 0"),
+    (["--max-new-tokens", "9000"], "argument --max-new-tokens: prompt of 1 tokens plus 9000 new tokens exceeds "
+                                   "the model's context of 8192"),
+    (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--bits", "3"], "argument --bits: invalid choice: 3"),
+    (["--group-size", "40"], "argument --group-size: group_size must be a positive multiple of 32"),
+    (["--group-size", "128"], "argument --group-size: group_size 128 does not divide the model's d_model 576"),
+    (["--seed", str(2**64)], "argument --seed: seed must be None or an int"),
+    (["--device", "tpu"], "argument --device: device 'tpu' is not supported; use cpu or cuda"),
+    pytest.param(["--device", "cuda"], "argument --device: device cuda was asked for, but torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error when CUDA is absent")),
 ])
-def test_cli_rejects_bad_input_with_nothing_printed(argv, error, message, capsys):
-    with pytest.raises(error, match=message):
-        river_main(argv)
-    assert capsys.readouterr().out == ""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
-def test_cuda_without_cuda_is_a_clear_error(capsys):
-    with pytest.raises(RuntimeError, match="device cuda was asked for, but torch sees no CUDA GPU"):
-        river_main(["--prompt", "x", "--device", "cuda"])
-    assert capsys.readouterr().out == ""
+def test_cli_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
+    with pytest.raises(SystemExit) as raised:
+        river_main(["--prompt", "x"] + argv)
+    assert_usage_error(raised, capsys, message)
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints
@@ -553,7 +599,7 @@ def small_checkpoint(tmp_path):
     cfg = LlamaConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24,
                       tie_embeddings=True)
     model = tiny_model(cfg, 0)
-    _, tokenizer = load_model()
+    _, tokenizer = load_weights.load_config_and_tokenizer()
     tensors = {}
     for ours, names in load_weights.hf_tensor_names(cfg).items():
         rows = [load_weights.hf_tensor_shapes(cfg)[n][0] for n in names]
@@ -616,6 +662,52 @@ def test_missing_tensor_and_wrong_shape_are_named(small_checkpoint):
         load_model(small_checkpoint)
 
 
+def truncate_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def reshape_a_tensor(folder):
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(9, 16)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def drop_a_config_field(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (shutil.rmtree, r"model folder \S+ckpt does not exist"),
+    (lambda folder: (folder / "model.safetensors").unlink(), r"weights file \S+model.safetensors is missing"),
+    (truncate_weights, r"weights file \S+model.safetensors is truncated or corrupt"),
+    (reshape_a_tensor, r"tensor model.layers.0.self_attn.k_proj.weight has shape \(9, 16\), config.json implies"),
+    (lambda folder: (folder / "config.json").write_text("{"), r"config.json is not valid JSON"),
+    (drop_a_config_field, r"config.json lacks the field hidden_size"),
+    (lambda folder: (folder / "tokenizer.json").write_text('{"x'), r"tokenizer file \S+ is corrupt"),
+], ids=["no folder", "no weights", "truncated", "wrong shape", "config not JSON", "config field", "tokenizer"])
+def test_cli_bad_checkpoint_is_a_one_line_error(small_checkpoint, damage, message, capsys):
+    damage(small_checkpoint)
+    with pytest.raises(SystemExit) as raised:
+        river_main(["--prompt", "x", "--model", str(small_checkpoint), "--mode", "backbone"])
+    assert raised.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_cli_errors_in_a_real_process_end_without_a_traceback(small_checkpoint):
+    truncate_weights(small_checkpoint)
+    for argv, status in ((["river.py", "--prompt", "x", "--tau", "nan"], 2),
+                         (["river.py", "--prompt", "x", "--model", str(small_checkpoint), "--mode", "backbone"], 1),
+                         (["bench.py", "--threads", "0"], 2)):
+        run = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert run.returncode == status and run.stdout == "", (argv, run.stderr)
+        assert "Traceback" not in run.stderr and run.stderr.splitlines()[-1].startswith(
+            (f"{argv[0]}: error: argument ", "error: weights file ")), run.stderr
+
+
 def test_other_architectures_are_refused(small_checkpoint):
     edit_config(small_checkpoint, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="only Llama-style decoders"):
@@ -649,6 +741,16 @@ def test_quant_arguments_checked_up_front():
     check_quant_args(8, 64)
     with pytest.raises(ValueError):
         check_quant_args(4, 33)
+    cfg = LlamaConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=96)
+    with pytest.raises(ValueError, match="group_size 64 does not divide the model's ffn_dim 96"):
+        ExitRiver(tiny_model(cfg, 0), 4, 64)
+
+
+def test_a_cuda_device_that_is_not_there_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="device 'cuda:1' does not exist: torch sees 1 CUDA GPU"):
+        load_weights.resolve_device("cuda:1")
 
 
 # ---------------------------------------------------------------------------------- CUDA (skipped on CPU)
@@ -842,16 +944,40 @@ def test_compiled_one_token_attention_is_masked_softmax():
 
 # ------------------------------------------------------------------------------------------------ bench.py
 
-def test_bench_rejects_bad_arguments_before_loading_anything(tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--tau", "nan"], "argument --tau: tau must be a finite real number"),
+    (["--tau=-inf"], "argument --tau: tau must be a finite real number"),
+    (["--group-size", "48"], "argument --group-size: group_size must be a positive multiple of 32"),
+    (["--group-size", "128"], "argument --group-size: group_size 128 does not divide the model's d_model 576"),
+    (["--threads", "0"], "argument --threads: threads must be >= 1, got 0"),
+    (["--device", "tpu"], "argument --device: device 'tpu' is not supported"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+])
+def test_bench_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
     import bench
-    with pytest.raises(ValueError, match="tau must be a real number"):
-        bench.main(["--tau", "nan"])
-    with pytest.raises(ValueError, match="group_size must be"):
-        bench.main(["--group-size", "48"])
-    with pytest.raises(FileNotFoundError, match="--text file .* does not exist"):
-        bench.main(["--text", str(tmp_path / "missing.txt")])
-    with pytest.raises(ValueError, match="--threads must be >= 1"):
-        bench.main(["--threads", "0"])
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+    assert_usage_error(raised, capsys, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "missing.txt"], r"--text file \S+missing.txt does not exist"),
+    (["--text", "short.txt"], r"\S+short.txt has \d+ tokens; it needs at least 34"),
+    (["--text", "latin1.txt"], r"\S+latin1.txt is not UTF-8 text"),
+    (["--json", "no/such/folder/out.json"], r"--json \S+out.json: folder \S+folder does not exist"),
+    (["--plot", "no/such/folder/out.png"], r"--plot \S+out.png: folder \S+folder does not exist"),
+    (["--model", "nowhere"], r"model folder \S+nowhere does not exist"),
+])
+def test_bench_bad_file_is_a_one_line_error_before_any_weight_loads(argv, message, tmp_path, capsys,
+                                                                     weights_never_load):
+    import bench
+    (tmp_path / "short.txt").write_text("three words here", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 40)
+    with pytest.raises(SystemExit) as raised:
+        bench.main([argv[0], str(tmp_path / argv[1])])
+    assert raised.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
 
 
 def test_bench_text_windows_and_humaneval(bundled, tmp_path):
