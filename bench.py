@@ -122,6 +122,12 @@ def kv_cosines(cache, backbone_cache, length):
     return out
 
 
+def exit_histogram(depths, n_layers):
+    """Decode tokens per depth, from 0 to n_layers or the largest depth if larger: the recompute strategy's
+    depths count the blocks it ran for waiting tokens too. Sums to len(depths)."""
+    return [depths.count(d) for d in range(max([n_layers, *depths]) + 1)]
+
+
 def measure_quality(engines, rows, sequences, n_layers):
     stats = {v.name: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0, "depths": [], "kv_cos": []} for v in rows}
     for i, (context, target) in enumerate(sequences):
@@ -145,7 +151,7 @@ def measure_quality(engines, rows, sequences, n_layers):
         n = s["tokens"]
         out[name] = {"nll": s["nll"] / n, "top1_agreement": s["agree"] / n, "kl_to_backbone": s["kl"] / n,
                      "mean_backbone_blocks": statistics.mean(s["depths"]) if s["depths"] else float(n_layers),
-                     "exit_histogram": [s["depths"].count(d) for d in range(n_layers + 1)],
+                     "exit_histogram": exit_histogram(s["depths"], n_layers),
                      "kv_cosine_mean": statistics.mean(s["kv_cos"]) if s["kv_cos"] else None,
                      "kv_cosine_min": min(s["kv_cos"]) if s["kv_cos"] else None, "scored_tokens": n}
     return out

@@ -1006,6 +1006,13 @@ def test_bench_bad_file_is_a_one_line_error_before_any_weight_loads(argv, messag
     assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
 
 
+def test_exit_histogram_counts_every_token_even_past_the_last_layer():
+    import bench
+    recompute_depths = [1, 3, 3, 7]  # blocks run, those for waiting tokens included: more than 4 layers
+    assert bench.exit_histogram(recompute_depths, 4) == [0, 1, 0, 2, 0, 0, 0, 1]
+    assert bench.exit_histogram([4, 2], 4) == [0, 0, 1, 0, 1] and bench.exit_histogram([], 2) == [0, 0, 0]
+
+
 def test_bench_text_windows_and_humaneval(bundled, tmp_path):
     import bench
     _, tokenizer = bundled
