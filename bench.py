@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from exit_policy import SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_config_and_tokenizer, load_model, resolve_device
-from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size,
-                   check_group_size_fits, fail, option, reading_files, sync)
+from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size_fits,
+                   check_quant_args, fail, option, reading_files, sync)
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
@@ -335,7 +336,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="backbone dtype (auto: the faster of the two on CPU, measured; bf16 on CUDA)")
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU)
-    parser.add_argument("--group-size", type=option(int, check_group_size), default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")

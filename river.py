@@ -7,6 +7,7 @@ import numbers
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -48,22 +49,9 @@ class QuantizedWeight:
 def check_quant_args(bits, group_size):
     if bits not in (4, 8) or isinstance(bits, bool):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    check_group_size(group_size)
-
-
-def check_group_size(group_size):
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 or group_size % 32:
         raise ValueError(f"group_size must be a positive multiple of 32 (the int4 kernels' unit), "
                          f"got {group_size!r}")
-
-
-def check_group_size_fits(cfg, group_size):
-    """4-bit groups must tile the input width of every block weight: d_model (wqkv, w_gate_up), the attention
-    heads' width (wo) and ffn_dim (w_down). Checked from the config, before any weight is read or quantized."""
-    widths = {"d_model": cfg.d_model, "n_heads * head_dim": cfg.q_dim, "ffn_dim": cfg.ffn_dim}
-    misfits = [f"{name} {width}" for name, width in widths.items() if width % group_size]
-    if misfits:
-        raise ValueError(f"group_size {group_size} does not divide the model's {', '.join(misfits)}")
 
 
 def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
@@ -159,6 +147,15 @@ def river_block(block, bits=4, group_size=64):
                 qw = quantize_weight(child.weight, bits, group_size)
                 setattr(parent, name, QuantizedLinear(qw, device))
     return twin
+
+
+def check_group_size_fits(cfg, group_size):
+    """4-bit groups must tile the input width of every block weight: d_model (wqkv, w_gate_up), the attention
+    heads' width (wo) and ffn_dim (w_down). Checked from the config, before any weight is read or quantized."""
+    widths = {"d_model": cfg.d_model, "n_heads * head_dim": cfg.q_dim, "ffn_dim": cfg.ffn_dim}
+    misfits = [f"{name} {width}" for name, width in widths.items() if width % group_size]
+    if misfits:
+        raise ValueError(f"group_size {group_size} does not divide the model's {', '.join(misfits)}")
 
 
 class ExitRiver(nn.Module):
@@ -365,7 +362,7 @@ def main(argv=None):
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
                         help="exit threshold on the transition similarity; > 1 never exits")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    parser.add_argument("--group-size", type=option(int, check_group_size), default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--temperature", type=option(float, check_temperature), default=0.0)
     parser.add_argument("--top-p", type=option(float, check_top_p), default=1.0)
