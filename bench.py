@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from exit_policy import SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
-from load_weights import load_model, load_model_tokenizer, resolve_device
-from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_quant_args, sync
+from load_weights import load_config_and_tokenizer, load_model, resolve_device
+from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size_fits,
+                   check_quant_args, fail, option, reading_files, sync)
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
@@ -76,7 +78,11 @@ def quality_sequences(tokenizer, n, max_target, text_file=None):
         pairs = [(tokenizer.encode(p).ids, tokenizer.encode(s).ids[:max_target])
                  for p, s in humaneval_problems()[:n]]
     else:
-        ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8")).ids
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{text_file} is not UTF-8 text: {err}") from err
+        ids = tokenizer.encode(text).ids
         context, window = 32, 32 + max_target
         if len(ids) < context + 2:
             raise ValueError(f"{text_file} has {len(ids)} tokens; it needs at least {context + 2}")
@@ -117,6 +123,12 @@ def kv_cosines(cache, backbone_cache, length):
     return out
 
 
+def exit_histogram(depths, n_layers):
+    """Decode tokens per depth, from 0 to n_layers or the largest depth if larger: the recompute strategy's
+    depths count the blocks it ran for waiting tokens too. Sums to len(depths)."""
+    return [depths.count(d) for d in range(max([n_layers, *depths]) + 1)]
+
+
 def measure_quality(engines, rows, sequences, n_layers):
     stats = {v.name: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0, "depths": [], "kv_cos": []} for v in rows}
     for i, (context, target) in enumerate(sequences):
@@ -140,7 +152,7 @@ def measure_quality(engines, rows, sequences, n_layers):
         n = s["tokens"]
         out[name] = {"nll": s["nll"] / n, "top1_agreement": s["agree"] / n, "kl_to_backbone": s["kl"] / n,
                      "mean_backbone_blocks": statistics.mean(s["depths"]) if s["depths"] else float(n_layers),
-                     "exit_histogram": [s["depths"].count(d) for d in range(n_layers + 1)],
+                     "exit_histogram": exit_histogram(s["depths"], n_layers),
                      "kv_cosine_mean": statistics.mean(s["kv_cos"]) if s["kv_cos"] else None,
                      "kv_cosine_min": min(s["kv_cos"]) if s["kv_cos"] else None, "scored_tokens": n}
     return out
@@ -210,10 +222,10 @@ def load_backbone(path, device, prompt, new_tokens, dtype="auto"):
     """The model in the faster of fp32 and bf16 on this device (the paper's backbone is 16-bit), and the
     eager decode tokens/s of each; only the faster one is kept in memory. A named dtype skips the check."""
     if dtype != "auto" or device.type == "cuda":
-        return load_model(path, device, getattr(torch, "bfloat16" if dtype == "auto" else dtype))[0], {}
+        return reading_files(load_model, path, device, getattr(torch, "bfloat16" if dtype == "auto" else dtype))[0], {}
     best, best_speed, speeds = None, 0.0, {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, _ = load_model(path, device, dtype)
+        model, _ = reading_files(load_model, path, device, dtype)
         engine = Engine(model)
         engine.generate(prompt, 4, "backbone")
         step_s = [s for _ in range(3) for s in engine.generate(prompt, new_tokens, "backbone").step_s]
@@ -278,12 +290,9 @@ def print_table(result, rows):
 
 
 def plot(result, rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise SystemExit(f"--plot needs matplotlib (pip install -r requirements.txt): {err}")
+    import matplotlib  # main checked that it is installed
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     modes, base = result["modes"], result["modes"]["backbone"]
     speed = lambda name: modes[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # noqa: E731
     loss = lambda name: modes[name]["nll"] - base["nll"]  # noqa: E731
@@ -313,16 +322,21 @@ def plot(result, rows, path):
     fig.savefig(path, dpi=120)
 
 
+def check_threads(threads):
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller run for smoke checks")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=option(int, check_threads), default=None, help="CPU threads for torch")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="backbone dtype (auto: the faster of the two on CPU, measured; bf16 on CUDA)")
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU)
+    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="draw the tau sweep as a PNG")
@@ -332,23 +346,28 @@ def main(argv=None):
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    SimilarityExit(args.tau)
-    check_quant_args(4, args.group_size)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device = check_argument(parser, "--device", resolve_device,
+                            args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Every file is checked before minutes of measuring: inputs here, outputs' folders, the model's config below.
     if args.text is not None and not Path(args.text).is_file():
-        raise FileNotFoundError(f"--text file {args.text} does not exist")
+        fail(f"--text file {args.text} does not exist")
+    for name, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            fail(f"{name} {path}: folder {Path(path).absolute().parent} does not exist")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        fail("--plot needs matplotlib: pip install -r requirements.txt")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
     taus = QUICK_TAUS if args.quick else SWEEP_TAUS
     rows = variants(args.tau, taus, args.strategies)
 
     t_start = time.perf_counter()
+    cfg, tokenizer = reading_files(load_config_and_tokenizer, args.model)
+    check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
+    sequences = reading_files(quality_sequences, tokenizer, problems, max_target, args.text)
+    prompt = tokenizer.encode(reading_files(humaneval_problems)[0][0]).ids
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
-    tokenizer = load_model_tokenizer(args.model)
-    prompt = tokenizer.encode(humaneval_problems()[0][0]).ids
     log("loading the backbone" + (" (faster of fp32 and bf16) ..." if args.dtype == "auto" else " ..."))
     model, dtype_speeds = load_backbone(args.model, device, prompt, 16, args.dtype)
     dtype = model.dtype
@@ -359,7 +378,6 @@ def main(argv=None):
     engines["baseline"] = BaselineEngine(model, compile)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
-    sequences = quality_sequences(tokenizer, problems, max_target, args.text)
     log(f"quality: {len(sequences)} sequences, teacher-forced")
     quality = measure_quality(engines, rows, sequences, model.cfg.n_layers)
 

@@ -19,8 +19,8 @@ class SimilarityExit:
     """
 
     def __init__(self, tau, min_layer=0):
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or math.isnan(tau):
-            raise ValueError(f"tau must be a real number (cosine threshold, > 1 never exits), got {tau!r}")
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite real number (cosine threshold, > 1 never exits), got {tau!r}")
         if isinstance(min_layer, bool) or not isinstance(min_layer, int) or min_layer < 0:
             raise ValueError(f"min_layer must be an int >= 0, got {min_layer!r}")
         self.tau = float(tau)

