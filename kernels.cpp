@@ -14,13 +14,11 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
-extern "C" {
+enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
 
-enum { KIND_BF16 = 0, KIND_Q4 = 1 };
-
-// A weight matrix (n rows, k inputs). bf16: row-major. Q4: for each block of 16 rows and each group of `group`
-// inputs, group/8 chunks of 64 bytes (byte j of row r's 4-byte lane: code k+j in the low nibble, k+4+j in the
-// high one), then the 16 rows' fp16 scales and fp16 lows: w = low + scale * code, code in 0..15.
+// A weight matrix (n rows, k inputs). bf16: row-major. Q4 / Q8: for each block of 16 rows and each group of
+// `group` inputs, 64-byte chunks of codes (see rows_lowbit), then the 16 rows' fp16 scales and fp16 lows:
+// w = low + scale * code, code in 0..15 or 0..255.
 struct Mat {
     const uint8_t* w;
     int32_t kind, n, k, group;
@@ -205,31 +203,35 @@ static void rows_bf16(const Mat& m, const float* x, const float* xeo, float* y, 
     }
 }
 
-// y for row blocks b0..b1 (16 rows each) of a Q4 matrix: per group, integer dot products of the 4-bit codes with
-// the int16 activations (16 rows side by side, a pair of inputs per 32-bit lane), then
-// y += scale * x_step * dot + low * x_sum. Within a lane the nibble at bit 4j holds code k+2j and the one at bit
-// 16+4j code k+2j+1, so (lane >> 4j) & 0x000f000f is the pair (k+2j, k+2j+1) as two int16.
-static void rows_q4(const Mat& m, const Input& in, float* y, int b0, int b1) {
-    const int groups = m.k / m.group, chunks = m.group / 8;
+// y for row blocks b0..b1 (16 rows each) of a 4- or 8-bit matrix: per group, integer dot products of the codes
+// with the int16 activations (16 rows side by side, a pair of inputs per 32-bit lane), then
+// y += scale * x_step * dot + low * x_sum. A 64-byte chunk holds 8 codes of each row (4 bits) or 4 (8 bits),
+// ordered so that a shift and a mask give the int16 pair (k, k+1) of every row in its lane:
+//   4 bits: the nibble at bit 4j is code 2j, the one at bit 16+4j code 2j+1 (j = 0..3);
+//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1 (j = 0, 1).
+template <int BITS>
+static void rows_lowbit(const Mat& m, const Input& in, float* y, int b0, int b1) {
+    constexpr int per_lane = 32 / BITS, pairs = per_lane / 2;
+    const int groups = m.k / m.group, chunks = m.group / per_lane;
     const int64_t group_bytes = (int64_t)chunks * 64 + 64;
+    const int32_t mask = BITS == 4 ? 0x000f000f : 0x00ff00ff;
     for (int b = b0; b < b1; b++) {
         const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
 #ifdef RIVER_AVX512
         __m512 acc = _mm512_setzero_ps();
-        const __m512i nib = _mm512_set1_epi32(0x000f000f);
+        const __m512i bits = _mm512_set1_epi32(mask);
         for (int g = 0; g < groups; g++, p += group_bytes) {
             const int16_t* xq = in.q + g * m.group;
-            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            __m512i d[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
             for (int c = 0; c < chunks; c++) {
                 __m512i v = _mm512_loadu_si512(p + c * 64);
-                int32_t xp[4];
-                memcpy(xp, xq + c * 8, 16);
-                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, nib), _mm512_set1_epi32(xp[0]));
-                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 4), nib), _mm512_set1_epi32(xp[1]));
-                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(_mm512_srli_epi32(v, 8), nib), _mm512_set1_epi32(xp[2]));
-                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 12), nib), _mm512_set1_epi32(xp[3]));
+                int32_t xp[pairs];
+                memcpy(xp, xq + c * per_lane, 4 * pairs);
+                for (int j = 0; j < pairs; j++)  // unrolled: pairs is a constant
+                    d[j & 1] = _mm512_dpwssd_epi32(d[j & 1], _mm512_and_si512(_mm512_srli_epi32(v, BITS * j), bits),
+                                                   _mm512_set1_epi32(xp[j]));
             }
-            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d[0], d[1]));
             const uint8_t* sl = p + chunks * 64;
             __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
             __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
@@ -239,27 +241,24 @@ static void rows_q4(const Mat& m, const Input& in, float* y, int b0, int b1) {
         _mm512_storeu_ps(y + b * 16, acc);
 #else
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        const __m256i nib = _mm256_set1_epi32(0x000f000f);
+        const __m256i bits = _mm256_set1_epi32(mask);
         for (int g = 0; g < groups; g++, p += group_bytes) {
             const int16_t* xq = in.q + g * m.group;
             const uint8_t* sl = p + chunks * 64;
             for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
-                __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+                __m256i d[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
                 for (int c = 0; c < chunks; c++) {
                     __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-                    int32_t xp[4];
-                    memcpy(xp, xq + c * 8, 16);
-                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, nib), _mm256_set1_epi32(xp[0])));
-                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 4), nib),
-                                                                _mm256_set1_epi32(xp[1])));
-                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), nib),
-                                                                _mm256_set1_epi32(xp[2])));
-                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 12), nib),
-                                                                _mm256_set1_epi32(xp[3])));
+                    int32_t xp[pairs];
+                    memcpy(xp, xq + c * per_lane, 4 * pairs);
+                    for (int j = 0; j < pairs; j++)
+                        d[j & 1] = _mm256_add_epi32(
+                            d[j & 1], _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, BITS * j), bits),
+                                                        _mm256_set1_epi32(xp[j])));
                 }
                 __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
                 __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1));
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d[0], d[1]));
                 acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
                 acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
             }
@@ -287,10 +286,14 @@ static void product(const Mat& m, const Input& in, float* y, int first, int coun
     if (m.kind == KIND_BF16) {
         sub.w = m.w + (int64_t)first * m.k * 2;
         rows_bf16(sub, in.x, in.xeo, y, r0, r1);
-    } else {
-        sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / 8) * 64 + 64);
-        rows_q4(sub, in, y, r0 / 16, r1 / 16);
+        return;
     }
+    const int per_lane = m.kind == KIND_Q4 ? 8 : 4;
+    sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / per_lane) * 64 + 64);
+    if (m.kind == KIND_Q4)
+        rows_lowbit<4>(sub, in, y, r0 / 16, r1 / 16);
+    else
+        rows_lowbit<8>(sub, in, y, r0 / 16, r1 / 16);
 }
 
 // --------------------------------------------------------------------------------------------------- a block
@@ -301,7 +304,7 @@ struct Scratch {
 };
 
 static Input prepare(const Mat& m, const float* x, float* xeo, int16_t* xq, float* xs, float* xsum) {
-    if (m.kind == KIND_Q4)
+    if (m.kind != KIND_BF16)
         quantize_activations(x, m.k, m.group, xq, xs, xsum);
     else
         even_odd(x, m.k, xeo);
@@ -377,7 +380,7 @@ static void attend(const Dims& D, int h, const float* q, const uint16_t* k_cache
 
 // Run blocks layers[0..n) for one token at position `pos`, updating x (d,) in place. Block i reads and writes
 // cache layer first_layer + i: k_cache/v_cache point at layer 0 of (layers, n_kv_heads, capacity, head_dim) bf16.
-void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x, uint16_t* k_cache,
+extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x, uint16_t* k_cache,
                       uint16_t* v_cache, int64_t layer_stride, int64_t head_stride, int pos, const float* cos,
                       const float* sin, int threads) {
     const Dims D = *dims;
@@ -463,7 +466,7 @@ void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_la
 }
 
 // Final norm and LM head: logits (vocab,) = W_head . rms_norm(x), the head's rows shared among the threads.
-void river_head(const Mat* head, const float* norm, float eps, const float* x, float* xn, float* logits,
+extern "C" void river_head(const Mat* head, const float* norm, float eps, const float* x, float* xn, float* logits,
                 int threads) {
     float* xeo = (float*)malloc(sizeof(float) * head->k);
     rms_norm(x, norm, xn, head->k, eps);
@@ -474,7 +477,7 @@ void river_head(const Mat* head, const float* norm, float eps, const float* x, f
 }
 
 // One product y = W x, for tests and for callers outside a block run.
-void river_product(const Mat* m, const float* x, float* y, int threads) {
+extern "C" void river_product(const Mat* m, const float* x, float* y, int threads) {
     const int groups = m->k / m->group + 1;
     float* xeo = (float*)malloc(sizeof(float) * (m->k + 2 * groups));
     int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * m->k);
@@ -485,4 +488,3 @@ void river_product(const Mat* m, const float* x, float* y, int threads) {
     free(xeo);
 }
 
-}  // extern "C"

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-KIND_BF16, KIND_Q4 = 0, 1
-Q4_ROWS = 16  # rows side by side in the packed 4-bit layout: one 512-bit register holds 8 codes of each
+KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2
+BLOCK_ROWS = 16  # rows side by side in the packed low-bit layout: one 512-bit register holds a lane of each
 
 # Each instruction set the source is built for: the /proc/cpuinfo flags it needs and the compiler flags.
 ISAS = {
@@ -110,46 +110,54 @@ def bf16_mat(w):
     return Mat(w.data_ptr(), KIND_BF16, w.shape[0], w.shape[1], w.shape[1])
 
 
-def pack_q4(codes, scale, low):
-    """codes (N, K) in 0..15, scale and low (N, K / group) -> the packed bytes of kernels.cpp's Q4 layout:
-    per block of 16 rows and per group, group/8 chunks of 64 bytes (row r's 32-bit lane holds 8 codes: the nibble
-    at bit 4j is code 2j, the one at bit 16 + 4j code 2j + 1, so a shift and a mask give an int16 pair), then the
-    16 rows' fp16 scales and fp16 lows."""
+# Order of the codes inside a chunk's 32-bit lane, as little-endian bytes: for 4 bits, byte i holds codes
+# LANE_ORDER[4][i] (low nibble) and LANE_ORDER_HIGH[i] (high nibble); for 8 bits, byte i holds code LANE_ORDER[8][i].
+# Either way a right shift and a mask give each row's int16 pair (k, k+1) in its lane (kernels.cpp, rows_lowbit).
+LANE_ORDER = {4: [0, 4, 1, 5], 8: [0, 2, 1, 3]}
+LANE_ORDER_HIGH = [2, 6, 3, 7]
+
+
+def pack_lowbit(codes, scale, low, bits):
+    """codes (N, K) in 0 .. 2^bits - 1, scale and low (N, K / group) -> the bytes of kernels.cpp's low-bit layout:
+    per block of 16 rows and per group, 64-byte chunks (8 codes of each row for 4 bits, 4 for 8 bits, one 32-bit
+    lane per row), then the 16 rows' fp16 scales and fp16 lows."""
     N, K = codes.shape
     G = scale.shape[1]
-    gs = K // G
-    if N % Q4_ROWS or gs % 8:
-        raise ValueError(f"the 4-bit kernel packs rows in blocks of {Q4_ROWS} and groups in chunks of 8; "
-                         f"got a {N}x{K} weight with groups of {gs}")
-    c = codes.to(torch.uint8).view(N // Q4_ROWS, Q4_ROWS, G, gs // 8, 8)        # (blocks, row, group, chunk, 8)
-    byte = c[..., [0, 4, 1, 5]] | (c[..., [2, 6, 3, 7]] << 4)                  # little-endian bytes of each lane
-    byte = byte.permute(0, 2, 3, 1, 4).reshape(N // Q4_ROWS, G, gs // 8 * 64)  # (blocks, group, chunk*row*4)
+    gs, per_lane = K // G, 32 // bits
+    if N % BLOCK_ROWS or gs % per_lane:
+        raise ValueError(f"the low-bit kernel packs rows in blocks of {BLOCK_ROWS} and inputs in chunks of "
+                         f"{per_lane}; got a {N}x{K} weight with groups of {gs}")
+    c = codes.to(torch.uint8).view(N // BLOCK_ROWS, BLOCK_ROWS, G, gs // per_lane, per_lane)  # (blocks, row, group, chunk, .)
+    byte = c[..., LANE_ORDER[bits]]
+    if bits == 4:
+        byte = byte | (c[..., LANE_ORDER_HIGH] << 4)
+    byte = byte.permute(0, 2, 3, 1, 4).reshape(N // BLOCK_ROWS, G, gs // per_lane * 64)  # (blocks, group, bytes)
 
     def halves(t):  # (N, G) -> (blocks, G, 32 bytes) of fp16
-        t = t.to(torch.float16).view(N // Q4_ROWS, Q4_ROWS, G).transpose(1, 2).contiguous()
-        return t.view(torch.uint8).view(N // Q4_ROWS, G, 2 * Q4_ROWS)
-    return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()  # (blocks, G, group/2*16 + 64)
+        t = t.to(torch.float16).view(N // BLOCK_ROWS, BLOCK_ROWS, G).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).view(N // BLOCK_ROWS, G, 2 * BLOCK_ROWS)
+    return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()
 
 
-def q4_mat(packed, n, k, group):
-    return Mat(packed.data_ptr(), KIND_Q4, n, k, group)
+def lowbit_mat(packed, n, k, group, bits):
+    return Mat(packed.data_ptr(), KIND_Q4 if bits == 4 else KIND_Q8, n, k, group)
 
 
 def matrix(w, keep):
-    """A Mat for a bf16 (N, K) tensor or a 4-bit (codes, scale, low) triple; what it points at goes into keep."""
+    """A Mat for a bf16 (N, K) tensor or a low-bit (codes, scale, low, bits) tuple; what it points at goes into keep."""
     if isinstance(w, torch.Tensor):
         keep.append(w.contiguous())
         return bf16_mat(keep[-1])
-    codes, scale, low = w
-    keep.append(pack_q4(codes, scale, low))
-    return q4_mat(keep[-1], codes.shape[0], codes.shape[1], codes.shape[1] // scale.shape[1])
+    codes, scale, low, bits = w
+    keep.append(pack_lowbit(codes, scale, low, bits))
+    return lowbit_mat(keep[-1], codes.shape[0], codes.shape[1], codes.shape[1] // scale.shape[1], bits)
 
 
 class Stack:
     """A stack of blocks as kernels.cpp runs them: any run of consecutive blocks in one native call.
 
     layers: per block a dict of attn_norm and mlp_norm (d,) and the matrices qkv, o, gate_up, down (each bf16 or
-    a 4-bit triple, see `matrix`)."""
+    a low-bit tuple, see `matrix`)."""
 
     def __init__(self, lib, dims, layers):
         self.lib, self.dims, self.keep = lib, dims, []

@@ -24,17 +24,20 @@ MODES = ("backbone", "quantized", "river")
 # under half of the whole-model 4-bit increase.
 DEFAULT_TAU = 0.96
 DEFAULT_GROUP_SIZE = 64
+# The last block turns the residual state the most (its transition similarity is the lowest, 0.3 to 0.75 on the
+# bundled model): its 4-bit copy cost the most NLL of any single block, so the river keeps it at 8 bits (README).
+DEFAULT_EIGHT_BIT_LAYERS = (-1,)
 
 
 # ---------------------------------------------------------------------------------------------- the river
 
-def default_activations(bits, device):
-    """int16 activations for a 4-bit river on CPU, where integer dot products make 4-bit weights fast
-    (kernels.cpp); bf16 otherwise (PyTorch's kernels, and the only choice for 8-bit weights)."""
-    return "int16" if bits == 4 and torch.device(device).type == "cpu" else "bf16"
+def default_activations(device):
+    """int16 activations on CPU, where integer dot products make low-bit weights fast (kernels.cpp); bf16 on CUDA
+    (PyTorch's 4-bit kernel: the paper's W4A16)."""
+    return "int16" if torch.device(device).type == "cpu" else "bf16"
 
 
-def river_block(block, bits=4, group_size=64, activations="bf16"):
+def river_block(block, bits=4, group_size=64, activations="int16"):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
     so it reads and writes the very cache slots its backbone twin would have written."""
     twin = copy.deepcopy(block)
@@ -49,7 +52,7 @@ def river_block(block, bits=4, group_size=64, activations="bf16"):
 
 
 def check_group_size_fits(cfg, group_size):
-    """4-bit groups must tile the input width of every block weight: d_model (wqkv, w_gate_up), the attention
+    """Groups must tile the input width of every block weight: d_model (wqkv, w_gate_up), the attention
     heads' width (wo) and ffn_dim (w_down). Checked from the config, before any weight is read or quantized."""
     widths = {"d_model": cfg.d_model, "n_heads * head_dim": cfg.q_dim, "ffn_dim": cfg.ffn_dim}
     misfits = [f"{name} {width}" for name, width in widths.items() if width % group_size]
@@ -58,16 +61,28 @@ def check_group_size_fits(cfg, group_size):
 
 
 class ExitRiver(nn.Module):
-    """One low-bit copy of every backbone block, river block j writing layer j's K/V."""
+    """One low-bit copy of every backbone block, river block j writing layer j's K/V.
 
-    def __init__(self, model, bits=4, group_size=64, activations=None):
+    Blocks in `eight_bit_layers` (negative indices count from the end) get 8-bit weights, the others `bits`:
+    where a block's quantization error costs the most, it can be paid for there alone (README, "Quality").
+    """
+
+    def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=()):
         super().__init__()
-        activations = activations or default_activations(bits, model.device)
+        n_layers = model.cfg.n_layers
+        activations = activations or default_activations(model.device)
         check_quant_args(bits, group_size, activations)
-        if bits == 4:
-            check_group_size_fits(model.cfg, group_size)
-        self.bits, self.group_size, self.activations = bits, group_size, activations
-        self.blocks = nn.ModuleList(river_block(b, bits, group_size, activations) for b in model.blocks)
+        check_group_size_fits(model.cfg, group_size)
+        for layer in eight_bit_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+                raise ValueError(f"eight_bit_layers must be block indices in [{-n_layers}, {n_layers}), got {layer!r}")
+        eight = {layer % n_layers for layer in eight_bit_layers}
+        if eight:
+            check_quant_args(8, group_size, activations)
+        self.group_size, self.activations = group_size, activations
+        self.bits = [8 if layer in eight else bits for layer in range(n_layers)]  # per block
+        self.blocks = nn.ModuleList(river_block(b, self.bits[layer], group_size, activations)
+                                    for layer, b in enumerate(model.blocks))
         assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
 
 
@@ -226,7 +241,7 @@ class NativeDecoder:
         cfg = model.cfg
         if model.device.type != "cpu" or model.dtype != torch.bfloat16:
             return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
-        if cfg.ffn_dim % kernels.Q4_ROWS or cfg.head_dim % 16:
+        if cfg.ffn_dim % kernels.BLOCK_ROWS or cfg.head_dim % 16:
             return f"ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
         if river is not None and river.activations != "int16":
             return f"the native river takes int16 activations, not {river.activations}"
@@ -260,7 +275,8 @@ class NativeDecoder:
 def block_weights(block):
     """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or 4-bit (codes, scale, low)."""
     def matrix(linear):
-        return (linear.codes, linear.scale, linear.low) if isinstance(linear, QuantizedLinear) else linear.weight
+        return ((linear.codes, linear.scale, linear.low, linear.bits) if isinstance(linear, QuantizedLinear)
+                else linear.weight)
     return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
             "qkv": matrix(block.attn.wqkv), "o": matrix(block.attn.wo), "gate_up": matrix(block.mlp.w_gate_up),
             "down": matrix(block.mlp.w_down)}
