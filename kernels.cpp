@@ -380,17 +380,26 @@ static void attend(const Dims& D, int h, const float* q, const uint16_t* k_cache
 
 // Run blocks layers[0..n) for one token at position `pos`, updating x (d,) in place. Block i reads and writes
 // cache layer first_layer + i: k_cache/v_cache point at layer 0 of (layers, n_kv_heads, capacity, head_dim) bf16.
-extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x, uint16_t* k_cache,
-                      uint16_t* v_cache, int64_t layer_stride, int64_t head_stride, int pos, const float* cos,
-                      const float* sin, int threads) {
+static int widest_input(const Dims& D) {
+    const int q_dim = D.n_heads * D.head_dim;
+    return D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
+}
+
+// Floats of scratch memory river_run_blocks needs for a token at position pos.
+extern "C" int64_t river_scratch_floats(const Dims* dims, int pos) {
     const Dims D = *dims;
-    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
-    const int widest = D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
-    // one allocation for every intermediate of a block; scores per query head so heads run in parallel
-    float* mem = (float*)aligned_alloc(64, sizeof(float) * ((size_t)widest * 9 + q_dim + 2 * kv_dim +
-                                                            (size_t)D.n_heads * (pos + 16) + 64));
+    return (int64_t)widest_input(D) * 10 + (D.n_heads + 2 * D.n_kv_heads) * D.head_dim + (int64_t)D.n_heads * (pos + 16);
+}
+
+// products_only: run the weight products alone (their inputs prepared as usual, on whatever the buffers hold),
+// skipping norms, RoPE, the cache, attention, SwiGLU and residual adds: bench.py's split of a block's time.
+extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x,
+                                 uint16_t* k_cache, uint16_t* v_cache, int64_t layer_stride, int64_t head_stride, int pos,
+                                 const float* cos, const float* sin, float* scratch, int threads, int products_only) {
+    const Dims D = *dims;
+    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd, widest = widest_input(D);
     Scratch s;
-    s.xn = mem;
+    s.xn = scratch;
     s.xeo = s.xn + widest;
     s.att = s.xeo + widest;
     s.y = s.att + widest;
@@ -400,9 +409,8 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
     s.xs = s.up + widest;
     s.xsum = s.xs + widest;
     s.qkv = s.xsum + widest;
-    s.scores = s.qkv + q_dim + 2 * kv_dim;
-    int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * widest);
-    s.xq = xq;
+    s.xq = (int16_t*)(s.qkv + q_dim + 2 * kv_dim);
+    s.scores = s.qkv + q_dim + 2 * kv_dim + widest;  // scores per query head, so heads run in parallel
     Input in;
 #pragma omp parallel num_threads(threads)
     for (int l = 0; l < n; l++) {
@@ -413,11 +421,12 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
         // attention: q, k, v of the normed state; K/V into this layer's slots at pos; heads in parallel
 #pragma omp single
         {
-            rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
+            if (!products_only) rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
             in = prepare(L.qkv, s.xn, s.xeo, s.xq, s.xs, s.xsum);
         }
         product(L.qkv, in, s.qkv, 0, L.qkv.n);
 #pragma omp barrier
+        if (!products_only) {
 #pragma omp single
         {
             for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
@@ -438,31 +447,33 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
             attend(D, h, s.qkv + h * hd, kl, vl, head_stride, pos, s.scores + (int64_t)h * (pos + 16),
                    s.att + h * hd);
 #pragma omp barrier
+        }
 #pragma omp single
         in = prepare(L.o, s.att, s.xeo, s.xq, s.xs, s.xsum);
         product(L.o, in, s.y, 0, D.d);
 #pragma omp barrier
 #pragma omp single
         {
-            for (int i = 0; i < D.d; i++) x[i] += s.y[i];
-            rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
+            if (!products_only) {
+                for (int i = 0; i < D.d; i++) x[i] += s.y[i];
+                rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
+            }
             in = prepare(L.gate_up, s.xn, s.xeo, s.xq, s.xs, s.xsum);
         }
         // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no extra barrier
         product(L.gate_up, in, s.gate, 0, D.ffn);
         product(L.gate_up, in, s.up, D.ffn, D.ffn);
         my_rows(D.ffn, row_unit(L.gate_up), &lo, &hi);
-        silu_times(s.gate, s.up, s.hidden, lo, hi);
+        if (!products_only) silu_times(s.gate, s.up, s.hidden, lo, hi);
 #pragma omp barrier
 #pragma omp single
         in = prepare(L.down, s.hidden, s.xeo, s.xq, s.xs, s.xsum);
         product(L.down, in, s.y, 0, D.d);
 #pragma omp barrier
 #pragma omp single
-        for (int i = 0; i < D.d; i++) x[i] += s.y[i];
+        if (!products_only)
+            for (int i = 0; i < D.d; i++) x[i] += s.y[i];
     }
-    free(xq);
-    free(mem);
 }
 
 // Final norm and LM head: logits (vocab,) = W_head . rms_norm(x), the head's rows shared among the threads.

@@ -1,7 +1,6 @@
 """Native CPU decode kernels (kernels.cpp): built on first use for this CPU's instruction set, loaded with ctypes."""
 import ctypes
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -58,7 +57,10 @@ class Kernels:
         lib = ctypes.CDLL(path)
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         self.run_blocks = lib.river_run_blocks
-        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, ptr, i64, i64, i32, ptr, ptr, i32]
+        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i32, i32]
+        self.scratch_floats = lib.river_scratch_floats
+        self.scratch_floats.argtypes = [ptr, i32]
+        self.scratch_floats.restype = i64
         self.head = lib.river_head
         self.head.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i32]
         self.product = lib.river_product
@@ -82,6 +84,16 @@ def build(isa):
     return Kernels(isa, path)
 
 
+def compile_object(isa, out):
+    """Compile kernels.cpp for `isa` into the object file `out`, without linking or loading it: how a path this
+    CPU cannot run is still checked here. Raises on a compile error."""
+    import subprocess
+    _, flags = ISAS[isa]
+    subprocess.run(["c++", "-std=c++17", "-O2", "-fopenmp", "-fPIC", *flags, "-c", str(SOURCE), "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    return Path(out)
+
+
 _loaded = {}
 
 
@@ -89,8 +101,10 @@ def native(isa=None):
     """Kernels for `isa` (default: the best this CPU runs), built on first use; None where none can run here or
     the build fails (a note says why, once: callers then take the pure-torch path)."""
     isas = usable_isas()
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"unknown instruction set {isa!r}; known: {', '.join(ISAS)}")
     isa = isa or (isas[0] if isas else None)
-    if isa is None or isa not in isas or os.environ.get("RIVER_NATIVE") == "0":
+    if isa is None or isa not in isas:
         return None
     if isa not in _loaded:
         try:
@@ -167,13 +181,21 @@ class Stack:
             Layer(a.data_ptr(), m.data_ptr(), *(matrix(l[name], self.keep) for name in ("qkv", "o", "gate_up", "down")))
             for (a, m), l in zip(norms, layers)])
         self.base = ctypes.addressof(self.layers)
+        self.scratch = torch.empty(0)  # intermediates of a block; grows with the position (attention scores)
 
-    def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads):
+    def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads, products_only=False):
         """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`. k_cache, v_cache: the whole cache
-        (layers, 1, n_kv_heads, capacity, head_dim) bf16; block j writes layer j at pos."""
+        (layers, 1, n_kv_heads, capacity, head_dim) bf16; block j writes layer j at pos. products_only: the
+        weight products alone, for timing (x and the cache untouched)."""
+        if not 0 <= first <= last <= len(self.layers):
+            raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
+        need = self.lib.scratch_floats(ctypes.byref(self.dims), pos)
+        if self.scratch.numel() < need:
+            self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
         self.lib.run_blocks(ctypes.byref(self.dims), self.base + first * ctypes.sizeof(Layer), last - first, first,
                             x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(),
-                            k_cache.shape[3] * k_cache.shape[4], pos, cos.data_ptr(), sin.data_ptr(), threads)
+                            k_cache.shape[3] * k_cache.shape[4], pos, cos.data_ptr(), sin.data_ptr(),
+                            self.scratch.data_ptr(), threads, int(products_only))
 
 
 class Head:

@@ -1,5 +1,6 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
+import ctypes
 import json
 import math
 import os
@@ -18,13 +19,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+import kernels
 import load_weights
 from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
-from river import MODES, Engine, ExitRiver, QuantizedLinear, check_quant_args, main as river_main, quantize_weight
+from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
+from river import DEFAULT_TAU, MODES, Engine, ExitRiver, main as river_main
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -185,44 +188,70 @@ def test_batched_decoding_matches_single_sequences():
 # --------------------------------------------------------------------------------------- quantization
 
 @PROPERTY
-@given(n=st.integers(1, 40), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
-       rows=st.integers(1, 5), seed=st.integers(0, 99))
-def test_int4_kernel_equals_dequantized_matmul(n, groups, group_size, rows, seed):
+@given(bits=st.sampled_from([4, 8]), n=st.integers(1, 40), groups=st.integers(1, 4),
+       group_size=st.sampled_from([32, 64, 128]), seed=st.integers(0, 99))
+def test_quantizer_is_within_half_a_step_and_refinement_never_hurts(bits, n, groups, group_size, seed):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n * 16, groups * group_size, generator=g) * torch.rand(n * 16, 1, generator=g)
-    rtn = quantize_weight(w, 4, group_size, refine_steps=0)
+    w = torch.randn(n, groups * group_size, generator=g) * torch.rand(n, 1, generator=g)
+    rtn = quantize_weight(w, bits, group_size, refine_steps=0)
     step = rtn.scale.repeat_interleave(group_size, dim=1)
     assert ((w - rtn.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
-    qw = quantize_weight(w, 4, group_size)
-    assert qw.q.min() >= 0 and qw.q.max() <= 15
-    group_error = lambda q: (w - q.dequantize()).pow(2).view(w.shape[0], groups, group_size).sum(-1)  # noqa: E731
+    qw = quantize_weight(w, bits, group_size)
+    assert qw.q.min() >= 0 and qw.q.max() <= 2 ** bits - 1
+    group_error = lambda q: (w - q.dequantize()).pow(2).view(n, groups, group_size).sum(-1)  # noqa: E731
     assert (group_error(qw) <= group_error(rtn) * (1 + 1e-4) + 1e-9).all(), "refinement raised an error"
-    x = torch.randn(rows, w.shape[1], generator=g).bfloat16()
-    # The kernel computes with bf16 scales and zeros: the reference dequantizes with the same ones.
-    scale, zero = qw.scale.bfloat16().float(), qw.zero.bfloat16().float()
-    w_kernel = (qw.q - 8).float() * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
-    expected = x.float() @ w_kernel.t()
-    got = QuantizedLinear(qw, "cpu")(x).float()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 @PROPERTY
-@given(n=st.integers(1, 64), k16=st.integers(1, 12), rows=st.integers(1, 5), seed=st.integers(0, 99))
-def test_int8_kernel_equals_dequantized_matmul(n, k16, rows, seed):
+@given(n=st.integers(1, 40), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 5), seed=st.integers(0, 99))
+def test_torch_int4_kernel_equals_dequantized_matmul(n, groups, group_size, rows, seed):
+    """The paper's W4A16 (the whole-model control): PyTorch's int4 kernel, bf16 activations."""
     g = torch.Generator().manual_seed(seed)
-    k = 16 * k16
-    w = torch.randn(n, k, generator=g)
-    qw = quantize_weight(w, 8)
-    assert ((w - qw.dequantize()).abs() <= qw.scale / 2 * (1 + 1e-5) + 1e-7).all(), "error above half a step"
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    expected = x.float() @ (qw.q.float() * qw.scale.bfloat16().float()).t()
-    got = QuantizedLinear(qw, "cpu")(x).float()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item() + 1e-6)
+    w = torch.randn(n * 16, groups * group_size, generator=g) * torch.rand(n * 16, 1, generator=g)
+    qw = quantize_weight(w, 4, group_size)
+    x = torch.randn(rows, w.shape[1], generator=g).bfloat16()
+    # The kernel computes with bf16 scales and zeros (the value of code 8): the reference dequantizes with them.
+    scale, zero = qw.scale.bfloat16().float(), (qw.low + 8 * qw.scale).bfloat16().float()
+    w_kernel = (qw.q - 8).float() * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
+    expected = x.float() @ w_kernel.t()
+    got = QuantizedLinear(qw, "cpu", "bf16")(x).float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def dequantized_fp16(qw):
+    """The weight as the int16-activation products hold it: scale and low rounded to fp16."""
+    return (qw.q.float() * qw.scale.half().float().repeat_interleave(qw.group_size, 1)
+            + qw.low.half().float().repeat_interleave(qw.group_size, 1))
+
+
+def int16_bound(x, w, group_size):
+    """Largest error int16 activations (half a step per input, a step being the group's max / 32767) can add to
+    x (M, K) @ w (N, K)^T, with room for fp32 rounding."""
+    M, K = x.shape
+    step = x.abs().view(M, K // group_size, group_size).amax(-1) / 32767                      # (M, G)
+    per_input = (step / 2).repeat_interleave(group_size, 1)                                   # (M, K)
+    return per_input @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-6
+
+
+@PROPERTY
+@given(bits=st.sampled_from([4, 8]), n=st.integers(1, 40), groups=st.integers(1, 5),
+       group_size=st.sampled_from([32, 64, 128]), rows=st.integers(1, 4), seed=st.integers(0, 99))
+def test_int16_activation_product_equals_dequantized_matmul(bits, n, groups, group_size, rows, seed):
+    """The river's products in plain torch (the native kernel's twin) against an fp32 matmul of the dequantized
+    weight, within the error int16 activations can add."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, groups * group_size, generator=g)
+    qw = quantize_weight(w, bits, group_size)
+    x = torch.randn(rows, w.shape[1], generator=g) * torch.rand(rows, 1, generator=g) * 10
+    w_ref = dequantized_fp16(qw)
+    got = QuantizedLinear(qw, "cpu", "int16")(x)
+    assert ((got - x @ w_ref.t()).abs() <= int16_bound(x, w_ref, group_size)).all()
 
 
 @pytest.mark.parametrize("bits, group_size, message", [
     (3, 64, "bits must be 4 or 8"), (16, 64, "bits must be 4 or 8"), (4, 0, "group_size must be"),
-    (4, 48, "group_size must be"), (4, 96, "does not divide in_features 64")])
+    (4, 48, "group_size must be"), (4, 96, "does not divide in_features 64"), (8, 512, "at most 256")])
 def test_quantizer_rejects_bad_arguments(bits, group_size, message):
     with pytest.raises(ValueError, match=message):
         quantize_weight(torch.randn(8, 64), bits, group_size)
@@ -758,13 +787,17 @@ def test_config_errors_name_the_field():
 
 def test_kernel_shape_limits_are_clear_errors():
     with pytest.raises(ValueError, match="out_features 40 to be a multiple of 16"):
-        QuantizedLinear(quantize_weight(torch.randn(40, 64), 4, 32), "cpu")
-    with pytest.raises(ValueError, match="in_features 200 to be a multiple of 16"):  # the kernel would crash
-        QuantizedLinear(quantize_weight(torch.randn(8, 200), 8), "cpu")
+        QuantizedLinear(quantize_weight(torch.randn(40, 64), 4, 32), "cpu", "bf16")
+    with pytest.raises(ValueError, match="8-bit weights take int16 activations"):
+        QuantizedLinear(quantize_weight(torch.randn(16, 64), 8, 32), "cpu", "bf16")
+    with pytest.raises(ValueError, match="blocks of 16"):
+        kernels.pack_lowbit(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2), 4)
 
 
 def test_quant_arguments_checked_up_front():
     check_quant_args(8, 64)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        check_quant_args(4, 64, "int8")
     with pytest.raises(ValueError):
         check_quant_args(4, 33)
     cfg = LlamaConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=96)
@@ -777,6 +810,136 @@ def test_a_cuda_device_that_is_not_there_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="device 'cuda:1' does not exist: torch sees 1 CUDA GPU"):
         load_weights.resolve_device("cuda:1")
+
+
+# ------------------------------------------------------------------------------------------ native kernels
+
+ISAS_HERE = kernels.usable_isas()
+each_isa_here = pytest.mark.parametrize("isa", ISAS_HERE or [
+    pytest.param(None, marks=pytest.mark.skip(reason="this CPU runs none of the native kernels' instruction sets"))])
+
+# (out_features, in_features): the bundled model's products, Llama-3.2-1B's, and small ones with odd group counts.
+PRODUCT_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (3072, 2048), (2048, 2048), (16384, 2048),
+                  (2048, 8192), (48, 96), (16, 224)]
+
+
+def native_product(lib, weight, x):
+    """y = W x through kernels.cpp for a bf16 weight or a low-bit (codes, scale, low, bits) tuple."""
+    keep = []
+    mat = kernels.matrix(weight, keep)
+    y = torch.empty(mat.n)
+    lib.product(ctypes.byref(mat), x.contiguous().data_ptr(), y.data_ptr(), 2)
+    return y
+
+
+@each_isa_here
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_lowbit_product_equals_its_twin_and_the_dequantized_matmul(isa, bits):
+    lib = kernels.native(isa)
+    assert lib is not None and lib.isa == isa
+    g = torch.Generator().manual_seed(bits)
+    for N, K in PRODUCT_SHAPES:
+        group = 64 if K % 64 == 0 else 32
+        codes = torch.randint(0, 2 ** bits, (N, K), generator=g).to(torch.uint8)
+        scale = (torch.rand(N, K // group, generator=g) * 0.3 / 2 ** bits).half().float()
+        low = (-scale * 2 ** (bits - 1) * (1 + 0.1 * torch.randn(N, K // group, generator=g))).half().float()
+        x = torch.randn(K, generator=g) * 3
+        x[::97] *= 40  # a few outliers, as real activations have
+        y = native_product(lib, (codes, scale, low, bits), x)
+        qw = QuantizedWeight(codes.int(), scale, low, bits, group)
+        twin = QuantizedLinear(qw, "cpu", "int16")(x[None])[0]
+        torch.testing.assert_close(y, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
+        w = dequantized_fp16(qw)
+        assert ((y - w @ x).abs() <= int16_bound(x[None], w, group)[0]).all(), (N, K)
+
+
+@each_isa_here
+def test_native_bf16_product_is_the_fp32_matmul(isa):
+    lib = kernels.native(isa)
+    g = torch.Generator().manual_seed(0)
+    for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16)]:  # the LM head; row and input tails
+        w = torch.randn(N, K, generator=g).bfloat16()
+        x = torch.randn(K, generator=g)
+        expected = w.float() @ x
+        torch.testing.assert_close(native_product(lib, w, x), expected, rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+@each_isa_here
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 5),
+       exits=st.lists(st.integers(-1, 4), min_size=1, max_size=6), seed=st.integers(0, 99))
+def test_native_decode_equals_the_torch_path_under_any_exit_schedule(isa, cfg, n_prompt, exits, seed):
+    """bf16 tiny models: every decode step through kernels.cpp, backbone blocks up to the schedule's exit and
+    river blocks (4-bit, the last 8-bit) after, against the same steps in plain torch: logits, K/V, the record."""
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,))
+    fast, plain = Engine(model, river, native=isa), Engine(model, river, native=False)
+    L = cfg.n_layers
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + len(exits)), generator=torch.Generator().manual_seed(seed))
+    caches = [model.new_cache(tokens.shape[1]) for _ in range(2)]
+    for engine, cache in zip((fast, plain), caches):
+        engine.forward(tokens[:, :n_prompt], 0, cache, "backbone")
+    for i, e in enumerate(exits):
+        e = min(e, L - 1)
+        mode, policy = ("quantized", None) if e < 0 else ("river", FixedExit(e))
+        step = tokens[:, n_prompt + i:n_prompt + i + 1]
+        (got, depth), (expected, expected_depth) = (engine.forward(step, n_prompt + i, cache, mode, policy)
+                                                    for engine, cache in zip((fast, plain), caches))
+        assert depth == expected_depth == e + 1
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    one_token_prefill = n_prompt == 1  # a one-token prompt is a one-token step: native too
+    assert fast.native is not None and fast.native_steps == len(exits) + one_token_prefill and plain.native_steps == 0
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    assert (caches[0].writer == caches[1].writer).all() and (caches[0].write_count == 1).all()
+
+
+def test_native_decode_equals_the_torch_path_on_the_bundled_model():
+    """Teacher-forced over two HumanEval prompts, River at the default tau: logits within bf16 resolution of the
+    same arithmetic in plain torch at every position, and the same exit depth at >= 99% of positions."""
+    if not ISAS_HERE:
+        pytest.skip("this CPU runs none of the native kernels' instruction sets")
+    import bench
+    model, tokenizer = load_model(dtype=torch.bfloat16)
+    river = ExitRiver(model, 4, 64, eight_bit_layers=(-1,))
+    fast, plain = Engine(model, river), Engine(model, river, native=False)
+    assert fast.native is not None
+    variant = bench.Variant("river", "river", tau=DEFAULT_TAU)
+    depths, worst = [], 0.0
+    for prompt, solution in bench.humaneval_problems()[:2]:
+        context, target = tokenizer.encode(prompt).ids, tokenizer.encode(solution).ids[:24]
+        (got, got_depths, _), (expected, expected_depths, _) = (bench.teacher_forced(e, variant, context, target)
+                                                                for e in (fast, plain))
+        worst = max(worst, ((got - expected).abs().amax(-1) / expected.abs().amax(-1)).max().item())
+        depths += [a == b for a, b in zip(got_depths, expected_depths)]
+    assert fast.native_steps == len(depths) and worst < 2 ** -8, worst
+    assert sum(depths) >= 0.99 * len(depths)
+
+
+def test_a_failed_build_falls_back_to_torch_with_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "ISAS", {isa: (set(), ["-mno-such-flag"]) for isa in kernels.ISAS})
+    monkeypatch.setattr(kernels, "_loaded", {})
+    cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, head_dim=16)
+    model = tiny_model(cfg, 0, torch.bfloat16)
+    river = ExitRiver(model, 4, 32)
+    engine = Engine(model, river)
+    assert engine.native is None
+    assert "could not build the native" in capsys.readouterr().err
+    assert len(engine.generate([1, 2, 3], 4, "river", SimilarityExit(0.5)).tokens) == 4
+    assert engine.native_steps == 0
+    with pytest.raises(ValueError, match="native decode was asked for but cannot run"):
+        Engine(model, river, native=True)
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        kernels.native("sse9")
+
+
+def test_every_instruction_set_compiles_and_each_usable_one_loads_from_its_own_folder(tmp_path):
+    """The AVX-512 source must compile on a Zen 3 too (it cannot run there), and a cache folder shared between a
+    Zen 4 and a Zen 3 never hands one machine the other's build."""
+    for isa in kernels.ISAS:
+        assert kernels.compile_object(isa, tmp_path / f"{isa}.o").stat().st_size > 0
+    for isa in ISAS_HERE:
+        assert f"{os.sep}kernels{os.sep}{isa}-" in kernels.native(isa).path
 
 
 # ---------------------------------------------------------------------------------- CUDA (skipped on CPU)
