@@ -18,8 +18,9 @@ from exit_policy import SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_config_and_tokenizer, load_model, resolve_device
-from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size_fits,
-                   check_quant_args, fail, option, reading_files, sync)
+import kernels
+from river import (DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument,
+                   check_group_size_fits, check_quant_args, default_activations, fail, option, reading_files, sync)
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
@@ -31,11 +32,12 @@ def log(message):
 
 @dataclass
 class Variant:
-    """One row of the comparison: a mode of the engine (or a baseline KV strategy), river bits, exit threshold."""
+    """One row of the comparison: a mode of the engine (or a baseline KV strategy), the river it uses, exit
+    threshold."""
     name: str
     mode: str
-    bits: int = 4
-    tau: float = 2.0   # > 1: never exits
+    river: str = "main"  # a key of rivers(): "main" (River's own), "w4a16" (the paper's control), "8bit"
+    tau: float = 2.0     # > 1: never exits
 
     @property
     def exits(self):
@@ -44,17 +46,31 @@ class Variant:
     @property
     def engine(self):
         """Key of the engine that runs this row."""
-        return "baseline" if self.mode in STRATEGIES else self.bits
+        return "baseline" if self.mode in STRATEGIES else self.river
 
     def policy(self):
         return SimilarityExit(self.tau) if self.exits else None
 
 
-def variants(tau, taus, strategies=False):
-    rows = [Variant("backbone", "backbone"), Variant("quantized", "quantized", 4),
-            Variant("river", "river", 4, tau), Variant("quantized_int8", "quantized", 8),
-            Variant("river_int8", "river", 8, tau)]
-    rows += [Variant(f"river_tau{t:g}", "river", 4, t) for t in taus if t != tau]
+def rivers(model, group_size):
+    """The rivers the rows use. main: River's own (on CPU 4-bit with int16 activations, the last block 8-bit:
+    README, "Quality"); w4a16: every block 4-bit through PyTorch's kernel with bf16 activations, the paper's
+    W4A16 and the whole-model control; 8bit: every block 8-bit (CPU only)."""
+    main = default_activations(model.device)
+    out = {"main": ExitRiver(model, 4, group_size, main, DEFAULT_EIGHT_BIT_LAYERS if main == "int16" else ()),
+           "w4a16": ExitRiver(model, 4, group_size, "bf16")}
+    if main == "int16":
+        out["8bit"] = ExitRiver(model, 8, group_size, "int16")
+    return out
+
+
+def variants(tau, taus, river_names, strategies=False):
+    rows = [Variant("backbone", "backbone"), Variant("quantized", "quantized", "w4a16"),
+            Variant("quantized_main", "quantized"), Variant("river", "river", "main", tau),
+            Variant("river_w4a16", "river", "w4a16", tau)]
+    if "8bit" in river_names:
+        rows.append(Variant("river_8bit", "river", "8bit", tau))
+    rows += [Variant(f"river_tau{t:g}", "river", "main", t) for t in taus if t != tau]
     if strategies:
         rows += [Variant(s, s, tau=tau) for s in STRATEGIES]
     return rows
@@ -193,47 +209,39 @@ def seconds(fn, device):
     return time.perf_counter() - t
 
 
-def weight_products_ms(model, river, device, compile, repeats=15):
-    """Milliseconds of the weight products alone of one decode step: one token through every projection of
-    all backbone blocks, of all river blocks, and the LM head, each set in one call with nothing
-    between the products (no norms, attention, cache or dispatch). What the kernels cost, however lean the
-    rest: the ceiling of any speedup."""
-    def products(blocks):
-        return [lin for b in blocks for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate_up, b.mlp.w_down)]
+def block_split_us(engine, context, repeats=20):
+    """Microseconds of one decode step's parts on the native path, at position `context`: a backbone block and a
+    river block, whole and their weight products alone (everything else a block does -- norms, RoPE, the cache
+    write, attention, SwiGLU, thread barriers -- is the rest), and the final norm + LM head. Each stack runs all
+    its blocks in one call, as a step does; medians over repeats."""
+    native, model = engine.native, engine.model
+    n_layers, cache = model.cfg.n_layers, model.new_cache(context + 1)
+    x = torch.zeros(model.cfg.d_model)
+    cos, sin = torch.ones(model.cfg.head_dim // 2), torch.zeros(model.cfg.head_dim // 2)
+    threads = torch.get_num_threads()
 
-    def apply(layers, inputs):
-        return [layer(inputs[layer.in_features]) for layer in layers]
-    apply = torch.compile(apply) if compile else apply
-    sets = {"backbone_blocks": products(model.blocks), "river_blocks": products(river.blocks),
-            "lm_head": [model.lm_head]}
-    inputs = {n: torch.randn(1, 1, n, device=device, dtype=model.dtype) for n in (model.cfg.d_model,
-                                                                                  model.cfg.ffn_dim)}
-    times = {name: [] for name in sets}
-    with torch.inference_mode():
-        for layers in sets.values():
-            apply(layers, inputs)
+    def median_us(fn, per):
+        fn()
+        times = []
         for _ in range(repeats):
-            for name, layers in sets.items():
-                times[name].append(seconds(lambda: apply(layers, inputs), device))
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e6 * statistics.median(times) / per
+    out = {}
+    for name, stack in (("backbone_block", native.backbone), ("river_block", native.river)):
+        whole = median_us(lambda: stack.run(x, cache.k, cache.v, 0, n_layers, context, cos, sin, threads), n_layers)
+        products = median_us(lambda: stack.run(x, cache.k, cache.v, 0, n_layers, context, cos, sin, threads,
+                                               products_only=True), n_layers)
+        out[name] = {"whole": whole, "products": products, "rest": whole - products}
+    out["lm_head"] = median_us(lambda: native.head(x, threads), 1)
+    return out
 
 
-def load_backbone(path, device, prompt, new_tokens, dtype="auto"):
-    """The model in the faster of fp32 and bf16 on this device (the paper's backbone is 16-bit), and the
-    eager decode tokens/s of each; only the faster one is kept in memory. A named dtype skips the check."""
-    if dtype != "auto" or device.type == "cuda":
-        return reading_files(load_model, path, device, getattr(torch, "bfloat16" if dtype == "auto" else dtype))[0], {}
-    best, best_speed, speeds = None, 0.0, {}
-    for dtype in (torch.float32, torch.bfloat16):
-        model, _ = reading_files(load_model, path, device, dtype)
-        engine = Engine(model)
-        engine.generate(prompt, 4, "backbone")
-        step_s = [s for _ in range(3) for s in engine.generate(prompt, new_tokens, "backbone").step_s]
-        speeds[str(dtype).removeprefix("torch.")] = speed = 1 / statistics.median(step_s)
-        if speed > best_speed:
-            best, best_speed = model, speed
-        del model, engine
-    return best, speeds
+def load_backbone(path, device, dtype):
+    """The backbone in bf16 (default: the native kernels stream bf16 weights with fp32 accumulation; fp32 weights
+    would read twice the bytes) or fp32."""
+    return reading_files(load_model, path, device, getattr(torch, dtype))[0]
 
 
 def copy_bandwidth(device):
@@ -248,12 +256,12 @@ def tensor_bytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def resident_bytes(model, rivers, v):
+def resident_bytes(model, river_set, v):
     """Weights a deployment of this row keeps: the backbone, the river, or both (embedding/head always)."""
     shared = tensor_bytes(model.embed) + tensor_bytes(model.norm) + (
         0 if model.cfg.tie_embeddings else tensor_bytes(model.lm_head))
     backbone = tensor_bytes(model.blocks)
-    river = tensor_bytes(rivers[v.bits].blocks) if v.mode in ("quantized", "river") else 0
+    river = tensor_bytes(river_set[v.river].blocks) if v.mode in ("quantized", "river") else 0
     return shared + river + (backbone if v.mode != "quantized" else 0)
 
 
@@ -274,50 +282,63 @@ def machine_info(device):
 def print_table(result, rows):
     modes = result["modes"]
     base = modes["backbone"]
-    header = (f"{'mode':<16}{'bits':>5}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
-              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'MB':>7}")
+    header = (f"{'mode':<16}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
+              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'MB':>7}  path")
     print(header)
     print("-" * len(header))
     for v in rows:
         m = modes[v.name]
         tau = f"{v.tau:g}" if v.exits else "-"
-        bits = str(v.bits) if v.mode in ("quantized", "river") else "16" if result["dtype"] == "bfloat16" else "32"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
-        print(f"{v.name:<16}{bits:>5}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
+        print(f"{v.name:<16}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
-              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['resident_mb']:>7.0f}")
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['resident_mb']:>7.0f}  {m['path']}")
 
 
 def plot(result, rows, path):
+    """River's speed against its quality over the tau sweep, beside the whole-model low-bit points; the KV
+    strategies without a river, whose losses are orders of magnitude larger, in a panel of their own."""
     import matplotlib  # main checked that it is installed
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     modes, base = result["modes"], result["modes"]["backbone"]
     speed = lambda name: modes[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # noqa: E731
     loss = lambda name: modes[name]["nll"] - base["nll"]  # noqa: E731
-    sweep = sorted((v for v in rows if v.mode == "river" and v.bits == 4), key=lambda v: v.tau)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([loss(v.name) for v in sweep], [speed(v.name) for v in sweep], "o-", label="River, 4-bit, tau sweep")
-    for v in sweep:
-        ax.annotate(f"tau {v.tau:g}", (loss(v.name), speed(v.name)), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    for name, marker, label in (("quantized", "s", "whole model 4-bit"), ("quantized_int8", "D", "whole model 8-bit"),
-                                ("river_int8", "^", "River, 8-bit")):
-        ax.plot(loss(name), speed(name), marker, markersize=9, label=label)
-    ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
-    ax.axhline(result["weight_products_ms"]["speedup_ceiling"]["river"], color="C0", ls="--", lw=1,
-               label=f"River ceiling at tau {result['tau']:g}: weight products alone")
     strategies = [v for v in rows if v.mode in STRATEGIES]
-    for v in strategies:
-        ax.plot(loss(v.name), speed(v.name), "x", markersize=9, mew=2, label=f"{v.name}, no river (tau {v.tau:g})")
-    if strategies:  # their losses are orders of magnitude larger: keep River's end readable
-        ax.set_xscale("symlog", linthresh=0.05)
-    ax.set_xlabel("NLL increase over the backbone (HumanEval canonical solutions, nats/token)")
+    fig, axes = plt.subplots(1, 2 if strategies else 1, figsize=(12 if strategies else 7.5, 5), squeeze=False)
+    ax = axes[0, 0]
+    sweep = sorted((v for v in rows if v.mode == "river" and v.river == "main"), key=lambda v: v.tau)
+    ax.plot([loss(v.name) for v in sweep], [speed(v.name) for v in sweep], "o-", label="River, tau sweep")
+    for i, v in enumerate(sweep):  # labels alternate above and below the curve so neighbours do not overlap
+        ax.annotate(f"{v.tau:g}", (loss(v.name), speed(v.name)), textcoords="offset points",
+                    xytext=(4, 6 if i % 2 else -12), fontsize=8)
+    points = (("quantized", "s", "whole model 4-bit W4A16 (control)"),
+              ("quantized_main", "D", "whole model, River's copies"), ("river_w4a16", "v", "River, W4A16 copies"),
+              ("river_8bit", "^", "River, 8-bit copies"))
+    for name, marker, label in points:
+        if name in modes:
+            ax.plot(loss(name), speed(name), marker, markersize=8, label=label)
+    ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
+    ceiling = result.get("block_split_us", {}).get("speedup_ceiling_products")
+    if ceiling:
+        ax.axhline(ceiling, color="C0", ls="--", lw=1, label=f"River at tau {result['tau']:g}: weight products alone")
+    ax.set_xlabel("NLL increase over the backbone (nats/token)")
     ax.set_ylabel("decode speedup over the backbone")
-    ax.set_title(f"River-LLM on {result['model']}\n{result['machine']}", fontsize=9)
+    ax.set_title("River: speed against quality", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    if strategies:
+        ax = axes[0, 1]
+        for v in strategies:
+            ax.plot(loss(v.name), speed(v.name), "x", markersize=9, mew=2, label=f"{v.name} (tau {v.tau:g})")
+        ax.plot(loss("river"), speed("river"), "o", label=f"River (tau {result['tau']:g})")
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xlabel("NLL increase over the backbone (nats/token, symlog)")
+        ax.set_title("KV strategies without a river, same exit rule", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"River-LLM on {result['model']}, {result['machine']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -333,8 +354,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=option(int, check_threads), default=None, help="CPU threads for torch")
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="backbone dtype (auto: the faster of the two on CPU, measured; bf16 on CUDA)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="backbone weights (bf16: what the native kernels stream, fp32 accumulation)")
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU)
     parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--text", default=None, help="score this UTF-8 text file instead of HumanEval")
@@ -360,7 +381,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
     taus = QUICK_TAUS if args.quick else SWEEP_TAUS
-    rows = variants(args.tau, taus, args.strategies)
 
     t_start = time.perf_counter()
     cfg, tokenizer = reading_files(load_config_and_tokenizer, args.model)
@@ -368,49 +388,69 @@ def main(argv=None):
     sequences = reading_files(quality_sequences, tokenizer, problems, max_target, args.text)
     prompt = tokenizer.encode(reading_files(humaneval_problems)[0][0]).ids
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
-    log("loading the backbone" + (" (faster of fp32 and bf16) ..." if args.dtype == "auto" else " ..."))
-    model, dtype_speeds = load_backbone(args.model, device, prompt, 16, args.dtype)
-    dtype = model.dtype
-    log(f"backbone in {dtype}; building 4-bit (groups of {args.group_size}) and 8-bit rivers ...")
-    rivers = {4: ExitRiver(model, 4, args.group_size), 8: ExitRiver(model, 8)}
+    model = load_backbone(args.model, device, args.dtype)
+    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}) ...")
+    river_set = rivers(model, args.group_size)
+    rows = variants(args.tau, taus, river_set, args.strategies)
     compile = not args.no_compile
-    engines = {bits: Engine(model, river, compile) for bits, river in rivers.items()}
+    engines = {name: Engine(model, river, compile) for name, river in river_set.items()}
     engines["baseline"] = BaselineEngine(model, compile)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
     log(f"quality: {len(sequences)} sequences, teacher-forced")
     quality = measure_quality(engines, rows, sequences, model.cfg.n_layers)
 
-    log("weight products alone ...")
-    products = weight_products_ms(model, rivers[4], device, compile)
     n_layers, depth = model.cfg.n_layers, speed["river"]["generation_mean_backbone_blocks"]
-    floor = {"backbone": products["backbone_blocks"] + products["lm_head"],
-             "quantized": products["river_blocks"] + products["lm_head"],
-             "river": (depth * products["backbone_blocks"] + (n_layers - depth) * products["river_blocks"])
-             / n_layers + products["lm_head"]}
+    native = engines["main"].native
+    split = None
+    if native is not None:
+        log("time split of a step (native blocks, products alone) ...")
+        split = block_split_us(engines["main"], len(prompt) + new_tokens // 2)
+        per_step = {"backbone": n_layers * split["backbone_block"]["products"] + split["lm_head"],
+                    "river": depth * split["backbone_block"]["products"]
+                    + (n_layers - depth) * split["river_block"]["products"] + split["lm_head"]}
+        split["speedup_ceiling_products"] = per_step["backbone"] / per_step["river"]
 
     backbone_weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
     bandwidth = copy_bandwidth(device)
-    modes = {v.name: {**speed[v.name], **quality[v.name],
-                      "bits": v.bits if v.mode in ("quantized", "river") else None, "tau": v.tau if v.exits else None,
-                      "resident_mb": resident_bytes(model, rivers, v) / 2**20} for v in rows}
+
+    def describe(v):
+        if v.mode not in ("quantized", "river"):
+            return "bf16" if args.dtype == "bfloat16" else "fp32", None
+        r = river_set[v.river]
+        bits = "/".join(str(b) for b in sorted(set(r.bits)))
+        return f"{bits}b/{'i16' if r.activations == 'int16' else 'bf16'}", r.bits
+
+    def path(v):
+        engine = engines[v.engine]
+        if getattr(engine, "native", None) is not None:
+            return f"native {engine.native.isa}"
+        return "torch, compiled" if compile else "torch, eager"
+    modes = {v.name: {**speed[v.name], **quality[v.name], "weights": describe(v)[0], "bits_per_block": describe(v)[1],
+                      "activations": river_set[v.river].activations if v.mode in ("quantized", "river") else "fp32",
+                      "tau": v.tau if v.exits else None, "path": path(v),
+                      "resident_mb": resident_bytes(model, river_set, v) / 2**20} for v in rows}
     base = modes["backbone"]["decode_tokens_per_s"]
+    flags = kernels.cpu_flags()
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
-        "device": str(device), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "river_activation_dtype": "bfloat16", "backbone_dtype_tokens_per_s_eager": dtype_speeds,
-        "compiled_decode_steps": compile,
+        "device": str(device), "torch": torch.__version__, "dtype": args.dtype,
+        "kernels": {"isa": native.isa if native is not None else None, "usable_isas": kernels.usable_isas(),
+                    "cpu_flags": sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                                 "avx512_vnni", "avx512_bf16"})},
+        "compiled_torch_steps": compile,
         "group_size": args.group_size, "tau": args.tau, "quick": args.quick,
+        "eight_bit_layers": [l % n_layers for l in DEFAULT_EIGHT_BIT_LAYERS],
         "data": args.text or f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens",
         "kv_cache_mb": model.cfg.n_layers * 2 * model.cfg.kv_dim * (len(prompt) + new_tokens) * model.dtype.itemsize
         / 2**20,
         "modes": modes,
         "speedup": {"river_vs_backbone": modes["river"]["decode_tokens_per_s"] / base,
                     "quantized_vs_backbone": modes["quantized"]["decode_tokens_per_s"] / base,
+                    "quantized_main_vs_backbone": modes["quantized_main"]["decode_tokens_per_s"] / base,
                     "river_vs_quantized": modes["river"]["decode_tokens_per_s"]
                     / modes["quantized"]["decode_tokens_per_s"]},
-        "weight_products_ms": {**products, "per_step": floor,
-                               "speedup_ceiling": {m: floor["backbone"] / floor[m] for m in ("river", "quantized")}},
+        "block_split_us": split,
         "backbone_bandwidth": {"weight_bytes_per_token": backbone_weight_bytes,
                                "achieved_gb_per_s": backbone_weight_bytes * base / 1e9,
                                "copy_gb_per_s_read_plus_write": bandwidth,
@@ -418,28 +458,29 @@ def main(argv=None):
         "seconds": time.perf_counter() - t_start,
     }
     print(f"\nRiver-LLM bench: {result['model']} on {result['machine']}, torch {result['torch']}")
-    choice = {k: round(v, 1) for k, v in dtype_speeds.items()} or "not measured, chosen"
-    print(f"backbone {result['dtype']} (eager fp32 vs bf16 tok/s: {choice}); blocks "
-          f"{'compiled' if compile else 'eager'}; river activations bf16; 4-bit groups of {args.group_size}; "
-          f"decode of {new_tokens} tokens after a {len(prompt)}-token prompt, median of {repeats} repeats; "
-          f"quality: {result['data']}\n")
+    k = result["kernels"]
+    print(f"CPU features {' '.join(k['cpu_flags']) or '-'}; native kernels: {k['isa'] or 'none (pure torch)'}; "
+          f"backbone {args.dtype} weights, fp32 activations; River's copies 4-bit, block(s) "
+          f"{result['eight_bit_layers']} 8-bit, groups of {args.group_size}; decode of {new_tokens} tokens after a "
+          f"{len(prompt)}-token prompt, median of {repeats} repeats; quality: {result['data']}\n")
     print_table(result, rows)
     bw = result["backbone_bandwidth"]
-    print(f"\nriver / backbone {result['speedup']['river_vs_backbone']:.2f}x, quantized / backbone "
-          f"{result['speedup']['quantized_vs_backbone']:.2f}x, river / quantized "
-          f"{result['speedup']['river_vs_quantized']:.2f}x")
-    fl = result["weight_products_ms"]
-    print(f"weight products alone (no norms, attention or dispatch): backbone {fl['per_step']['backbone']:.1f} ms, "
-          f"river {fl['per_step']['river']:.1f} ms ({depth:.1f} bf16 blocks), quantized "
-          f"{fl['per_step']['quantized']:.1f} ms per token (LM head {fl['lm_head']:.1f} ms): speedup ceilings "
-          f"{fl['speedup_ceiling']['river']:.2f}x (river) and {fl['speedup_ceiling']['quantized']:.2f}x (quantized)")
+    s = result["speedup"]
+    print(f"\nriver / backbone {s['river_vs_backbone']:.2f}x; whole model: W4A16 control "
+          f"{s['quantized_vs_backbone']:.2f}x, River's copies {s['quantized_main_vs_backbone']:.2f}x")
+    if split:
+        bb, rv = split["backbone_block"], split["river_block"]
+        print(f"per block (us): backbone {bb['whole']:.0f} = products {bb['products']:.0f} + rest {bb['rest']:.0f}; "
+              f"river {rv['whole']:.0f} = products {rv['products']:.0f} + rest {rv['rest']:.0f}; final norm + "
+              f"LM head {split['lm_head']:.0f}; River's ceiling from products alone at {depth:.1f} backbone blocks: "
+              f"{split['speedup_ceiling_products']:.2f}x")
     print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
           f"{bw['achieved_gb_per_s']:.1f} GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a "
           f"{bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy (read + write)")
     print(f"river exit histogram (backbone blocks per decode token): {modes['river']['exit_histogram']}")
     print(f"finished in {result['seconds']:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
     if args.plot:
         plot(result, rows, args.plot)
 

@@ -230,7 +230,7 @@ class NativeDecoder:
 
     def __init__(self, lib, model, river):
         cfg = model.cfg
-        self.model = model
+        self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
         self.backbone = kernels.Stack(lib, dims, [block_weights(b) for b in model.blocks])
         self.river = None if river is None else kernels.Stack(lib, dims, [block_weights(b) for b in river.blocks])
