@@ -1,5 +1,6 @@
 """The speedup check with quality, in one run: backbone vs whole-model low bit vs River, on HumanEval."""
 import argparse
+import ctypes
 import gzip
 import importlib.util
 import json
@@ -229,12 +230,15 @@ def block_split_us(engine, context, repeats=20):
             times.append(time.perf_counter() - t)
         return 1e6 * statistics.median(times) / per
     out = {}
-    for name, stack in (("backbone_block", native.backbone), ("river_block", native.river)):
+    for name, stack in (("backbone_block", native.decoder.backbone), ("river_block", native.decoder.river)):
         whole = median_us(lambda: stack.run(x, cache.k, cache.v, 0, n_layers, context, cos, sin, threads), n_layers)
         products = median_us(lambda: stack.run(x, cache.k, cache.v, 0, n_layers, context, cos, sin, threads,
                                                products_only=True), n_layers)
         out[name] = {"whole": whole, "products": products, "rest": whole - products}
-    out["lm_head"] = median_us(lambda: native.head(x, threads), 1)
+    keep, logits = [], torch.empty(model.cfg.vocab_size)
+    head = kernels.matrix(model.lm_head.weight, keep)
+    out["lm_head"] = median_us(lambda: stack.lib.product(ctypes.byref(head), x.data_ptr(), logits.data_ptr(), threads),
+                               1)
     return out
 
 

@@ -385,19 +385,14 @@ static int widest_input(const Dims& D) {
     return D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
 }
 
-// Floats of scratch memory river_run_blocks needs for a token at position pos.
+// Floats of scratch memory a block run needs for a token at position pos.
 extern "C" int64_t river_scratch_floats(const Dims* dims, int pos) {
     const Dims D = *dims;
     return (int64_t)widest_input(D) * 10 + (D.n_heads + 2 * D.n_kv_heads) * D.head_dim + (int64_t)D.n_heads * (pos + 16);
 }
 
-// products_only: run the weight products alone (their inputs prepared as usual, on whatever the buffers hold),
-// skipping norms, RoPE, the cache, attention, SwiGLU and residual adds: bench.py's split of a block's time.
-extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, int first_layer, float* x,
-                                 uint16_t* k_cache, uint16_t* v_cache, int64_t layer_stride, int64_t head_stride, int pos,
-                                 const float* cos, const float* sin, float* scratch, int threads, int products_only) {
-    const Dims D = *dims;
-    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd, widest = widest_input(D);
+static Scratch carve(const Dims& D, float* scratch) {
+    const int q_dim = D.n_heads * D.head_dim, kv_dim = D.n_kv_heads * D.head_dim, widest = widest_input(D);
     Scratch s;
     s.xn = scratch;
     s.xeo = s.xn + widest;
@@ -411,12 +406,26 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
     s.qkv = s.xsum + widest;
     s.xq = (int16_t*)(s.qkv + q_dim + 2 * kv_dim);
     s.scores = s.qkv + q_dim + 2 * kv_dim + widest;  // scores per query head, so heads run in parallel
-    Input in;
-#pragma omp parallel num_threads(threads)
-    for (int l = 0; l < n; l++) {
+    return s;
+}
+
+// Where a token's K/V go: the whole cache (layers, 1, n_kv_heads, capacity, head_dim) bf16.
+struct Cache {
+    uint16_t *k, *v;
+    int64_t layer_stride, head_stride;
+};
+
+// Blocks first..last-1 on x (d,), in place, for one token at `pos`; block j reads and writes cache layer j. Called by
+// every thread of an enclosing parallel region; `in` is shared among them. products_only: the weight products
+// alone (their inputs prepared as usual, on whatever the buffers hold), skipping norms, RoPE, the cache,
+// attention, SwiGLU and residual adds: bench.py's split of a block's time.
+static void team_blocks(const Dims& D, const Layer* layers, int first, int last, float* x, const Cache& c, int pos,
+                        const float* cos, const float* sin, const Scratch& s, Input& in, int products_only) {
+    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
+    for (int l = first; l < last; l++) {
         const Layer& L = layers[l];
-        uint16_t* kl = k_cache + (int64_t)(first_layer + l) * layer_stride;
-        uint16_t* vl = v_cache + (int64_t)(first_layer + l) * layer_stride;
+        uint16_t* kl = c.k + (int64_t)l * c.layer_stride;
+        uint16_t* vl = c.v + (int64_t)l * c.layer_stride;
         int lo, hi;
         // attention: q, k, v of the normed state; K/V into this layer's slots at pos; heads in parallel
 #pragma omp single
@@ -428,24 +437,24 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
 #pragma omp barrier
         if (!products_only) {
 #pragma omp single
-        {
-            for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
-            for (int h = 0; h < D.n_kv_heads; h++) {
-                float* k = s.qkv + q_dim + h * hd;
-                const float* v = s.qkv + q_dim + kv_dim + h * hd;
-                rope(k, cos, sin, hd / 2);
-                uint16_t* kd = kl + h * head_stride + (int64_t)pos * hd;
-                uint16_t* vd = vl + h * head_stride + (int64_t)pos * hd;
-                for (int i = 0; i < hd; i++) {
-                    kd[i] = to_bf16(k[i]);
-                    vd[i] = to_bf16(v[i]);
+            {
+                for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
+                for (int h = 0; h < D.n_kv_heads; h++) {
+                    float* k = s.qkv + q_dim + h * hd;
+                    const float* v = s.qkv + q_dim + kv_dim + h * hd;
+                    rope(k, cos, sin, hd / 2);
+                    uint16_t* kd = kl + h * c.head_stride + (int64_t)pos * hd;
+                    uint16_t* vd = vl + h * c.head_stride + (int64_t)pos * hd;
+                    for (int i = 0; i < hd; i++) {
+                        kd[i] = to_bf16(k[i]);
+                        vd[i] = to_bf16(v[i]);
+                    }
                 }
             }
-        }
-        my_rows(D.n_heads, 1, &lo, &hi);
-        for (int h = lo; h < hi; h++)
-            attend(D, h, s.qkv + h * hd, kl, vl, head_stride, pos, s.scores + (int64_t)h * (pos + 16),
-                   s.att + h * hd);
+            my_rows(D.n_heads, 1, &lo, &hi);
+            for (int h = lo; h < hi; h++)
+                attend(D, h, s.qkv + h * hd, kl, vl, c.head_stride, pos, s.scores + (int64_t)h * (pos + 16),
+                       s.att + h * hd);
 #pragma omp barrier
         }
 #pragma omp single
@@ -476,15 +485,101 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int n, i
     }
 }
 
-// Final norm and LM head: logits (vocab,) = W_head . rms_norm(x), the head's rows shared among the threads.
-extern "C" void river_head(const Mat* head, const float* norm, float eps, const float* x, float* xn, float* logits,
-                int threads) {
-    float* xeo = (float*)malloc(sizeof(float) * head->k);
-    rms_norm(x, norm, xn, head->k, eps);
-    Input in = prepare(*head, xn, xeo, nullptr, nullptr, nullptr);
+// Blocks first..last-1 of `layers` for one token (see team_blocks), in one thread team.
+extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int first, int last, float* x,
+                                 const Cache* cache, int pos, const float* cos, const float* sin, float* scratch,
+                                 int threads, int products_only) {
+    const Scratch s = carve(*dims, scratch);
+    Input in;
 #pragma omp parallel num_threads(threads)
-    product(*head, in, logits, 0, head->n);
-    free(xeo);
+    team_blocks(*dims, layers, first, last, x, *cache, pos, cos, sin, s, in, products_only);
+}
+
+// s = cos(a, b) in double, each norm kept away from zero as torch's cosine_similarity does.
+static double cosine(const float* a, const float* b, int d) {
+    double dot = 0, aa = 0, bb = 0;
+    for (int i = 0; i < d; i++) {
+        dot += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return dot / (fmax(sqrt(aa), 1e-8) * fmax(sqrt(bb), 1e-8));
+}
+
+// A model's decode step as the native path holds it.
+struct Model {
+    Dims dims;
+    int32_t n_layers;
+    const Layer* backbone;   // (n_layers,)
+    const Layer* river;      // (n_layers,), or null without a river
+    const uint16_t* embed;   // (vocab, d) bf16
+    const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
+    const float* norm;       // (d,) final norm
+    Mat head;                // (vocab, d) bf16
+};
+
+// How the step leaves the backbone (exit_policy.py defines the rule; this is its native twin): after block l when
+// l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; never after
+// the last block. start_in_river: every block a river copy (the whole-model low-bit mode).
+struct Exit {
+    int32_t start_in_river, fixed_exit, min_layer;
+    float tau;
+};
+
+// One token through the whole model: embedding, backbone blocks until the exit rule says leave, river copies of
+// the rest, final norm and LM head into logits (vocab,); one thread team, no return to Python between blocks.
+// Returns the number of backbone blocks run. Where the similarity itself is wanted (tests), `similarity` gets
+// s_l for every backbone block run, else may be null.
+extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache, const Exit* rule, float* scratch,
+                          float* logits, float* similarity, int threads) {
+    const Dims D = m->dims;
+    const int n = m->n_layers, half = D.head_dim / 2;
+    const Scratch s = carve(D, scratch);
+    // x, the previous state and the RoPE tables sit past the block scratch (river_step_scratch_floats)
+    float* x = scratch + river_scratch_floats(&m->dims, pos);
+    float* prev = x + D.d;
+    float* cos = prev + D.d;
+    float* sin = cos + half;
+    for (int i = 0; i < D.d; i++) x[i] = bf16_value(m->embed[(int64_t)token * D.d + i]);
+    for (int i = 0; i < half; i++) {
+        cos[i] = (float)::cos(pos * m->inv_freq[i]);
+        sin[i] = (float)::sin(pos * m->inv_freq[i]);
+    }
+    int depth = 0, leave = rule->start_in_river;
+    Input in;
+#pragma omp parallel num_threads(threads)
+    {
+        while (!leave && depth < n) {
+#pragma omp single
+            memcpy(prev, x, sizeof(float) * D.d);
+            team_blocks(D, m->backbone, depth, depth + 1, x, *cache, pos, cos, sin, s, in, 0);
+#pragma omp single
+            {
+                const int l = depth++;
+                if (rule->fixed_exit >= 0) {
+                    leave = l == rule->fixed_exit;
+                } else {
+                    const double sim = cosine(prev, x, D.d);
+                    if (similarity) similarity[l] = (float)sim;
+                    leave = l >= rule->min_layer && sim > rule->tau;
+                }
+                leave = leave && depth < n;
+            }
+        }
+        if (depth < n) team_blocks(D, m->river, depth, n, x, *cache, pos, cos, sin, s, in, 0);
+#pragma omp single
+        {
+            rms_norm(x, m->norm, s.xn, D.d, D.eps);
+            in = prepare(m->head, s.xn, s.xeo, s.xq, s.xs, s.xsum);
+        }
+        product(m->head, in, logits, 0, m->head.n);
+    }
+    return depth;
+}
+
+// Floats of scratch memory river_step needs.
+extern "C" int64_t river_step_scratch_floats(const Dims* dims, int pos) {
+    return river_scratch_floats(dims, pos) + 2 * dims->d + dims->head_dim;
 }
 
 // One product y = W x, for tests and for callers outside a block run.

@@ -49,6 +49,24 @@ class Dims(ctypes.Structure):
                 ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32), ("eps", ctypes.c_float)]
 
 
+class Cache(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("layer_stride", ctypes.c_int64),
+                ("head_stride", ctypes.c_int64)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone", ctypes.c_void_p),
+                ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
+                ("norm", ctypes.c_void_p), ("head", Mat)]
+
+
+class Exit(ctypes.Structure):
+    """How a step leaves the backbone (kernels.cpp, river_step): after block fixed_exit, or (fixed_exit < 0) after
+    the first block l >= min_layer whose transition similarity exceeds tau; start_in_river: no backbone block."""
+    _fields_ = [("start_in_river", ctypes.c_int32), ("fixed_exit", ctypes.c_int32), ("min_layer", ctypes.c_int32),
+                ("tau", ctypes.c_float)]
+
+
 class Kernels:
     """The built library of one instruction set, with its C signatures declared."""
 
@@ -57,16 +75,19 @@ class Kernels:
         lib = ctypes.CDLL(path)
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         self.run_blocks = lib.river_run_blocks
-        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i32, i32]
+        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, i32, ptr, ptr, ptr, i32, i32]
+        self.run_blocks.restype = None
+        self.step = lib.river_step
+        self.step.argtypes = [ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
+        self.step.restype = i32
         self.scratch_floats = lib.river_scratch_floats
-        self.scratch_floats.argtypes = [ptr, i32]
-        self.scratch_floats.restype = i64
-        self.head = lib.river_head
-        self.head.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i32]
+        self.step_scratch_floats = lib.river_step_scratch_floats
+        for fn in (self.scratch_floats, self.step_scratch_floats):
+            fn.argtypes = [ptr, i32]
+            fn.restype = i64
         self.product = lib.river_product
         self.product.argtypes = [ptr, ptr, ptr, i32]
-        for fn in (self.run_blocks, self.head, self.product):
-            fn.restype = None
+        self.product.restype = None
 
 
 def build(isa):
@@ -167,6 +188,12 @@ def matrix(w, keep):
     return lowbit_mat(keep[-1], codes.shape[0], codes.shape[1], codes.shape[1] // scale.shape[1], bits)
 
 
+def cache_of(k_cache, v_cache):
+    """The whole KV cache (layers, 1, n_kv_heads, capacity, head_dim) bf16 as the kernels address it."""
+    assert k_cache.dtype == torch.bfloat16 and k_cache.shape[1] == 1 and k_cache.is_contiguous()
+    return Cache(k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(), k_cache.shape[3] * k_cache.shape[4])
+
+
 class Stack:
     """A stack of blocks as kernels.cpp runs them: any run of consecutive blocks in one native call.
 
@@ -180,35 +207,50 @@ class Stack:
         self.layers = (Layer * len(layers))(*[
             Layer(a.data_ptr(), m.data_ptr(), *(matrix(l[name], self.keep) for name in ("qkv", "o", "gate_up", "down")))
             for (a, m), l in zip(norms, layers)])
-        self.base = ctypes.addressof(self.layers)
         self.scratch = torch.empty(0)  # intermediates of a block; grows with the position (attention scores)
 
     def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads, products_only=False):
-        """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`. k_cache, v_cache: the whole cache
-        (layers, 1, n_kv_heads, capacity, head_dim) bf16; block j writes layer j at pos. products_only: the
-        weight products alone, for timing (x and the cache untouched)."""
+        """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`; block j writes cache layer j at
+        pos. cos, sin: (head_dim / 2,) fp32. products_only: the weight products alone, for timing (x and the cache
+        untouched)."""
         if not 0 <= first <= last <= len(self.layers):
             raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
         need = self.lib.scratch_floats(ctypes.byref(self.dims), pos)
         if self.scratch.numel() < need:
             self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
-        self.lib.run_blocks(ctypes.byref(self.dims), self.base + first * ctypes.sizeof(Layer), last - first, first,
-                            x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(),
-                            k_cache.shape[3] * k_cache.shape[4], pos, cos.data_ptr(), sin.data_ptr(),
+        self.lib.run_blocks(ctypes.byref(self.dims), self.layers, first, last, x.data_ptr(),
+                            ctypes.byref(cache_of(k_cache, v_cache)), pos, cos.data_ptr(), sin.data_ptr(),
                             self.scratch.data_ptr(), threads, int(products_only))
 
 
-class Head:
-    """Final norm and LM head for one token: logits (vocab,) fp32."""
+class Decoder:
+    """A model's one-token decode step in one native call (river_step): embedding, backbone blocks with the exit
+    rule, river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d) and head weight,
+    RoPE frequencies (head_dim / 2,) float64, final norm (d,), and per block the dicts Stack takes."""
 
-    def __init__(self, lib, norm, weight, eps):
-        self.lib, self.eps = lib, eps
-        self.norm, self.weight = norm.float().contiguous(), weight.contiguous()
-        self.mat = bf16_mat(self.weight)
-        self.normed = torch.empty(weight.shape[1])
+    def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head):
+        self.lib, self.dims = lib, dims
+        self.backbone = Stack(lib, dims, backbone)
+        self.river = Stack(lib, dims, river) if river is not None else None
+        self.keep = [embed.contiguous(), torch.as_tensor(inv_freq, dtype=torch.float64).contiguous(),
+                     norm.float().contiguous(), head.contiguous()]
+        embed, inv_freq, norm, head = self.keep
+        self.model = Model(dims, len(backbone), ctypes.addressof(self.backbone.layers),
+                           ctypes.addressof(self.river.layers) if self.river is not None else None,
+                           embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), bf16_mat(head))
+        self.scratch = torch.empty(0)
 
-    def __call__(self, x, threads):
-        logits = torch.empty(self.weight.shape[0])
-        self.lib.head(ctypes.byref(self.mat), self.norm.data_ptr(), self.eps, x.data_ptr(), self.normed.data_ptr(),
-                      logits.data_ptr(), threads)
-        return logits
+    def step(self, token, pos, k_cache, v_cache, rule, threads, similarity=None):
+        """Logits (vocab,) fp32 of one token at `pos` and the backbone blocks it ran. rule: an Exit. similarity:
+        optional (n_layers,) fp32 tensor that gets s_l of every backbone block the similarity rule checked."""
+        n_layers = self.model.n_layers
+        if self.river is None and (rule.start_in_river or rule.fixed_exit != n_layers - 1):
+            raise ValueError("this decoder has no river: only the whole backbone (fixed_exit = n_layers - 1) runs")
+        need = self.lib.step_scratch_floats(ctypes.byref(self.dims), pos)
+        if self.scratch.numel() < need:
+            self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
+        logits = torch.empty(self.keep[3].shape[0])
+        depth = self.lib.step(ctypes.byref(self.model), token, pos, ctypes.byref(cache_of(k_cache, v_cache)),
+                              ctypes.byref(rule), self.scratch.data_ptr(), logits.data_ptr(),
+                              None if similarity is None else similarity.data_ptr(), threads)
+        return logits, depth

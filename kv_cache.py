@@ -32,12 +32,15 @@ class KVCache:
         self.write_count = np.zeros((n_layers, capacity), dtype=np.int32)
         self.capacity = capacity
 
+    def check_range(self, start, length):
+        if start < 0 or start + length > self.capacity:
+            raise IndexError(f"KV cache write at positions {start}..{start + length - 1} is outside its capacity "
+                             f"{self.capacity}; the cache never wraps or grows")
+
     def record(self, layers, start, length, writer):
         """Check and record a write of positions start..start+length-1 into `layers` (an int or a slice)."""
+        self.check_range(start, length)
         end = start + length
-        if start < 0 or end > self.capacity:
-            raise IndexError(f"KV cache write at positions {start}..{end - 1} is outside its capacity "
-                             f"{self.capacity}; the cache never wraps or grows")
         self.writer[layers, start:end] = writer
         self.write_count[layers, start:end] += 1
 

@@ -9,12 +9,11 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import kernels
-from exit_policy import NeverExit, SimilarityExit
+from exit_policy import FixedExit, NeverExit, SimilarityExit
 from kv_cache import Writer
 from model import compile_blocks, compile_head
 from quantize import QuantizedLinear, check_quant_args, quantize_weight
@@ -171,9 +170,10 @@ class Engine:
         A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
         """
         self.check_mode(mode)
-        if self.native is not None and tokens.shape == (1, 1) and cache is not None:
+        rule = self.native.exit_rule(mode, policy) if self.native is not None else None
+        if rule is not None and tokens.shape == (1, 1) and cache is not None:
             self.native_steps += 1
-            return self.native.forward(tokens, start, cache, mode, policy)
+            return self.native.forward(tokens, start, cache, rule)
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
@@ -224,17 +224,18 @@ class Engine:
 
 
 class NativeDecoder:
-    """One-token decode steps on CPU through kernels.cpp: the backbone's blocks and the river's as two native stacks,
-    any run of consecutive blocks in one call, and the final norm + LM head in another. Same arithmetic as the
-    torch path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same record."""
+    """One-token decode steps on CPU through kernels.cpp: the whole step (embedding, backbone blocks with the exit
+    rule, river copies, final norm and LM head) in one native call, one thread team. Same arithmetic as the torch
+    path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
+    record of who wrote each slot."""
 
     def __init__(self, lib, model, river):
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.backbone = kernels.Stack(lib, dims, [block_weights(b) for b in model.blocks])
-        self.river = None if river is None else kernels.Stack(lib, dims, [block_weights(b) for b in river.blocks])
-        self.head = kernels.Head(lib, model.norm.weight, model.lm_head.weight, cfg.norm_eps)
+        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks],
+                                       None if river is None else [block_weights(b) for b in river.blocks],
+                                       model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
 
     @staticmethod
     def unsupported(model, river):
@@ -248,29 +249,27 @@ class NativeDecoder:
             return f"the native river takes int16 activations, not {river.activations}"
         return None
 
-    def forward(self, tokens, start, cache, mode, policy):
+    def exit_rule(self, mode, policy):
+        """The step's kernels.Exit for a mode and policy, or None for a policy the native step does not know."""
+        last = self.model.cfg.n_layers - 1
+        if mode == "quantized":
+            return kernels.Exit(1, -1, 0, 2.0)
+        if mode == "backbone" or policy is None or isinstance(policy, NeverExit):
+            return kernels.Exit(0, last, 0, 2.0)
+        if isinstance(policy, FixedExit):
+            return kernels.Exit(0, min(policy.layer, last), 0, 2.0)
+        if isinstance(policy, SimilarityExit):
+            return kernels.Exit(0, -1, policy.min_layer, min(policy.tau, 2.0))  # tau > 1 never exits either way
+        return None
+
+    def forward(self, tokens, start, cache, rule, similarity=None):
         """Engine.forward for one token of a batch of one."""
-        model, n_layers, threads = self.model, self.model.cfg.n_layers, torch.get_num_threads()
-        x = model.embed.weight[tokens[0, 0]].to(torch.float32, copy=True)    # h_0: (d_model,), updated in place
-        angles = start * model.inv_freq                                      # (head_dim/2,) float64
-        cos, sin = (torch.from_numpy(f(angles).astype("float32")) for f in (np.cos, np.sin))
-        run = lambda stack, first, last: stack.run(x, cache.k, cache.v, first, last, start, cos, sin, threads)  # noqa: E731
-        depth = 0
-        if mode == "backbone" or (mode == "river" and (policy is None or isinstance(policy, NeverExit))):
-            run(self.backbone, 0, n_layers)
-            depth = n_layers
-        elif mode == "river":
-            for layer in range(n_layers):
-                h_in = x.clone()
-                run(self.backbone, layer, layer + 1)
-                depth = layer + 1
-                if layer < n_layers - 1 and policy.should_exit(layer, h_in.view(1, 1, -1), x.view(1, 1, -1)):
-                    break
-        if depth < n_layers:
-            run(self.river, depth, n_layers)
+        cache.check_range(start, 1)  # before the kernel writes
+        logits, depth = self.decoder.step(int(tokens[0, 0]), start, cache.k, cache.v, rule, torch.get_num_threads(),
+                                          similarity)
         cache.record(slice(0, depth), start, 1, Writer.BACKBONE)
-        cache.record(slice(depth, n_layers), start, 1, Writer.RIVER)
-        return self.head(x, threads).view(1, 1, -1), depth
+        cache.record(slice(depth, None), start, 1, Writer.RIVER)
+        return logits.view(1, 1, -1), depth
 
 
 def block_weights(block):

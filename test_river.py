@@ -894,6 +894,42 @@ def test_native_decode_equals_the_torch_path_under_any_exit_schedule(isa, cfg, n
     assert (caches[0].writer == caches[1].writer).all() and (caches[0].write_count == 1).all()
 
 
+@each_isa_here
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 4), pick=st.integers(0, 8),
+       min_layer=st.integers(0, 2), seed=st.integers(0, 99))
+def test_native_step_exits_where_the_similarity_rule_says(isa, cfg, n_prompt, pick, min_layer, seed):
+    """The native step applies the exit rule itself (no return to Python between blocks): its similarities are
+    the torch path's s_l = cos(h_l, h_{l+1}), and it leaves after the first block whose s_l exceeds tau."""
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    engine = Engine(model, ExitRiver(model, 4, 32), native=isa)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(seed))
+    cache = model.new_cache(n_prompt + 1)
+    engine.forward(tokens[:, :n_prompt], 0, cache, "backbone")
+    # the states a full backbone step passes through, in plain torch, on a copy of the cache
+    reference = model.new_cache(n_prompt + 1)
+    reference.k.copy_(cache.k), reference.v.copy_(cache.v)
+    pos = model.positions(n_prompt, 1, reference, torch.float32)
+    h, sims = model.embed_tokens(tokens[:, n_prompt:]).float(), []
+    with torch.inference_mode():
+        for block in model.blocks:
+            h_next = block(h, pos, reference)
+            sims.append(transition_similarity(h, h_next).item())
+            h = h_next
+    candidates = sorted(sims[min_layer:-1]) or [0.0]
+    tau = (candidates[pick % len(candidates)] + candidates[min(pick % len(candidates) + 1, len(candidates) - 1)]) / 2
+    tau = tau if pick < 8 else 1.5
+    if any(abs(s - tau) < 1e-4 for s in sims):
+        return  # a similarity on the threshold itself may round either way
+    expected = next((l + 1 for l, s in enumerate(sims[:-1]) if l >= min_layer and s > tau), cfg.n_layers)
+    got = torch.full((cfg.n_layers,), float("nan"))
+    rule = engine.native.exit_rule("river", SimilarityExit(tau, min_layer))
+    _, depth = engine.native.forward(tokens[:, n_prompt:], n_prompt, cache, rule, similarity=got)
+    assert depth == expected
+    checked = min(depth, cfg.n_layers - 1)
+    torch.testing.assert_close(got[:checked], torch.tensor(sims[:checked]), rtol=0, atol=1e-4)
+
+
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
     """Teacher-forced over two HumanEval prompts, River at the default tau: logits within bf16 resolution of the
     same arithmetic in plain torch at every position, and the same exit depth at >= 99% of positions."""
