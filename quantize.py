@@ -69,24 +69,30 @@ ACTIVATION_LEVELS = 32767  # int16 activations: symmetric, per group
 
 
 def quantize_activations(x, group_size):
-    """x (M, K) -> (codes (M, G, group) int16 values held in fp64, step (M, G), exact sum (M, G)): symmetric
+    """x (M, K) -> (codes (M, G, group) int16 values held in fp32, step (M, G), exact sum (M, G)): symmetric
     int16 per group of `group_size` inputs, rounded half to even. Each group's sum stays exact: the weights'
     lows multiply it."""
     M, K = x.shape
     groups = x.float().view(M, K // group_size, group_size)
     amax = groups.abs().amax(-1)                                            # (M, G)
     inverse = torch.where(amax > 0, ACTIVATION_LEVELS / amax, torch.zeros_like(amax))
-    return torch.round(groups * inverse[..., None]).double(), amax / ACTIVATION_LEVELS, groups.sum(-1)
+    return torch.round(groups * inverse[..., None]), amax / ACTIVATION_LEVELS, groups.sum(-1)
 
 
 def int_product(x, codes, scale, low):
     """x (M, K) fp32 -> (M, N): sum over groups of scale * step * (codes . int16 activations) + low * sum(x), the
-    low-bit weight w = low + scale * code. The integer dot products are exact in fp64 and rounded to fp32 as the
-    native kernel's int32 -> fp32 conversion rounds them; kernels.cpp computes the same terms."""
+    low-bit weight w = low + scale * code; kernels.cpp computes the same terms.
+
+    The integer dot products may pass 2^24, where fp32 stops holding integers exactly; the kernel rounds each one
+    once, converting its int32 to fp32. Here each activation is split as 256 * high + low byte: both partial dot
+    products stay below 2^24 (exact in an fp32 matmul, whatever its summation order), and their sum rounds once,
+    as the kernel's conversion does."""
     N, G = scale.shape
-    xq, step, xsum = quantize_activations(x, codes.shape[1] // G)
-    dot = torch.einsum("mgk,ngk->mng", xq, codes.view(N, G, -1).double()).float()   # (M, N, G)
-    return (dot * (scale * step[:, None, :]) + low * xsum[:, None, :]).sum(-1)
+    xq, step, xsum = quantize_activations(x, codes.shape[1] // G)         # xq: (M, G, group)
+    low_byte = torch.remainder(xq, 256)
+    w = codes.view(N, G, -1).float().permute(1, 2, 0)                      # (G, group, N)
+    dot = torch.bmm(((xq - low_byte) / 256).transpose(0, 1), w) * 256 + torch.bmm(low_byte.transpose(0, 1), w)
+    return (dot.permute(1, 2, 0) * (scale * step[:, None, :]) + low * xsum[:, None, :]).sum(-1)  # (M, N)
 
 
 class QuantizedLinear(nn.Module):
