@@ -16,7 +16,7 @@ import kernels
 from exit_policy import FixedExit, NeverExit, SimilarityExit
 from kv_cache import Writer
 from model import compile_blocks, compile_head
-from quantize import QuantizedLinear, check_quant_args, quantize_weight
+from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 MODES = ("backbone", "quantized", "river")
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau whose NLL increase stays
@@ -59,6 +59,12 @@ def check_group_size_fits(cfg, group_size):
         raise ValueError(f"group_size {group_size} does not divide the model's {', '.join(misfits)}")
 
 
+def check_layers(layers, n_layers):
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise ValueError(f"eight_bit_layers must be block indices in [{-n_layers}, {n_layers}), got {layer!r}")
+
+
 class ExitRiver(nn.Module):
     """One low-bit copy of every backbone block, river block j writing layer j's K/V.
 
@@ -72,9 +78,7 @@ class ExitRiver(nn.Module):
         activations = activations or default_activations(model.device)
         check_quant_args(bits, group_size, activations)
         check_group_size_fits(model.cfg, group_size)
-        for layer in eight_bit_layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-                raise ValueError(f"eight_bit_layers must be block indices in [{-n_layers}, {n_layers}), got {layer!r}")
+        check_layers(eight_bit_layers, n_layers)
         eight = {layer % n_layers for layer in eight_bit_layers}
         if eight:
             check_quant_args(8, group_size, activations)
@@ -353,15 +357,23 @@ def main(argv=None):
                         help="river modes, or a KV strategy River argues against (exits with no river)")
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
                         help="exit threshold on the transition similarity; > 1 never exits")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="river weights")
     parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
+                        help="river activations: int16 per group (default on CPU: integer dot products in the native "
+                             "kernels) or bf16 (PyTorch's 4-bit kernel, the paper's W4A16; default on CUDA)")
+    parser.add_argument("--eight-bit-layers", type=int, nargs="*", default=None, metavar="LAYER",
+                        help="river blocks kept at 8 bits (negative counts from the end; default with int16 "
+                             f"activations: {' '.join(map(str, DEFAULT_EIGHT_BIT_LAYERS))}, the last block)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--temperature", type=option(float, check_temperature), default=0.0)
     parser.add_argument("--top-p", type=option(float, check_top_p), default=1.0)
     parser.add_argument("--seed", type=option(int, check_seed), default=None)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the one-token decode step of every block and the LM head "
-                             "(faster decode, seconds to start)")
+                        help="torch.compile the torch path's one-token decode steps (where the native kernels do "
+                             "not run: CUDA, bf16 river activations, --no-native); seconds to start")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not args.prompt:
@@ -375,14 +387,20 @@ def main(argv=None):
         return cfg, tokenizer, tokenizer.encode(text).ids, stop_token_ids(tokenizer, args.model)
     cfg, tokenizer, prompt, stop = reading_files(read_prompt)
     check_argument(parser, "--max-new-tokens", check_fits_context, len(prompt), args.max_new_tokens, cfg.max_seq_len)
-    if args.mode in ("quantized", "river") and args.bits == 4:
+    activations = args.activations or default_activations(device)
+    check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, activations)
+    eight_bit = args.eight_bit_layers
+    if eight_bit is None:
+        eight_bit = DEFAULT_EIGHT_BIT_LAYERS if activations == "int16" and args.bits == 4 else ()
+    check_argument(parser, "--eight-bit-layers", check_layers, eight_bit, cfg.n_layers)
+    if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
     model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
     if args.mode in STRATEGIES:
         engine = BaselineEngine(model, args.compile)
     else:
-        river = ExitRiver(model, args.bits, args.group_size) if args.mode != "backbone" else None
-        engine = Engine(model, river, args.compile)
+        river = None if args.mode == "backbone" else ExitRiver(model, args.bits, args.group_size, activations, eight_bit)
+        engine = Engine(model, river, args.compile, native=False if args.no_native else None)
     if args.compile:  # compile outside the timed run
         engine.generate(prompt, min(3, args.max_new_tokens), args.mode, policy)
     result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature, args.top_p,
@@ -390,9 +408,12 @@ def main(argv=None):
     reply = tokenizer.decode(result.tokens)
     blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)
     if args.json:
+        native = getattr(engine, "native", None)
         print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
-                          "mode": args.mode, "tau": args.tau, "bits": args.bits}, allow_nan=False))
+                          "mode": args.mode, "tau": args.tau, "bits": args.bits, "activations": activations,
+                          "eight_bit_layers": list(eight_bit),
+                          "path": f"native {native.isa}" if native is not None else "torch"}, allow_nan=False))
     else:
         rate = result.decode_tokens_per_s
         print(reply)
