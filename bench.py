@@ -23,7 +23,7 @@ import kernels
 from river import (DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument,
                    check_group_size_fits, check_quant_args, default_activations, fail, option, reading_files, sync)
 
-SWEEP_TAUS = (0.5, 0.8, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
+SWEEP_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
 
 
