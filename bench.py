@@ -368,6 +368,9 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="run everything eagerly (default: torch.compile each block's one-token decode step "
                              "and the LM head, backbone and river alike; needs a C++ compiler on CPU)")
+    parser.add_argument("--isa", choices=tuple(kernels.ISAS), default=None,
+                        help="native kernels' instruction set (default: the best this CPU runs), e.g. avx2 on an "
+                             "AVX-512 machine to see the other path")
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
     args = parser.parse_args(argv)
@@ -397,7 +400,9 @@ def main(argv=None):
     river_set = rivers(model, args.group_size)
     rows = variants(args.tau, taus, river_set, args.strategies)
     compile = not args.no_compile
-    engines = {name: Engine(model, river, compile) for name, river in river_set.items()}
+    if args.isa is not None and args.isa not in kernels.usable_isas():
+        fail(f"--isa {args.isa}: this CPU does not run it (it runs {', '.join(kernels.usable_isas()) or 'neither'})")
+    engines = {name: Engine(model, river, compile, native=args.isa) for name, river in river_set.items()}
     engines["baseline"] = BaselineEngine(model, compile)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)

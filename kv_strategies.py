@@ -26,7 +26,7 @@ class BaselineEngine(Engine):
     one sequence (a prefill at position 0 starts a new one)."""
 
     def __init__(self, model, compile=False):
-        super().__init__(model, river=None, compile=compile)
+        super().__init__(model, river=None, compile=compile, native=False)  # its forward is its own
         self.pending = {}       # recompute: position -> [next layer it lacks, its state there (d_model,)]
         self.depth_cap = model.cfg.n_layers  # monotonic: the previous token's exit depth
 

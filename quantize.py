@@ -81,18 +81,14 @@ def quantize_activations(x, group_size):
 
 def int_product(x, codes, scale, low):
     """x (M, K) fp32 -> (M, N): sum over groups of scale * step * (codes . int16 activations) + low * sum(x), the
-    low-bit weight w = low + scale * code; kernels.cpp computes the same terms.
-
-    The integer dot products may pass 2^24, where fp32 stops holding integers exactly; the kernel rounds each one
-    once, converting its int32 to fp32. Here each activation is split as 256 * high + low byte: both partial dot
-    products stay below 2^24 (exact in an fp32 matmul, whatever its summation order), and their sum rounds once,
-    as the kernel's conversion does."""
+    low-bit weight w = low + scale * code. kernels.cpp sums the integer dot products exactly first; here the same
+    terms are two fp32 matmuls (rounded activations against scaled codes, group sums against lows), which differ
+    from it by fp32 rounding alone."""
     N, G = scale.shape
-    xq, step, xsum = quantize_activations(x, codes.shape[1] // G)         # xq: (M, G, group)
-    low_byte = torch.remainder(xq, 256)
-    w = codes.view(N, G, -1).float().permute(1, 2, 0)                      # (G, group, N)
-    dot = torch.bmm(((xq - low_byte) / 256).transpose(0, 1), w) * 256 + torch.bmm(low_byte.transpose(0, 1), w)
-    return (dot.permute(1, 2, 0) * (scale * step[:, None, :]) + low * xsum[:, None, :]).sum(-1)  # (M, N)
+    xq, step, xsum = quantize_activations(x, codes.shape[1] // G)              # (M, G, group), (M, G), (M, G)
+    rounded = (xq * step[..., None]).flatten(1)                                # (M, K): what the kernel multiplies
+    scaled = (codes.view(N, G, -1).float() * scale[..., None]).flatten(1)      # (N, K)
+    return rounded @ scaled.t() + xsum @ low.t()
 
 
 class QuantizedLinear(nn.Module):

@@ -137,8 +137,8 @@ class Engine:
 
     def __init__(self, model, river=None, compile=False, native=None):
         """native: None runs one-token decode steps through kernels.cpp where this CPU and these weights allow
-        (bf16 backbone, river with int16 activations), False never, True insists (an error where it cannot), and
-        an instruction set's name ("avx512", "avx2") insists on that one."""
+        (bf16 backbone, river with int16 activations), False never, True insists (an error where it cannot); an
+        instruction set's name ("avx512", "avx2") picks that one where None would pick the best."""
         if river is not None and len(river.blocks) != len(model.blocks):
             raise ValueError(f"river has {len(river.blocks)} blocks, the model {len(model.blocks)}")
         self.model, self.river = model, river
@@ -149,7 +149,7 @@ class Engine:
         if native is not False:
             why = NativeDecoder.unsupported(model, river)
             lib = None if why else kernels.native(native if isinstance(native, str) else None)
-            if native and (why or lib is None):
+            if native is True and (why or lib is None):
                 raise ValueError(f"native decode was asked for but cannot run: {why or 'no kernels for this CPU'}")
             if lib is not None:
                 self.native = NativeDecoder(lib, model, river)
