@@ -310,7 +310,7 @@ def plot(result, rows, path):
     speed = lambda name: modes[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # noqa: E731
     loss = lambda name: modes[name]["nll"] - base["nll"]  # noqa: E731
     strategies = [v for v in rows if v.mode in STRATEGIES]
-    fig, axes = plt.subplots(1, 2 if strategies else 1, figsize=(12 if strategies else 7.5, 5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if strategies else 1, figsize=(12 if strategies else 7.5, 6), squeeze=False)
     ax = axes[0, 0]
     sweep = sorted((v for v in rows if v.mode == "river" and v.river == "main"), key=lambda v: v.tau)
     ax.plot([loss(v.name) for v in sweep], [speed(v.name) for v in sweep], "o-", label="River, tau sweep")
@@ -331,7 +331,7 @@ def plot(result, rows, path):
     ax.set_ylabel("decode speedup over the backbone")
     ax.set_title("River: speed against quality", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: the points fill the axes
     if strategies:
         ax = axes[0, 1]
         for v in strategies:
