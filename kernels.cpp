@@ -17,7 +17,7 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
 
 // A weight matrix (n rows, k inputs). bf16: row-major. Q4 / Q8: for each block of 16 rows and each group of
-// `group` inputs, 64-byte chunks of codes (see rows_lowbit), then the 16 rows' fp16 scales and fp16 lows:
+// `group` inputs, 64-byte chunks of codes (see rows_q4, rows_q8), then the 16 rows' fp16 scales and fp16 lows:
 // w = low + scale * code, code in 0..15 or 0..255.
 struct Mat {
     const uint8_t* w;
@@ -96,9 +96,14 @@ static void rms_norm(const float* x, const float* w, float* out, int d, float ep
     for (int i = 0; i < d; i++) out[i] = x[i] * r * w[i];
 }
 
-// Activations for the 4-bit product: int16 per group of `group` inputs, symmetric, with each group's step and
-// its exact fp32 sum (the weights' lows multiply the sum, so it need not be rounded).
-static void quantize_activations(const float* x, int k, int group, int16_t* q, float* step, float* sum) {
+// Activations for the low-bit products: integers in [-LEVELS, LEVELS] per group of `group` inputs (int16),
+// symmetric, with each group's step and its exact fp32 sum (the weights' lows multiply the sum, so it need not be
+// rounded). Each is also split as 256 * high + low with both halves int8, for the 4-bit products' int8 dot
+// products (vpdpbusd / pmaddubsw); LEVELS = 127 * 256 + 127 keeps the high half within int8.
+static const float LEVELS = 32639.0f;
+
+static void quantize_activations(const float* x, int k, int group, int16_t* q, int8_t* high, int8_t* low,
+                                 float* step, float* sum) {
     for (int g = 0; g < k / group; g++) {
         const float* xg = x + g * group;
         float amax = 0, s = 0;
@@ -106,9 +111,14 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, f
             amax = fmaxf(amax, fabsf(xg[i]));
             s += xg[i];
         }
-        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
-        for (int i = 0; i < group; i++) q[g * group + i] = (int16_t)nearbyintf(xg[i] * inv);
-        step[g] = amax / 32767.0f;
+        float inv = amax > 0 ? LEVELS / amax : 0.0f;
+        for (int i = 0; i < group; i++) {
+            const int v = (int)nearbyintf(xg[i] * inv), h = (v + 128) >> 8;  // arithmetic shift: floor
+            q[g * group + i] = (int16_t)v;
+            high[g * group + i] = (int8_t)h;
+            low[g * group + i] = (int8_t)(v - 256 * h);
+        }
+        step[g] = amax / LEVELS;
         sum[g] = s;
     }
 }
@@ -117,9 +127,11 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, f
 struct Input {
     const float* x;
     const float* xeo;  // bf16 weights: x in even_odd order
-    const int16_t* q;
-    const float* scale;
-    const float* sum;
+    const int16_t* q;  // low-bit weights: the int16 activations,
+    const int8_t* high;  // their high and low int8 halves,
+    const int8_t* low;
+    const float* scale;  // each group's step
+    const float* sum;    // and exact sum
 };
 
 // ------------------------------------------------------------------------------------------ weight products
@@ -203,35 +215,41 @@ static void rows_bf16(const Mat& m, const float* x, const float* xeo, float* y, 
     }
 }
 
-// y for row blocks b0..b1 (16 rows each) of a 4- or 8-bit matrix: per group, integer dot products of the codes
-// with the int16 activations (16 rows side by side, a pair of inputs per 32-bit lane), then
-// y += scale * x_step * dot + low * x_sum. A 64-byte chunk holds 8 codes of each row (4 bits) or 4 (8 bits),
-// ordered so that a shift and a mask give the int16 pair (k, k+1) of every row in its lane:
-//   4 bits: the nibble at bit 4j is code 2j, the one at bit 16+4j code 2j+1 (j = 0..3);
-//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1 (j = 0, 1).
-template <int BITS>
-static void rows_lowbit(const Mat& m, const Input& in, float* y, int b0, int b1) {
-    constexpr int per_lane = 32 / BITS, pairs = per_lane / 2;
-    const int groups = m.k / m.group, chunks = m.group / per_lane;
+// y for row blocks b0..b1 (16 rows each) of a 4- or 8-bit matrix: per group, exact integer dot products of the
+// codes with the int16 activations (16 rows side by side, one 32-bit lane each), then
+// y += scale * x_step * dot + low * x_sum. A 64-byte chunk holds 8 codes of each row (4 bits) or 4 (8 bits):
+//   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one; a mask or a shift gives
+//           4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd / pmaddubsw) and
+//           combined as 256 * high + low;
+//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1: a shift and a mask give each row's
+//           int16 pair (k, k+1) in its lane, multiplied with an int16 pair (vpdpwssd / pmaddwd).
+static inline int32_t four(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static void rows_q4(const Mat& m, const Input& in, float* y, int b0, int b1) {
+    const int groups = m.k / m.group, chunks = m.group / 8;
     const int64_t group_bytes = (int64_t)chunks * 64 + 64;
-    const int32_t mask = BITS == 4 ? 0x000f000f : 0x00ff00ff;
     for (int b = b0; b < b1; b++) {
         const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
 #ifdef RIVER_AVX512
         __m512 acc = _mm512_setzero_ps();
-        const __m512i bits = _mm512_set1_epi32(mask);
+        const __m512i nib = _mm512_set1_epi8(0x0f);
         for (int g = 0; g < groups; g++, p += group_bytes) {
-            const int16_t* xq = in.q + g * m.group;
-            __m512i d[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            const int8_t* xh = in.high + g * m.group;
+            const int8_t* xl = in.low + g * m.group;
+            __m512i dh = _mm512_setzero_si512(), dl = _mm512_setzero_si512();
             for (int c = 0; c < chunks; c++) {
                 __m512i v = _mm512_loadu_si512(p + c * 64);
-                int32_t xp[pairs];
-                memcpy(xp, xq + c * per_lane, 4 * pairs);
-                for (int j = 0; j < pairs; j++)  // unrolled: pairs is a constant
-                    d[j & 1] = _mm512_dpwssd_epi32(d[j & 1], _mm512_and_si512(_mm512_srli_epi32(v, BITS * j), bits),
-                                                   _mm512_set1_epi32(xp[j]));
+                __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                dh = _mm512_dpbusd_epi32(dh, lo, _mm512_set1_epi32(four(xh + c * 8)));
+                dl = _mm512_dpbusd_epi32(dl, lo, _mm512_set1_epi32(four(xl + c * 8)));
+                dh = _mm512_dpbusd_epi32(dh, hi, _mm512_set1_epi32(four(xh + c * 8 + 4)));
+                dl = _mm512_dpbusd_epi32(dl, hi, _mm512_set1_epi32(four(xl + c * 8 + 4)));
             }
-            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d[0], d[1]));
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh, 8), dl));
             const uint8_t* sl = p + chunks * 64;
             __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
             __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
@@ -241,24 +259,82 @@ static void rows_lowbit(const Mat& m, const Input& in, float* y, int b0, int b1)
         _mm512_storeu_ps(y + b * 16, acc);
 #else
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        const __m256i bits = _mm256_set1_epi32(mask);
+        const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+        for (int g = 0; g < groups; g++, p += group_bytes) {
+            const int8_t* xh = in.high + g * m.group;
+            const int8_t* xl = in.low + g * m.group;
+            const uint8_t* sl = p + chunks * 64;
+            for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
+                __m256i dh = _mm256_setzero_si256(), dl = _mm256_setzero_si256();
+                for (int c = 0; c < chunks; c++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+                    __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
+                    __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh + c * 8))),
+                                                  _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + c * 8 + 4))));
+                    __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl + c * 8))),
+                                                  _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + c * 8 + 4))));
+                    dh = _mm256_add_epi32(dh, _mm256_madd_epi16(ph, ones));
+                    dl = _mm256_add_epi32(dl, _mm256_madd_epi16(pl, ones));
+                }
+                __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
+                __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl));
+                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
+                acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
+            }
+        }
+        _mm256_storeu_ps(y + b * 16, acc[0]);
+        _mm256_storeu_ps(y + b * 16 + 8, acc[1]);
+#endif
+    }
+}
+
+static void rows_q8(const Mat& m, const Input& in, float* y, int b0, int b1) {
+    const int groups = m.k / m.group, chunks = m.group / 4;
+    const int64_t group_bytes = (int64_t)chunks * 64 + 64;
+    for (int b = b0; b < b1; b++) {
+        const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
+#ifdef RIVER_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
+        for (int g = 0; g < groups; g++, p += group_bytes) {
+            const int16_t* xq = in.q + g * m.group;
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            for (int c = 0; c < chunks; c++) {
+                __m512i v = _mm512_loadu_si512(p + c * 64);
+                int32_t xp[2];
+                memcpy(xp, xq + c * 4, 8);
+                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, bytes), _mm512_set1_epi32(xp[0]));
+                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes), _mm512_set1_epi32(xp[1]));
+            }
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+            const uint8_t* sl = p + chunks * 64;
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
+            __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
+            acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
+            acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
+        }
+        _mm512_storeu_ps(y + b * 16, acc);
+#else
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
         for (int g = 0; g < groups; g++, p += group_bytes) {
             const int16_t* xq = in.q + g * m.group;
             const uint8_t* sl = p + chunks * 64;
             for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
-                __m256i d[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
                 for (int c = 0; c < chunks; c++) {
                     __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-                    int32_t xp[pairs];
-                    memcpy(xp, xq + c * per_lane, 4 * pairs);
-                    for (int j = 0; j < pairs; j++)
-                        d[j & 1] = _mm256_add_epi32(
-                            d[j & 1], _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, BITS * j), bits),
-                                                        _mm256_set1_epi32(xp[j])));
+                    int32_t xp[2];
+                    memcpy(xp, xq + c * 4, 8);
+                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, bytes), _mm256_set1_epi32(xp[0])));
+                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), bytes),
+                                                                _mm256_set1_epi32(xp[1])));
                 }
                 __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
                 __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d[0], d[1]));
+                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1));
                 acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
                 acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
             }
@@ -291,9 +367,16 @@ static void product(const Mat& m, const Input& in, float* y, int first, int coun
     const int per_lane = m.kind == KIND_Q4 ? 8 : 4;
     sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / per_lane) * 64 + 64);
     if (m.kind == KIND_Q4)
-        rows_lowbit<4>(sub, in, y, r0 / 16, r1 / 16);
+        rows_q4(sub, in, y, r0 / 16, r1 / 16);
     else
-        rows_lowbit<8>(sub, in, y, r0 / 16, r1 / 16);
+        rows_q8(sub, in, y, r0 / 16, r1 / 16);
+}
+
+// x[r] += y[r] for this thread's rows of a product of `count` rows (the partition `product` used).
+static void add_my_rows(const Mat& m, const float* y, float* x, int count) {
+    int r0, r1;
+    my_rows(count, row_unit(m), &r0, &r1);
+    for (int r = r0; r < r1; r++) x[r] += y[r];
 }
 
 // --------------------------------------------------------------------------------------------------- a block
@@ -304,11 +387,13 @@ struct Scratch {
 };
 
 static Input prepare(const Mat& m, const float* x, float* xeo, int16_t* xq, float* xs, float* xsum) {
+    int8_t* high = (int8_t*)(xq + m.k);  // the int16 area holds both halves after the int16 values
+    int8_t* low = high + m.k;
     if (m.kind != KIND_BF16)
-        quantize_activations(x, m.k, m.group, xq, xs, xsum);
+        quantize_activations(x, m.k, m.group, xq, high, low, xs, xsum);
     else
         even_odd(x, m.k, xeo);
-    return Input{x, xeo, xq, xs, xsum};
+    return Input{x, xeo, xq, high, low, xs, xsum};
 }
 
 static void rope(float* v, const float* cos, const float* sin, int half) {
@@ -460,13 +545,11 @@ static void team_blocks(const Dims& D, const Layer* layers, int first, int last,
 #pragma omp single
         in = prepare(L.o, s.att, s.xeo, s.xq, s.xs, s.xsum);
         product(L.o, in, s.y, 0, D.d);
+        if (!products_only) add_my_rows(L.o, s.y, x, D.d);  // the residual, each thread its own rows
 #pragma omp barrier
 #pragma omp single
         {
-            if (!products_only) {
-                for (int i = 0; i < D.d; i++) x[i] += s.y[i];
-                rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
-            }
+            if (!products_only) rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
             in = prepare(L.gate_up, s.xn, s.xeo, s.xq, s.xs, s.xsum);
         }
         // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no extra barrier
@@ -478,10 +561,8 @@ static void team_blocks(const Dims& D, const Layer* layers, int first, int last,
 #pragma omp single
         in = prepare(L.down, s.hidden, s.xeo, s.xq, s.xs, s.xsum);
         product(L.down, in, s.y, 0, D.d);
+        if (!products_only) add_my_rows(L.down, s.y, x, D.d);
 #pragma omp barrier
-#pragma omp single
-        if (!products_only)
-            for (int i = 0; i < D.d; i++) x[i] += s.y[i];
     }
 }
 
@@ -586,7 +667,7 @@ extern "C" int64_t river_step_scratch_floats(const Dims* dims, int pos) {
 extern "C" void river_product(const Mat* m, const float* x, float* y, int threads) {
     const int groups = m->k / m->group + 1;
     float* xeo = (float*)malloc(sizeof(float) * (m->k + 2 * groups));
-    int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * m->k);
+    int16_t* xq = (int16_t*)malloc(4 * m->k);  // int16 values, then their int8 halves
     Input in = prepare(*m, x, xeo, xq, xeo + m->k, xeo + m->k + groups);
 #pragma omp parallel num_threads(threads)
     product(*m, in, y, 0, m->n);

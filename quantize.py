@@ -65,7 +65,7 @@ def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
     return QuantizedWeight(codes.view(N, K).to(torch.int32), scale[..., 0], low[..., 0], bits, group_size)
 
 
-ACTIVATION_LEVELS = 32767  # int16 activations: symmetric, per group
+ACTIVATION_LEVELS = 32639  # int16 activations, symmetric per group; 127 * 256 + 127: kernels.cpp splits them into int8 halves
 
 
 def quantize_activations(x, group_size):
