@@ -102,24 +102,35 @@ static void rms_norm(const float* x, const float* w, float* out, int d, float ep
 // products (vpdpbusd / pmaddubsw); LEVELS = 127 * 256 + 127 keeps the high half within int8.
 static const float LEVELS = 32639.0f;
 
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
 static void quantize_activations(const float* x, int k, int group, int16_t* q, int8_t* high, int8_t* low,
                                  float* step, float* sum) {
-    for (int g = 0; g < k / group; g++) {
+    for (int g = 0; g < k / group; g++) {  // group is a multiple of 32: whole vectors of 16
         const float* xg = x + g * group;
-        float amax = 0, s = 0;
-        for (int i = 0; i < group; i++) {
-            amax = fmaxf(amax, fabsf(xg[i]));
-            s += xg[i];
+        f32x16 vmax = {}, vsum = {};
+        for (int i = 0; i < group; i += 16) {
+            f32x16 v = load16(xg + i);
+            f32x16 a = v < 0 ? -v : v;
+            vmax = a > vmax ? a : vmax;
+            vsum += v;
         }
-        float inv = amax > 0 ? LEVELS / amax : 0.0f;
-        for (int i = 0; i < group; i++) {
-            const int v = (int)nearbyintf(xg[i] * inv), h = (v + 128) >> 8;  // arithmetic shift: floor
-            q[g * group + i] = (int16_t)v;
-            high[g * group + i] = (int8_t)h;
-            low[g * group + i] = (int8_t)(v - 256 * h);
+        float amax = 0;
+        for (int i = 0; i < 16; i++) amax = fmaxf(amax, vmax[i]);
+        const float inv = amax > 0 ? LEVELS / amax : 0.0f;
+        for (int i = 0; i < group; i += 16) {
+            f32x16 r = load16(xg + i) * inv + 12582912.0f;  // round half to even through the mantissa, |v| < 2^22
+            i32x16 v = __builtin_convertvector(r - 12582912.0f, i32x16);
+            i32x16 h = (v + 128) >> 8;  // arithmetic shift: floor
+            i16x16 v16 = __builtin_convertvector(v, i16x16);
+            i8x16 h8 = __builtin_convertvector(h, i8x16), l8 = __builtin_convertvector(v - 256 * h, i8x16);
+            memcpy(q + g * group + i, &v16, 32);
+            memcpy(high + g * group + i, &h8, 16);
+            memcpy(low + g * group + i, &l8, 16);
         }
         step[g] = amax / LEVELS;
-        sum[g] = s;
+        sum[g] = hsum16(vsum);
     }
 }
 
