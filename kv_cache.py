@@ -70,8 +70,3 @@ class KVCache:
         """(layer, position) pairs below `upto` that no block has written."""
         layers, positions = np.nonzero(self.writer[:, :upto] == Writer.EMPTY)
         return list(zip(layers.tolist(), positions.tolist()))
-
-    def reset(self):
-        """Forget every write. Stale tensors stay, but reads are causal: a position is rewritten before it is read."""
-        self.writer[:] = Writer.EMPTY
-        self.write_count[:] = 0

@@ -1,6 +1,6 @@
 """A Llama-style decoder from scratch: config, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, blocks, LM head."""
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class LlamaConfig:
         return self.n_kv_heads * self.head_dim
 
     @property
-    def group_size(self):
+    def heads_per_kv(self):
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
@@ -85,9 +85,6 @@ class LlamaConfig:
                 "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
                 "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
                 "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def rope_inv_freq(cfg):
@@ -125,7 +122,7 @@ class Positions:
     length: int               # tokens in the step (T)
     cos: torch.Tensor         # (T, 1, head_dim/2) of each position's rotation angles
     sin: torch.Tensor         # (T, 1, head_dim/2)
-    attn_mask: torch.Tensor   # (group_size * T, kv_len) bool, True where a query may attend
+    attn_mask: torch.Tensor   # (heads_per_kv * T, kv_len) bool, True where a query may attend
 
 
 class RMSNorm(nn.Module):
@@ -191,7 +188,7 @@ class Attention(nn.Module):
 
         GQA without repeating K/V: the G query heads that share a KV head become G*T query rows of it.
         """
-        cfg, G = self.cfg, self.cfg.group_size
+        cfg, G = self.cfg, self.cfg.heads_per_kv
         B, T, _ = x.shape
         qkv = self.wqkv(x)                                                     # (B, T, q_dim + 2 kv_dim)
         qk = qkv[..., :cfg.q_dim + cfg.kv_dim].view(B, T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
@@ -205,8 +202,8 @@ class Attention(nn.Module):
     def merge_heads(self, y):
         """Attention output (B, n_kv_heads, G*T, head_dim) -> (B, T, d_model)."""
         cfg = self.cfg
-        B, T = y.shape[0], y.shape[2] // cfg.group_size
-        y = y.view(B, cfg.n_kv_heads, cfg.group_size, T, cfg.head_dim).permute(0, 3, 1, 2, 4)
+        B, T = y.shape[0], y.shape[2] // cfg.heads_per_kv
+        y = y.view(B, cfg.n_kv_heads, cfg.heads_per_kv, T, cfg.head_dim).permute(0, 3, 1, 2, 4)
         return self.wo(y.reshape(B, T, cfg.q_dim))
 
     def project_kv(self, x, pos):
@@ -327,7 +324,7 @@ class Transformer(nn.Module):
             mask = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         else:
             mask = cache.causal_mask(start, length)
-        return Positions(start, length, cos, sin, mask.repeat(self.cfg.group_size, 1))
+        return Positions(start, length, cos, sin, mask.repeat(self.cfg.heads_per_kv, 1))
 
     def embed_tokens(self, tokens):
         """tokens (B, T) -> h_0 (B, T, d_model)."""
