@@ -17,7 +17,7 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
 
 // A weight matrix (n rows, k inputs). bf16: row-major. Q4 / Q8: for each block of 16 rows and each group of
-// `group` inputs, 64-byte chunks of codes (see rows_q4, rows_q8), then the 16 rows' fp16 scales and fp16 lows:
+// `group` inputs, 64-byte chunks of codes (see rows_lowbit), then the 16 rows' fp16 scales and fp16 lows:
 // w = low + scale * code, code in 0..15 or 0..255.
 struct Mat {
     const uint8_t* w;
@@ -240,119 +240,105 @@ static inline int32_t four(const int8_t* p) {
     return v;
 }
 
-static void rows_q4(const Mat& m, const Input& in, float* y, int b0, int b1) {
-    const int groups = m.k / m.group, chunks = m.group / 8;
-    const int64_t group_bytes = (int64_t)chunks * 64 + 64;
-    for (int b = b0; b < b1; b++) {
-        const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
 #ifdef RIVER_AVX512
-        __m512 acc = _mm512_setzero_ps();
-        const __m512i nib = _mm512_set1_epi8(0x0f);
-        for (int g = 0; g < groups; g++, p += group_bytes) {
-            const int8_t* xh = in.high + g * m.group;
-            const int8_t* xl = in.low + g * m.group;
-            __m512i dh = _mm512_setzero_si512(), dl = _mm512_setzero_si512();
-            for (int c = 0; c < chunks; c++) {
-                __m512i v = _mm512_loadu_si512(p + c * 64);
-                __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-                dh = _mm512_dpbusd_epi32(dh, lo, _mm512_set1_epi32(four(xh + c * 8)));
-                dl = _mm512_dpbusd_epi32(dl, lo, _mm512_set1_epi32(four(xl + c * 8)));
-                dh = _mm512_dpbusd_epi32(dh, hi, _mm512_set1_epi32(four(xh + c * 8 + 4)));
-                dl = _mm512_dpbusd_epi32(dl, hi, _mm512_set1_epi32(four(xl + c * 8 + 4)));
-            }
-            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dh, 8), dl));
-            const uint8_t* sl = p + chunks * 64;
-            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
-            __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
-            acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
-            acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
-        }
-        _mm512_storeu_ps(y + b * 16, acc);
+typedef __m512i Dots;  // one int32 dot product per row of a 16-row block
+#define ROW_VECTORS 1  // vectors of 16 rows
 #else
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-        for (int g = 0; g < groups; g++, p += group_bytes) {
-            const int8_t* xh = in.high + g * m.group;
-            const int8_t* xl = in.low + g * m.group;
-            const uint8_t* sl = p + chunks * 64;
-            for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
-                __m256i dh = _mm256_setzero_si256(), dl = _mm256_setzero_si256();
-                for (int c = 0; c < chunks; c++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-                    __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-                    // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
-                    __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh + c * 8))),
-                                                  _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + c * 8 + 4))));
-                    __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl + c * 8))),
-                                                  _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + c * 8 + 4))));
-                    dh = _mm256_add_epi32(dh, _mm256_madd_epi16(ph, ones));
-                    dl = _mm256_add_epi32(dl, _mm256_madd_epi16(pl, ones));
-                }
-                __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
-                __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl));
-                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
-                acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
-            }
-        }
-        _mm256_storeu_ps(y + b * 16, acc[0]);
-        _mm256_storeu_ps(y + b * 16 + 8, acc[1]);
+typedef __m256i Dots;  // 8 rows: a 16-row block is two of them
+#define ROW_VECTORS 2
 #endif
+
+// The exact integer dot products of one group for rows h*8.. (AVX2) or all 16 (AVX-512): codes at p, chunks of 64
+// bytes, activations from input index k0.
+template <int BITS>
+static inline Dots group_dot(const uint8_t* p, int chunks, const Input& in, int k0, int h) {
+#ifdef RIVER_AVX512
+    (void)h;
+    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+    if (BITS == 4) {  // d0: against the high halves, d1: the low halves
+        const __m512i nib = _mm512_set1_epi8(0x0f);
+        const int8_t *xh = in.high + k0, *xl = in.low + k0;
+        for (int c = 0; c < chunks; c++) {
+            __m512i v = _mm512_loadu_si512(p + c * 64);
+            __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            d0 = _mm512_dpbusd_epi32(d0, lo, _mm512_set1_epi32(four(xh + c * 8)));
+            d1 = _mm512_dpbusd_epi32(d1, lo, _mm512_set1_epi32(four(xl + c * 8)));
+            d0 = _mm512_dpbusd_epi32(d0, hi, _mm512_set1_epi32(four(xh + c * 8 + 4)));
+            d1 = _mm512_dpbusd_epi32(d1, hi, _mm512_set1_epi32(four(xl + c * 8 + 4)));
+        }
+        return _mm512_add_epi32(_mm512_slli_epi32(d0, 8), d1);
     }
+    const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
+    for (int c = 0; c < chunks; c++) {  // d0, d1: the pairs (k, k+1) and (k+2, k+3)
+        __m512i v = _mm512_loadu_si512(p + c * 64);
+        int32_t xp[2];
+        memcpy(xp, in.q + k0 + c * 4, 8);
+        d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, bytes), _mm512_set1_epi32(xp[0]));
+        d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes), _mm512_set1_epi32(xp[1]));
+    }
+    return _mm512_add_epi32(d0, d1);
+#else
+    __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+    if (BITS == 4) {
+        const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+        const int8_t *xh = in.high + k0, *xl = in.low + k0;
+        for (int c = 0; c < chunks; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+            __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+            // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
+            __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh + c * 8))),
+                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + c * 8 + 4))));
+            __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl + c * 8))),
+                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + c * 8 + 4))));
+            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(ph, ones));
+            d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(pl, ones));
+        }
+        return _mm256_add_epi32(_mm256_slli_epi32(d0, 8), d1);
+    }
+    const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
+    for (int c = 0; c < chunks; c++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+        int32_t xp[2];
+        memcpy(xp, in.q + k0 + c * 4, 8);
+        d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, bytes), _mm256_set1_epi32(xp[0])));
+        d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), bytes),
+                                                    _mm256_set1_epi32(xp[1])));
+    }
+    return _mm256_add_epi32(d0, d1);
+#endif
 }
 
-static void rows_q8(const Mat& m, const Input& in, float* y, int b0, int b1) {
-    const int groups = m.k / m.group, chunks = m.group / 4;
+template <int BITS>
+static void rows_lowbit(const Mat& m, const Input& in, float* y, int b0, int b1) {
+    const int groups = m.k / m.group, chunks = m.group / (BITS == 4 ? 8 : 4);
     const int64_t group_bytes = (int64_t)chunks * 64 + 64;
     for (int b = b0; b < b1; b++) {
         const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
+        for (int h = 0; h < ROW_VECTORS; h++) {
 #ifdef RIVER_AVX512
-        __m512 acc = _mm512_setzero_ps();
-        const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
-        for (int g = 0; g < groups; g++, p += group_bytes) {
-            const int16_t* xq = in.q + g * m.group;
-            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-            for (int c = 0; c < chunks; c++) {
-                __m512i v = _mm512_loadu_si512(p + c * 64);
-                int32_t xp[2];
-                memcpy(xp, xq + c * 4, 8);
-                d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, bytes), _mm512_set1_epi32(xp[0]));
-                d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes), _mm512_set1_epi32(xp[1]));
+            __m512 acc = _mm512_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                const uint8_t* sl = p + g * group_bytes + chunks * 64;
+                __m512 dot = _mm512_cvtepi32_ps(group_dot<BITS>(p + g * group_bytes, chunks, in, g * m.group, h));
+                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
+                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
+                acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
+                acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
             }
-            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
-            const uint8_t* sl = p + chunks * 64;
-            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
-            __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
-            acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
-            acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
-        }
-        _mm512_storeu_ps(y + b * 16, acc);
+            _mm512_storeu_ps(y + b * 16, acc);
 #else
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
-        for (int g = 0; g < groups; g++, p += group_bytes) {
-            const int16_t* xq = in.q + g * m.group;
-            const uint8_t* sl = p + chunks * 64;
-            for (int h = 0; h < 2; h++) {  // rows 0..7, then 8..15
-                __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
-                for (int c = 0; c < chunks; c++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-                    int32_t xp[2];
-                    memcpy(xp, xq + c * 4, 8);
-                    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, bytes), _mm256_set1_epi32(xp[0])));
-                    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), bytes),
-                                                                _mm256_set1_epi32(xp[1])));
-                }
+            __m256 acc = _mm256_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                const uint8_t* sl = p + g * group_bytes + chunks * 64;
+                __m256 dot = _mm256_cvtepi32_ps(group_dot<BITS>(p + g * group_bytes, chunks, in, g * m.group, h));
                 __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
                 __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1));
-                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc[h]);
-                acc[h] = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc[h]);
+                acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc);
+                acc = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc);
             }
-        }
-        _mm256_storeu_ps(y + b * 16, acc[0]);
-        _mm256_storeu_ps(y + b * 16 + 8, acc[1]);
+            _mm256_storeu_ps(y + b * 16 + h * 8, acc);
 #endif
+        }
     }
 }
 
@@ -378,9 +364,9 @@ static void product(const Mat& m, const Input& in, float* y, int first, int coun
     const int per_lane = m.kind == KIND_Q4 ? 8 : 4;
     sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / per_lane) * 64 + 64);
     if (m.kind == KIND_Q4)
-        rows_q4(sub, in, y, r0 / 16, r1 / 16);
+        rows_lowbit<4>(sub, in, y, r0 / 16, r1 / 16);
     else
-        rows_q8(sub, in, y, r0 / 16, r1 / 16);
+        rows_lowbit<8>(sub, in, y, r0 / 16, r1 / 16);
 }
 
 // x[r] += y[r] for this thread's rows of a product of `count` rows (the partition `product` used).

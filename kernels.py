@@ -148,7 +148,7 @@ def bf16_mat(w):
 # Order of the codes inside a chunk's 32-bit lane, as little-endian bytes: for 4 bits, byte i holds codes
 # LANE_ORDER[4][i] (low nibble) and LANE_ORDER_HIGH[i] (high nibble), so a mask or a shift gives 4 consecutive
 # codes as bytes; for 8 bits, byte i holds code LANE_ORDER[8][i], so a shift and a mask give an int16 pair
-# (kernels.cpp, rows_q4 and rows_q8).
+# (kernels.cpp, group_dot).
 LANE_ORDER = {4: [0, 1, 2, 3], 8: [0, 2, 1, 3]}
 LANE_ORDER_HIGH = [4, 5, 6, 7]
 
