@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 import load_weights
-from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
+from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Linear, LlamaConfig, Transformer, attend
@@ -928,6 +928,32 @@ def test_native_step_exits_where_the_similarity_rule_says(isa, cfg, n_prompt, pi
     assert depth == expected
     checked = min(depth, cfg.n_layers - 1)
     torch.testing.assert_close(got[:checked], torch.tensor(sims[:checked]), rtol=0, atol=1e-4)
+
+
+@each_isa_here
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 4), layer=st.integers(0, 4), seed=st.integers(0, 99))
+def test_a_replayed_exit_leaves_at_its_depth_and_still_computes_the_similarity(isa, cfg, n_prompt, layer, seed):
+    """Replay (bench.py --shape): the step leaves after the block it is given, native and torch alike, and the native
+    step still computes s_l after every backbone block it runs -- the similarities the rule itself sees -- and none
+    after."""
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    river = ExitRiver(model, 4, 32)
+    fast, plain = Engine(model, river, native=isa), Engine(model, river, native=False)
+    L, layer = cfg.n_layers, min(layer, cfg.n_layers - 1)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(seed))
+    caches = [model.new_cache(n_prompt + 1) for _ in range(3)]
+    for engine, cache in zip((fast, fast, plain), caches):
+        engine.forward(tokens[:, :n_prompt], 0, cache, "backbone")
+    step = tokens[:, n_prompt:]
+    replayed, by_rule = torch.full((L,), float("nan")), torch.full((L,), float("nan"))
+    _, depth = fast.native.forward(step, n_prompt, caches[0], fast.native.exit_rule("river", ReplayedExit(layer)),
+                                   similarity=replayed)
+    fast.native.forward(step, n_prompt, caches[1], fast.native.exit_rule("river", SimilarityExit(1.5)),
+                        similarity=by_rule)  # tau > 1: every block runs, every s_l computed
+    assert depth == layer + 1 == plain.forward(step, n_prompt, caches[2], "river", ReplayedExit(layer))[1]
+    torch.testing.assert_close(replayed[:depth], by_rule[:depth], rtol=0, atol=1e-6)
+    assert replayed[depth:].isnan().all()
 
 
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
