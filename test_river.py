@@ -1,6 +1,7 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -1203,6 +1204,12 @@ def test_compiled_one_token_attention_is_masked_softmax():
     (["--threads", "0"], "argument --threads: threads must be >= 1, got 0"),
     (["--device", "tpu"], "argument --device: device 'tpu' is not supported"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--shape", "gpt-9"], "argument --shape: invalid choice: 'gpt-9'"),
+    (["--context", "0"], "argument --context: context must be >= 1 token, got 0"),
+    (["--context", "8150"], "argument --context: context 8150 plus 64 decoded tokens exceeds the model's context "
+                            "of 8192"),
+    (["--context", "90000"], r"argument --context: context 90000 is longer than the text's \d+ tokens"),
+    (["--plot-scaling", "scaling.png"], "argument --plot-scaling: draws the --shape and --context runs"),
 ])
 def test_bench_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
     import bench
@@ -1247,3 +1254,42 @@ def test_bench_text_windows_and_humaneval(bundled, tmp_path):
     assert len(windows) == 3 and all(len(c) == 32 and 1 < len(t) <= 16 for c, t in windows)
     problems = bench.quality_sequences(tokenizer, 2, 16)
     assert len(problems) == 2 and problems[0][0] == tokenizer.encode(bench.humaneval_problems()[0][0]).ids
+
+
+# Published parameter counts of the checkpoints whose shapes --shape runs (tied embeddings counted once).
+SHAPE_PARAMETERS = {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "llama-3.2-1b": 1_235_814_400}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_PARAMETERS))
+def test_known_shapes_build_in_bf16_and_decode_a_replayed_step(name):
+    """Each --shape config has its checkpoint's parameter count (counted on the meta device: nothing allocated), and
+    at its full width, cut to two blocks and a small vocabulary (the 1B model itself is never built here), builds in
+    bf16 with River's copies and decodes a replayed step: groups of 64 tile every input width."""
+    import bench
+    with torch.device("meta"):
+        assert bench.parameter_count(Transformer(bench.SHAPES[name])) == SHAPE_PARAMETERS[name]
+    cfg = dataclasses.replace(bench.SHAPES[name], n_layers=2, vocab_size=512)
+    model = bench.random_model(cfg)
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.embed.weight
+    engine = Engine(model, bench.main_river(model, 64, refine_steps=0))
+    assert (engine.native is not None) == bool(ISAS_HERE)
+    cache = model.new_cache(4)
+    engine.forward(torch.tensor([[1, 2, 3]]), 0, cache, "backbone")
+    logits, depth = engine.forward(torch.tensor([[4]]), 3, cache, "river", ReplayedExit(0))
+    assert depth == 1 and logits.isfinite().all() and cache.holes(4) == []
+    assert engine.native_steps == bool(ISAS_HERE)
+
+
+def test_replayed_depths_follow_the_measured_distribution():
+    """Seeded draws: with as many blocks as the source, each depth as often as measured; scaled to 16 blocks, the
+    mean share of backbone blocks kept and each depth on one of its scaled value's two neighbours."""
+    import bench
+    measured = [2] * 50 + [3] * 30 + [5] * 15 + [30] * 5  # depths of a 30-block model
+    same = bench.replayed_depths(measured, 30, 30, 20000, seed=1)
+    assert same == bench.replayed_depths(measured, 30, 30, 20000, seed=1)
+    assert set(same) == set(measured)
+    for d in set(measured):
+        assert abs(same.count(d) / len(same) - measured.count(d) / len(measured)) < 0.015, d
+    scaled = bench.replayed_depths(measured, 16, 30, 20000, seed=2)
+    assert set(scaled) == {1, 2, 3, 16}  # 2 and 3 of 30 -> 1.07 and 1.6; 5 -> 2.67; 30 -> 16
+    assert abs(sum(scaled) / len(scaled) / 16 - sum(measured) / len(measured) / 30) < 0.005
