@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -424,11 +425,12 @@ def shape_speed(name, depths, source_layers, prompt, new_tokens, repeats, group_
     cfg = SHAPES[name]
     t = time.perf_counter()
     model = random_model(cfg)
-    built = time.perf_counter()
+    build_s = {"weights": time.perf_counter() - t}
     river = main_river(model, group_size, refine_steps=0)
     engine = Engine(model, river)
-    log(f"  {name}: {parameter_count(model) / 1e6:.0f}M random weights in {built - t:.0f} s, river and native "
-        f"layouts in {time.perf_counter() - built:.0f} s")
+    build_s["river_and_native_layouts"] = time.perf_counter() - t - build_s["weights"]
+    log(f"  {name}: {parameter_count(model) / 1e6:.0f}M random weights in {build_s['weights']:.0f} s, river and "
+        f"native layouts in {build_s['river_and_native_layouts']:.0f} s")
     replay = replayed_depths(depths, cfg.n_layers, source_layers, new_tokens * repeats, seed=0)
     cache = model.new_cache(len(prompt) + new_tokens)
     t = time.perf_counter()
@@ -439,9 +441,9 @@ def shape_speed(name, depths, source_layers, prompt, new_tokens, repeats, group_
                                  for r in range(repeats)])}
     rates = interleaved_rates(engine, cache, len(prompt), int(logits[0, -1].argmax()), plans, repeats)
     positions = range(len(prompt), len(prompt) + new_tokens)
-    return speed_row(model, river, rates, positions, read_gb_per_s, weights="random", config=cfg.as_dict(),
-                     parameters=parameter_count(model), context=len(prompt), prefill_s=prefill_s,
-                     path=f"native {engine.native.isa}" if engine.native is not None else "torch, eager")
+    return speed_row(model, river, rates, positions, read_gb_per_s, weights="random", exits="replayed (depth_source)",
+                     config=cfg.as_dict(), parameters=parameter_count(model), build_s=build_s, context=len(prompt),
+                     prefill_s=prefill_s, path=f"native {engine.native.isa}" if engine.native is not None else "torch")
 
 
 def long_text_ids(tokenizer, text_file):
@@ -613,7 +615,7 @@ def print_scaling(result):
             print(f"{row['context']:>8}{row['prefill_s']:>10.1f}{row['river_mean_backbone_blocks']:>8.2f}"
                   f"{tps['backbone']:>10.1f}{tps['river']:>8.1f}{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x"
                   f"{row['speedup'] / row['modelled'] - 1:>+7.0%}")
-    print(f"finished in {result['seconds']:.0f} s")
+    print(f"finished in {result['seconds']:.0f} s, peak resident memory {result['peak_resident_gb']:.1f} GB")
 
 
 def scaling(args, parser, device):
@@ -656,6 +658,7 @@ def scaling(args, parser, device):
         result["context_sweep"] = [context_speed(engine, text[:n], new_tokens, repeats, args.tau,
                                                  result["read_gb_per_s"]) for n in args.context]
     result["seconds"] = time.perf_counter() - t_start
+    result["peak_resident_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB
     print_scaling(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
