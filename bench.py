@@ -455,7 +455,8 @@ def long_text_ids(tokenizer, text_file):
 
 def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
     """Backbone and River (the similarity rule at tau) decode speed after a prompt of len(prompt) real tokens, beside
-    the bandwidth model; and the prefill's seconds (the torch path, fp32 activations, one call for the prompt)."""
+    the bandwidth model; the prefill's seconds (the torch path, fp32 activations, one call for the prompt); and on the
+    native path the split of a block's time at that position (attention grows in the rest)."""
     model = engine.model
     cache = model.new_cache(len(prompt) + new_tokens)
     t = time.perf_counter()
@@ -466,7 +467,9 @@ def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
              "river": ("river", [[SimilarityExit(tau)] * new_tokens] * repeats)}
     rates = interleaved_rates(engine, cache, len(prompt), int(logits[0, -1].argmax()), plans, repeats)
     positions = range(len(prompt), len(prompt) + new_tokens)
-    return speed_row(model, engine.river, rates, positions, read_gb_per_s, context=len(prompt), prefill_s=prefill_s)
+    split = block_split_us(engine, len(prompt) + new_tokens // 2) if engine.native is not None else None
+    return speed_row(model, engine.river, rates, positions, read_gb_per_s, context=len(prompt), prefill_s=prefill_s,
+                     block_split_us=split)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -608,13 +611,16 @@ def print_scaling(result):
     if result.get("context_sweep"):
         print(f"\nagainst context length: {result['model']}, {result['text']}, River's own exit rule")
         header = (f"{'context':>8}{'prefill s':>10}{'blocks':>8}{'backbone':>10}{'River':>8}{'speedup':>9}"
-                  f"{'modelled':>10}{'gap':>7}")
+                  f"{'modelled':>10}{'gap':>7}   per block, us: backbone (products + rest), river (products + rest)")
         print(header + "\n" + "-" * len(header))
         for row in result["context_sweep"]:
-            tps = row["decode_tokens_per_s"]
+            tps, split = row["decode_tokens_per_s"], row["block_split_us"]
+            blocks = "" if split is None else "   " + ", ".join(
+                f"{split[k]['whole']:.0f} ({split[k]['products']:.0f} + {split[k]['rest']:.0f})"
+                for k in ("backbone_block", "river_block"))
             print(f"{row['context']:>8}{row['prefill_s']:>10.1f}{row['river_mean_backbone_blocks']:>8.2f}"
                   f"{tps['backbone']:>10.1f}{tps['river']:>8.1f}{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x"
-                  f"{row['speedup'] / row['modelled'] - 1:>+7.0%}")
+                  f"{row['speedup'] / row['modelled'] - 1:>+7.0%}{blocks}")
     print(f"finished in {result['seconds']:.0f} s, peak resident memory {result['peak_resident_gb']:.1f} GB")
 
 
