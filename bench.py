@@ -556,6 +556,7 @@ def plot_scaling(result, path):
     import matplotlib  # main checked that it is installed
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     panels = [key for key in ("shapes", "context_sweep") if result.get(key)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
@@ -577,6 +578,8 @@ def plot_scaling(result, path):
             ax.set_xlabel("context: prompt tokens before the decode (log scale)")
             ax.set_title(f"against context length: {result['model']},\n{result['text']}, its exit rule at tau "
                          f"{result['tau']:g}", fontsize=9)
+        ax.set_xticks(x, [f"{v:.2g}" if key == "shapes" else str(v) for v in x])  # the points measured, no others
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.plot(x, [row["speedup"] for row in rows], "o-", label="measured")
         ax.plot(x, [row["modelled"] for row in rows], "s--", label="bandwidth model (bytes read per token)")
         ax.axhline(1, color="k", lw=0.8)
