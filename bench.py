@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -15,16 +16,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exit_policy import SimilarityExit
+from exit_policy import ReplayedExit, SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_config_and_tokenizer, load_model, resolve_device
+from model import LlamaConfig, Transformer
+from quantize import QuantizedLinear
 import kernels
 from river import (DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument,
                    check_group_size_fits, check_quant_args, default_activations, fail, option, reading_files, sync)
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
+# Published shapes of known checkpoints, run on seeded random weights for speed alone (--shape).
+SHAPES = {
+    "smollm2-135m": LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                                head_dim=64, rope_theta=100000.0, max_seq_len=8192),
+    "smollm2-360m": LlamaConfig(vocab_size=49152, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560,
+                                head_dim=64, rope_theta=100000.0, max_seq_len=8192),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                                head_dim=64, rope_theta=500000.0, max_seq_len=131072,
+                                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
 
 
 def log(message):
@@ -53,14 +67,19 @@ class Variant:
         return SimilarityExit(self.tau) if self.exits else None
 
 
+def main_river(model, group_size, refine_steps=10):
+    """River's own copies: on CPU 4-bit with int16 activations, the last block 8-bit (README, "Quality"); on CUDA
+    4-bit W4A16."""
+    activations = default_activations(model.device)
+    return ExitRiver(model, 4, group_size, activations, DEFAULT_EIGHT_BIT_LAYERS if activations == "int16" else (),
+                     refine_steps)
+
+
 def rivers(model, group_size):
-    """The rivers the rows use. main: River's own (on CPU 4-bit with int16 activations, the last block 8-bit:
-    README, "Quality"); w4a16: every block 4-bit through PyTorch's kernel with bf16 activations, the paper's
-    W4A16 and the whole-model control; 8bit: every block 8-bit (CPU only)."""
-    main = default_activations(model.device)
-    out = {"main": ExitRiver(model, 4, group_size, main, DEFAULT_EIGHT_BIT_LAYERS if main == "int16" else ()),
-           "w4a16": ExitRiver(model, 4, group_size, "bf16")}
-    if main == "int16":
+    """The rivers the rows use. main: River's own (main_river); w4a16: every block 4-bit through PyTorch's kernel
+    with bf16 activations, the paper's W4A16 and the whole-model control; 8bit: every block 8-bit (CPU only)."""
+    out = {"main": main_river(model, group_size), "w4a16": ExitRiver(model, 4, group_size, "bf16")}
+    if out["main"].activations == "int16":
         out["8bit"] = ExitRiver(model, 8, group_size, "int16")
     return out
 
@@ -269,6 +288,190 @@ def resident_bytes(model, river_set, v):
     return shared + river + (backbone if v.mode != "quantized" else 0)
 
 
+# ------------------------------------------------------------------------ scaling: model size, context length
+
+def random_model(cfg, seed=0):
+    """A Transformer of `cfg` with seeded N(0, 0.02) weights and unit norms, built in bf16 directly: a 1B model built
+    in fp32 first would hold twice its bytes at once."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gave the tied head a tensor of its own: tie it again
+        model.lm_head.weight = model.embed.weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=generator)
+    return model.eval()
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+
+
+def river_depths(engine, tokenizer, tau, problems, max_target):
+    """Backbone blocks run per decode token by River at tau, teacher-forced over HumanEval canonical solutions: the
+    depth distribution --shape replays."""
+    variant = Variant("river", "river", tau=tau)
+    return [d for context, target in quality_sequences(tokenizer, problems, max_target)
+            for d in teacher_forced(engine, variant, context, target)[1]]
+
+
+def replayed_depths(depths, n_layers, source_layers, count, seed):
+    """`count` exit depths for a model of n_layers blocks, drawn with replacement (seeded) from depths measured on a
+    model of source_layers blocks and scaled: d becomes d * n_layers / source_layers, rounded down or up at random in
+    proportion to its fraction (so the mean share of backbone blocks is kept), and at least 1 (the rule's first
+    check follows block 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.tensor(depths, dtype=torch.float64)[torch.randint(len(depths), (count,), generator=generator)]
+    scaled = drawn * n_layers / source_layers                                            # (count,)
+    up = torch.rand(count, generator=generator, dtype=torch.float64) < scaled - scaled.floor()
+    return (scaled.floor() + up).clamp(1, n_layers).long().tolist()
+
+
+def decode(engine, cache, start, token, mode, policies):
+    """Greedy decode after `token` at positions start.. of a prefilled cache, step i under policies[i]; returns each
+    step's seconds and backbone blocks. Runs from the same start overwrite the same slots: each sees the prompt
+    alone."""
+    times, depths = [], []
+    for i, policy in enumerate(policies):
+        t = time.perf_counter()
+        logits, depth = engine.forward(torch.tensor([[token]], device=engine.model.device), start + i, cache, mode,
+                                       policy)
+        token = int(logits[0, -1].argmax())  # reads the logits: syncs
+        times.append(time.perf_counter() - t)
+        depths.append(depth)
+    return times, depths
+
+
+def interleaved_rates(engine, cache, start, token, plans, repeats):
+    """Median decode tok/s and every step's depth of each plan (name -> (mode, per repeat the policies of its steps)),
+    all decoding from the same prefilled cache; plans interleaved, their order rotated per repeat, as in
+    measure_speed."""
+    names = list(plans)
+    for name in names:  # warm-up
+        mode, runs = plans[name]
+        decode(engine, cache, start, token, mode, runs[0][:4])
+    rates, depths = ({name: [] for name in names} for _ in range(2))
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            mode, runs = plans[name]
+            times, steps = decode(engine, cache, start, token, mode, runs[r])
+            rates[name].append(len(times) / sum(times))
+            depths[name] += steps
+    return {name: {"decode_tokens_per_s": statistics.median(rates[name]), "decode_tokens_per_s_per_repeat": rates[name],
+                   "depths": depths[name]} for name in names}
+
+
+def read_bandwidth(device):
+    """GB/s of summing a 512 MB tensor: how fast a decode step's weights and K/V can stream at best."""
+    a = torch.ones(128 * 2**20, device=device)
+    return a.numel() * a.element_size() / min(seconds(lambda: a.sum(), device) for _ in range(5)) / 1e9
+
+
+def block_weight_bytes(block):
+    """Bytes of weights kernels.cpp streams for one block: bf16 matrices, or low-bit codes with an fp16 scale and
+    low per row and group (kernels.pack_lowbit); its two norms in fp32."""
+    total = 2 * 4 * block.attn_norm.weight.numel()
+    for linear in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down):
+        if isinstance(linear, QuantizedLinear):
+            total += linear.out_features * linear.in_features * linear.bits // 8 + 4 * linear.scale.numel()
+        else:
+            total += linear.weight.numel() * linear.weight.element_size()
+    return total
+
+
+def step_bytes(model, river, depths, positions):
+    """Mean bytes a decode step reads over steps of these depths (backbone blocks run; river copies after) at these
+    positions: the blocks' weights, the bf16 LM head, and every layer's bf16 K and V up to the position (once per
+    KV head: the query heads sharing it read it from cache). The embedding row is left out."""
+    cfg = model.cfg
+    backbone = [block_weight_bytes(b) for b in model.blocks]
+    copies = [block_weight_bytes(b) for b in river.blocks] if river is not None else []
+    weights = statistics.mean(sum(backbone[:d]) + sum(copies[d:]) for d in depths)
+    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv_per_position = cfg.n_layers * 2 * cfg.kv_dim * model.dtype.itemsize
+    return weights + head + kv_per_position * (statistics.mean(positions) + 1)
+
+
+def bandwidth_model(model, river, depths, positions, read_gb_per_s):
+    """Backbone and River steps as bytes read at the measured read bandwidth: their tok/s and ratio."""
+    bytes_read = {"backbone": step_bytes(model, None, [model.cfg.n_layers], positions),
+                  "river": step_bytes(model, river, depths, positions)}
+    return {"bytes_per_token": bytes_read, "read_gb_per_s": read_gb_per_s,
+            "tokens_per_s": {name: read_gb_per_s * 1e9 / b for name, b in bytes_read.items()},
+            "speedup": bytes_read["backbone"] / bytes_read["river"]}
+
+
+def speed_row(model, river, rates, positions, read_gb_per_s, **extra):
+    """One point of a scaling curve: measured tok/s of backbone and River, their ratio, and the bandwidth model's."""
+    depths = rates["river"]["depths"]
+    modelled = bandwidth_model(model, river, depths, positions, read_gb_per_s)
+    return {**extra, "decode_tokens_per_s": {name: r["decode_tokens_per_s"] for name, r in rates.items()},
+            "decode_tokens_per_s_per_repeat": {name: r["decode_tokens_per_s_per_repeat"] for name, r in rates.items()},
+            "river_mean_backbone_blocks": statistics.mean(depths),
+            "river_exit_histogram": exit_histogram(depths, model.cfg.n_layers),
+            "speedup": rates["river"]["decode_tokens_per_s"] / rates["backbone"]["decode_tokens_per_s"],
+            "modelled": modelled["speedup"], "bandwidth_model": modelled}
+
+
+def shape_speed(name, depths, source_layers, prompt, new_tokens, repeats, group_size, read_gb_per_s):
+    """Backbone and River decode speed of a known shape on seeded random weights, River's exits replayed from `depths`
+    (measured on a model of source_layers blocks), beside the bandwidth model. River's copies as River's own (4-bit,
+    the last block 8-bit) but without the quantizer's least squares: random weights say nothing about quality."""
+    cfg = SHAPES[name]
+    t = time.perf_counter()
+    model = random_model(cfg)
+    build_s = {"weights": time.perf_counter() - t}
+    river = main_river(model, group_size, refine_steps=0)
+    engine = Engine(model, river)
+    build_s["river_and_native_layouts"] = time.perf_counter() - t - build_s["weights"]
+    log(f"  {name}: {parameter_count(model) / 1e6:.0f}M random weights in {build_s['weights']:.0f} s, river and "
+        f"native layouts in {build_s['river_and_native_layouts']:.0f} s")
+    replay = replayed_depths(depths, cfg.n_layers, source_layers, new_tokens * repeats, seed=0)
+    cache = model.new_cache(len(prompt) + new_tokens)
+    t = time.perf_counter()
+    logits, _ = engine.forward(torch.tensor([prompt]), 0, cache, "backbone")
+    prefill_s = time.perf_counter() - t
+    plans = {"backbone": ("backbone", [[None] * new_tokens] * repeats),
+             "river": ("river", [[ReplayedExit(d - 1) for d in replay[r * new_tokens:(r + 1) * new_tokens]]
+                                 for r in range(repeats)])}
+    rates = interleaved_rates(engine, cache, len(prompt), int(logits[0, -1].argmax()), plans, repeats)
+    positions = range(len(prompt), len(prompt) + new_tokens)
+    return speed_row(model, river, rates, positions, read_gb_per_s, weights="random", exits="replayed (depth_source)",
+                     config=cfg.as_dict(), parameters=parameter_count(model), build_s=build_s, context=len(prompt),
+                     prefill_s=prefill_s, path=f"native {engine.native.isa}" if engine.native is not None else "torch")
+
+
+def long_text_ids(tokenizer, text_file):
+    """Token ids of a long real text: the file's, or every HumanEval prompt one after another."""
+    if text_file is not None:
+        return tokenizer.encode(Path(text_file).read_text(encoding="utf-8")).ids
+    return [i for prompt, _ in humaneval_problems() for i in tokenizer.encode(prompt).ids]
+
+
+def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
+    """Backbone and River (the similarity rule at tau) decode speed after a prompt of len(prompt) real tokens, beside
+    the bandwidth model; the prefill's seconds (the torch path, fp32 activations, one call for the prompt); and on the
+    native path the split of a block's time at that position (attention grows in the rest)."""
+    model = engine.model
+    cache = model.new_cache(len(prompt) + new_tokens)
+    t = time.perf_counter()
+    logits, _ = engine.forward(torch.tensor([prompt], device=model.device), 0, cache, "backbone")
+    prefill_s = time.perf_counter() - t
+    log(f"  context {len(prompt)}: prefill {prefill_s:.1f} s")
+    plans = {"backbone": ("backbone", [[None] * new_tokens] * repeats),
+             "river": ("river", [[SimilarityExit(tau)] * new_tokens] * repeats)}
+    rates = interleaved_rates(engine, cache, len(prompt), int(logits[0, -1].argmax()), plans, repeats)
+    positions = range(len(prompt), len(prompt) + new_tokens)
+    split = block_split_us(engine, len(prompt) + new_tokens // 2) if engine.native is not None else None
+    return speed_row(model, engine.river, rates, positions, read_gb_per_s, context=len(prompt), prefill_s=prefill_s,
+                     block_split_us=split)
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 def machine_info(device):
@@ -347,6 +550,143 @@ def plot(result, rows, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_scaling(result, path):
+    """River's decode speedup over the backbone against model size (known shapes, random weights, replayed exits) and
+    against context length (a real model and text), each measured beside the bandwidth model."""
+    import matplotlib  # main checked that it is installed
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    panels = [key for key in ("shapes", "context_sweep") if result.get(key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        if key == "shapes":
+            rows = sorted(result["shapes"].items(), key=lambda item: item[1]["parameters"])
+            x = [row["parameters"] / 1e9 for _, row in rows]
+            for (name, row), xi in zip(rows, x):
+                ax.annotate(name, (xi, row["speedup"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+            rows = [row for _, row in rows]
+            source = result["depth_source"]
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters (billions, log scale)")
+            ax.set_title(f"against model size: seeded random weights, {rows[0]['context']}-token prompt,\n"
+                         f"exits replayed from {source['model']} at tau {source['tau']:g}", fontsize=9)
+        else:
+            rows = result["context_sweep"]
+            x = [row["context"] for row in rows]
+            ax.set_xscale("log")
+            ax.set_xlabel("context: prompt tokens before the decode (log scale)")
+            ax.set_title(f"against context length: {result['model']},\n{result['text']}, its exit rule at tau "
+                         f"{result['tau']:g}", fontsize=9)
+        ax.set_xticks(x, [f"{v:.2g}" if key == "shapes" else str(v) for v in x])  # the points measured, no others
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.plot(x, [row["speedup"] for row in rows], "o-", label="measured")
+        ax.plot(x, [row["modelled"] for row in rows], "s--", label="bandwidth model (bytes read per token)")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_ylabel("River decode speedup over the backbone")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"River-LLM: where the method pays ({result['machine']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_scaling(result):
+    print(f"\nRiver-LLM scaling, speed only: {result['machine']}, torch {result['torch']}, native kernels "
+          f"{result['kernels']['isa'] or 'none'}; River's copies 4-bit (last block 8-bit), groups of "
+          f"{result['group_size']}, tau {result['tau']:g}; memory read {result['read_gb_per_s']:.1f} GB/s")
+    print("modelled: bytes read per token (weights of the blocks run, bf16 LM head, every layer's K/V), "
+          "backbone / River")
+    if result.get("shapes"):
+        source = result["depth_source"]
+        print(f"\nagainst model size: seeded random weights (no quality), River's exits replayed from "
+              f"{source['model']} at tau {source['tau']:g} ({source['mean_backbone_blocks']:.2f} of "
+              f"{source['n_layers']} backbone blocks over {source['tokens']} tokens), scaled to each depth")
+        header = (f"{'shape':<14}{'params':>8}{'blocks':>10}{'prefill s':>10}{'backbone':>10}{'River':>8}"
+                  f"{'speedup':>9}{'modelled':>10}")
+        print(header + "\n" + "-" * len(header))
+        for name, row in result["shapes"].items():
+            tps = row["decode_tokens_per_s"]
+            print(f"{name:<14}{row['parameters'] / 1e6:>7.0f}M{row['river_mean_backbone_blocks']:>6.2f}/"
+                  f"{row['config']['n_layers']:<3}{row['prefill_s']:>10.1f}{tps['backbone']:>10.1f}{tps['river']:>8.1f}"
+                  f"{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x")
+    if result.get("context_sweep"):
+        print(f"\nagainst context length: {result['model']}, {result['text']}, River's own exit rule")
+        header = (f"{'context':>8}{'prefill s':>10}{'blocks':>8}{'backbone':>10}{'River':>8}{'speedup':>9}"
+                  f"{'modelled':>10}{'gap':>7}   per block, us: backbone (products + rest), river (products + rest)")
+        print(header + "\n" + "-" * len(header))
+        for row in result["context_sweep"]:
+            tps, split = row["decode_tokens_per_s"], row["block_split_us"]
+            blocks = "" if split is None else "   " + ", ".join(
+                f"{split[k]['whole']:.0f} ({split[k]['products']:.0f} + {split[k]['rest']:.0f})"
+                for k in ("backbone_block", "river_block"))
+            print(f"{row['context']:>8}{row['prefill_s']:>10.1f}{row['river_mean_backbone_blocks']:>8.2f}"
+                  f"{tps['backbone']:>10.1f}{tps['river']:>8.1f}{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x"
+                  f"{row['speedup'] / row['modelled'] - 1:>+7.0%}{blocks}")
+    print(f"finished in {result['seconds']:.0f} s, peak resident memory {result['peak_resident_gb']:.1f} GB")
+
+
+def scaling(args, parser, device):
+    """--shape and --context: River's decode speedup against model size and against context length, speed only, each
+    beside the bandwidth model; prints the tables, writes --json and --plot-scaling."""
+    problems, max_target, new_tokens, repeats = (3, 48, 16, 2) if args.quick else (12, 128, 64, 5)
+    cfg, tokenizer = reading_files(load_config_and_tokenizer, args.model)
+    check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
+    for name in args.shape or ():
+        check_argument(parser, "--group-size", check_group_size_fits, SHAPES[name], args.group_size)
+    text = reading_files(long_text_ids, tokenizer, args.text)
+    for n in args.context or ():
+        check_argument(parser, "--context", check_context_fits, n, new_tokens, len(text), cfg.max_seq_len)
+    t_start = time.perf_counter()
+    log(f"river scaling bench on {machine_info(device)}, torch {torch.__version__}")
+    model = load_backbone(args.model, device, args.dtype)
+    engine = Engine(model, main_river(model, args.group_size))
+    result = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
+              "device": str(device), "torch": torch.__version__, "dtype": args.dtype,
+              "kernels": {"isa": engine.native.isa if engine.native is not None else None}, "tau": args.tau,
+              "group_size": args.group_size, "quick": args.quick, "new_tokens": new_tokens, "repeats": repeats,
+              "read_gb_per_s": read_bandwidth(device)}
+    if args.shape:
+        log(f"River's depths at tau {args.tau:g} on {result['model']} ...")
+        depths = river_depths(engine, tokenizer, args.tau, problems, max_target)
+        result["depth_source"] = {
+            "model": result["model"], "tau": args.tau, "n_layers": cfg.n_layers, "tokens": len(depths),
+            "data": f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens, "
+                    "teacher-forced", "mean_backbone_blocks": statistics.mean(depths),
+            "exit_histogram": exit_histogram(depths, cfg.n_layers)}
+        prompt = tokenizer.encode(humaneval_problems()[0][0]).ids
+        result["shapes"] = {name: shape_speed(name, depths, cfg.n_layers, prompt, new_tokens, repeats, args.group_size,
+                                              result["read_gb_per_s"]) for name in args.shape}
+        largest = max(args.shape, key=lambda name: result["shapes"][name]["parameters"])
+        result["speedup"] = {"river_vs_backbone": result["shapes"][largest]["speedup"], "shape": largest,
+                             "weights": "random"}
+    if args.context:
+        result["text"] = args.text or "HumanEval prompts one after another"
+        log(f"context sweep: {result['text']}, {len(text)} tokens")
+        result["context_sweep"] = [context_speed(engine, text[:n], new_tokens, repeats, args.tau,
+                                                 result["read_gb_per_s"]) for n in args.context]
+    result["seconds"] = time.perf_counter() - t_start
+    result["peak_resident_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB
+    print_scaling(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+    if args.plot_scaling:
+        plot_scaling(result, args.plot_scaling)
+
+
+def check_context(n):
+    if n < 1:
+        raise ValueError(f"context must be >= 1 token, got {n}")
+
+
+def check_context_fits(n, new_tokens, available, context):
+    if n > available:
+        raise ValueError(f"context {n} is longer than the text's {available} tokens")
+    if n + new_tokens > context:
+        raise ValueError(f"context {n} plus {new_tokens} decoded tokens exceeds the model's context of {context}")
+
+
 def check_threads(threads):
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -373,19 +713,32 @@ def main(argv=None):
                              "AVX-512 machine to see the other path")
     parser.add_argument("--strategies", action="store_true",
                         help="add the KV strategies River argues against (propagate, mask, recompute, monotonic)")
+    parser.add_argument("--shape", nargs="+", choices=SHAPES, default=None, metavar="NAME",
+                        help=f"speed only, on seeded random weights of known shapes ({', '.join(SHAPES)}), River's "
+                             "exits replayed from the depths it takes on the bundled model at --tau")
+    parser.add_argument("--context", nargs="+", type=option(int, check_context), default=None, metavar="N",
+                        help="speed only: decode after a prompt of N real tokens (HumanEval prompts one after "
+                             "another, or --text)")
+    parser.add_argument("--plot-scaling", default=None, metavar="PATH",
+                        help="draw the --shape and --context speedups, measured beside modelled, as a PNG")
     args = parser.parse_args(argv)
     device = check_argument(parser, "--device", resolve_device,
                             args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Every file is checked before minutes of measuring: inputs here, outputs' folders, the model's config below.
     if args.text is not None and not Path(args.text).is_file():
         fail(f"--text file {args.text} does not exist")
-    for name, path in (("--json", args.json), ("--plot", args.plot)):
+    for name, path in (("--json", args.json), ("--plot", args.plot), ("--plot-scaling", args.plot_scaling)):
         if path is not None and not Path(path).absolute().parent.is_dir():
             fail(f"{name} {path}: folder {Path(path).absolute().parent} does not exist")
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        fail("--plot needs matplotlib: pip install -r requirements.txt")
+    for name, path in (("--plot", args.plot), ("--plot-scaling", args.plot_scaling)):
+        if path is not None and importlib.util.find_spec("matplotlib") is None:
+            fail(f"{name} needs matplotlib: pip install -r requirements.txt")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.shape or args.context:
+        return scaling(args, parser, device)
+    if args.plot_scaling:
+        parser.error("argument --plot-scaling: draws the --shape and --context runs; name one of them")
     problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
     taus = QUICK_TAUS if args.quick else SWEEP_TAUS
 

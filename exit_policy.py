@@ -1,4 +1,4 @@
-"""When a token leaves the backbone: the state-transition-similarity rule, and the trivial rules tests use."""
+"""When a token leaves the backbone: the state-transition-similarity rule, the trivial rules tests use, and a replay."""
 import math
 import numbers
 
@@ -51,4 +51,19 @@ class FixedExit:
         self.layer = layer
 
     def should_exit(self, layer, h_in, h_out):
+        return layer == self.layer
+
+
+class ReplayedExit:
+    """Exit after block `layer`, a depth drawn elsewhere (bench.py --shape replays depths measured on a real model),
+    while s_l is still computed after every block as SimilarityExit computes it: on weights where the rule means
+    nothing (random ones), a step still pays for the rule's own work."""
+
+    def __init__(self, layer):
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"ReplayedExit layer must be an int >= 0, got {layer!r}")
+        self.layer = layer
+
+    def should_exit(self, layer, h_in, h_out):
+        transition_similarity(h_in, h_out).min().item()  # the rule's work and its host sync; the decision is replayed
         return layer == self.layer

@@ -596,18 +596,21 @@ struct Model {
     Mat head;                // (vocab, d) bf16
 };
 
-// How the step leaves the backbone (exit_policy.py defines the rule; this is its native twin): after block l when
-// l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; never after
-// the last block. start_in_river: every block a river copy (the whole-model low-bit mode).
+// How the step leaves the backbone (exit_policy.py defines the rules; these are their native twins): after block l
+// when l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; never after
+// the last block. replay (with fixed_exit >= 0): s_l is still computed after every backbone block, but the decision
+// is l == fixed_exit, a depth drawn elsewhere: on weights where the rule means nothing (random ones, bench.py --shape)
+// a step still pays for the rule's own work. start_in_river: every block a river copy (the whole-model low-bit mode).
 struct Exit {
     int32_t start_in_river, fixed_exit, min_layer;
     float tau;
+    int32_t replay;
 };
 
 // One token through the whole model: embedding, backbone blocks until the exit rule says leave, river copies of
 // the rest, final norm and LM head into logits (vocab,); one thread team, no return to Python between blocks.
-// Returns the number of backbone blocks run. Where the similarity itself is wanted (tests), `similarity` gets
-// s_l for every backbone block run, else may be null.
+// Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of every backbone block whose
+// similarity was computed (by the rule or in replay); writing it keeps a replay's similarity from being optimized away.
 extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache, const Exit* rule, float* scratch,
                           float* logits, float* similarity, int threads) {
     const Dims D = m->dims;
@@ -634,13 +637,9 @@ extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache
 #pragma omp single
             {
                 const int l = depth++;
-                if (rule->fixed_exit >= 0) {
-                    leave = l == rule->fixed_exit;
-                } else {
-                    const double sim = cosine(prev, x, D.d);
-                    if (similarity) similarity[l] = (float)sim;
-                    leave = l >= rule->min_layer && sim > rule->tau;
-                }
+                double sim = 0;
+                if (rule->fixed_exit < 0 || rule->replay) similarity[l] = (float)(sim = cosine(prev, x, D.d));
+                leave = rule->fixed_exit >= 0 ? l == rule->fixed_exit : l >= rule->min_layer && sim > rule->tau;
                 leave = leave && depth < n;
             }
         }

@@ -62,9 +62,10 @@ class Model(ctypes.Structure):
 
 class Exit(ctypes.Structure):
     """How a step leaves the backbone (kernels.cpp, river_step): after block fixed_exit, or (fixed_exit < 0) after
-    the first block l >= min_layer whose transition similarity exceeds tau; start_in_river: no backbone block."""
+    the first block l >= min_layer whose transition similarity exceeds tau; start_in_river: no backbone block;
+    replay: after block fixed_exit, the similarity still computed after every backbone block run."""
     _fields_ = [("start_in_river", ctypes.c_int32), ("fixed_exit", ctypes.c_int32), ("min_layer", ctypes.c_int32),
-                ("tau", ctypes.c_float)]
+                ("tau", ctypes.c_float), ("replay", ctypes.c_int32)]
 
 
 class Kernels:
@@ -240,10 +241,11 @@ class Decoder:
                            ctypes.addressof(self.river.layers) if self.river is not None else None,
                            embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), bf16_mat(head))
         self.scratch = torch.empty(0)
+        self.similarity = torch.empty(len(backbone))  # where a step's similarities go when the caller wants none
 
     def step(self, token, pos, k_cache, v_cache, rule, threads, similarity=None):
         """Logits (vocab,) fp32 of one token at `pos` and the backbone blocks it ran. rule: an Exit. similarity:
-        optional (n_layers,) fp32 tensor that gets s_l of every backbone block the similarity rule checked."""
+        optional (n_layers,) fp32 tensor that gets s_l of every backbone block the rule (or a replay) checked."""
         n_layers = self.model.n_layers
         if self.river is None and (rule.start_in_river or rule.fixed_exit != n_layers - 1):
             raise ValueError("this decoder has no river: only the whole backbone (fixed_exit = n_layers - 1) runs")
@@ -253,5 +255,5 @@ class Decoder:
         logits = torch.empty(self.keep[3].shape[0])
         depth = self.lib.step(ctypes.byref(self.model), token, pos, ctypes.byref(cache_of(k_cache, v_cache)),
                               ctypes.byref(rule), self.scratch.data_ptr(), logits.data_ptr(),
-                              None if similarity is None else similarity.data_ptr(), threads)
+                              (self.similarity if similarity is None else similarity).data_ptr(), threads)
         return logits, depth

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from exit_policy import FixedExit, NeverExit, SimilarityExit
+from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit
 from kv_cache import Writer
 from model import compile_blocks, compile_head
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
@@ -36,16 +36,17 @@ def default_activations(device):
     return "int16" if torch.device(device).type == "cpu" else "bf16"
 
 
-def river_block(block, bits=4, group_size=64, activations="int16"):
+def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
-    so it reads and writes the very cache slots its backbone twin would have written."""
+    so it reads and writes the very cache slots its backbone twin would have written. refine_steps: the quantizer's
+    least-squares rounds (quantize_weight)."""
     twin = copy.deepcopy(block)
     twin.cache_writer = Writer.RIVER
     device = block.attn_norm.weight.device
     for parent in (twin.attn, twin.mlp):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                qw = quantize_weight(child.weight, bits, group_size)
+                qw = quantize_weight(child.weight, bits, group_size, refine_steps)
                 setattr(parent, name, QuantizedLinear(qw, device, activations))
     return twin
 
@@ -70,9 +71,10 @@ class ExitRiver(nn.Module):
 
     Blocks in `eight_bit_layers` (negative indices count from the end) get 8-bit weights, the others `bits`:
     where a block's quantization error costs the most, it can be paid for there alone (README, "Quality").
+    refine_steps=0 skips the quantizer's least squares: minutes saved at 1B, for speed runs on random weights.
     """
 
-    def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=()):
+    def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -84,7 +86,7 @@ class ExitRiver(nn.Module):
             check_quant_args(8, group_size, activations)
         self.group_size, self.activations = group_size, activations
         self.bits = [8 if layer in eight else bits for layer in range(n_layers)]  # per block
-        self.blocks = nn.ModuleList(river_block(b, self.bits[layer], group_size, activations)
+        self.blocks = nn.ModuleList(river_block(b, self.bits[layer], group_size, activations, refine_steps)
                                     for layer, b in enumerate(model.blocks))
         assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
 
@@ -262,6 +264,8 @@ class NativeDecoder:
             return kernels.Exit(0, last, 0, 2.0)
         if isinstance(policy, FixedExit):
             return kernels.Exit(0, min(policy.layer, last), 0, 2.0)
+        if isinstance(policy, ReplayedExit):
+            return kernels.Exit(0, min(policy.layer, last), 0, 2.0, replay=1)
         if isinstance(policy, SimilarityExit):
             return kernels.Exit(0, -1, policy.min_layer, min(policy.tau, 2.0))  # tau > 1 never exits either way
         return None

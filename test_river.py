@@ -1,6 +1,7 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 import load_weights
-from exit_policy import FixedExit, NeverExit, SimilarityExit, transition_similarity
+from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Linear, LlamaConfig, Transformer, attend
@@ -930,6 +931,32 @@ def test_native_step_exits_where_the_similarity_rule_says(isa, cfg, n_prompt, pi
     torch.testing.assert_close(got[:checked], torch.tensor(sims[:checked]), rtol=0, atol=1e-4)
 
 
+@each_isa_here
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 4), layer=st.integers(0, 4), seed=st.integers(0, 99))
+def test_a_replayed_exit_leaves_at_its_depth_and_still_computes_the_similarity(isa, cfg, n_prompt, layer, seed):
+    """Replay (bench.py --shape): the step leaves after the block it is given, native and torch alike, and the native
+    step still computes s_l after every backbone block it runs -- the similarities the rule itself sees -- and none
+    after."""
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    river = ExitRiver(model, 4, 32)
+    fast, plain = Engine(model, river, native=isa), Engine(model, river, native=False)
+    L, layer = cfg.n_layers, min(layer, cfg.n_layers - 1)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(seed))
+    caches = [model.new_cache(n_prompt + 1) for _ in range(3)]
+    for engine, cache in zip((fast, fast, plain), caches):
+        engine.forward(tokens[:, :n_prompt], 0, cache, "backbone")
+    step = tokens[:, n_prompt:]
+    replayed, by_rule = torch.full((L,), float("nan")), torch.full((L,), float("nan"))
+    _, depth = fast.native.forward(step, n_prompt, caches[0], fast.native.exit_rule("river", ReplayedExit(layer)),
+                                   similarity=replayed)
+    fast.native.forward(step, n_prompt, caches[1], fast.native.exit_rule("river", SimilarityExit(1.5)),
+                        similarity=by_rule)  # tau > 1: every block runs, every s_l computed
+    assert depth == layer + 1 == plain.forward(step, n_prompt, caches[2], "river", ReplayedExit(layer))[1]
+    torch.testing.assert_close(replayed[:depth], by_rule[:depth], rtol=0, atol=1e-6)
+    assert replayed[depth:].isnan().all()
+
+
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
     """Teacher-forced over two HumanEval prompts, River at the default tau: logits within bf16 resolution of the
     same arithmetic in plain torch at every position, and the same exit depth at >= 99% of positions."""
@@ -1179,6 +1206,12 @@ def test_compiled_one_token_attention_is_masked_softmax():
     (["--threads", "0"], "argument --threads: threads must be >= 1, got 0"),
     (["--device", "tpu"], "argument --device: device 'tpu' is not supported"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--shape", "gpt-9"], "argument --shape: invalid choice: 'gpt-9'"),
+    (["--context", "0"], "argument --context: context must be >= 1 token, got 0"),
+    (["--context", "8150"], "argument --context: context 8150 plus 64 decoded tokens exceeds the model's context "
+                            "of 8192"),
+    (["--context", "90000"], r"argument --context: context 90000 is longer than the text's \d+ tokens"),
+    (["--plot-scaling", "scaling.png"], "argument --plot-scaling: draws the --shape and --context runs"),
 ])
 def test_bench_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
     import bench
@@ -1223,3 +1256,42 @@ def test_bench_text_windows_and_humaneval(bundled, tmp_path):
     assert len(windows) == 3 and all(len(c) == 32 and 1 < len(t) <= 16 for c, t in windows)
     problems = bench.quality_sequences(tokenizer, 2, 16)
     assert len(problems) == 2 and problems[0][0] == tokenizer.encode(bench.humaneval_problems()[0][0]).ids
+
+
+# Published parameter counts of the checkpoints whose shapes --shape runs (tied embeddings counted once).
+SHAPE_PARAMETERS = {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "llama-3.2-1b": 1_235_814_400}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_PARAMETERS))
+def test_known_shapes_build_in_bf16_and_decode_a_replayed_step(name):
+    """Each --shape config has its checkpoint's parameter count (counted on the meta device: nothing allocated), and
+    at its full width, cut to two blocks and a small vocabulary (the 1B model itself is never built here), builds in
+    bf16 with River's copies and decodes a replayed step: groups of 64 tile every input width."""
+    import bench
+    with torch.device("meta"):
+        assert bench.parameter_count(Transformer(bench.SHAPES[name])) == SHAPE_PARAMETERS[name]
+    cfg = dataclasses.replace(bench.SHAPES[name], n_layers=2, vocab_size=512)
+    model = bench.random_model(cfg)
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.embed.weight
+    engine = Engine(model, bench.main_river(model, 64, refine_steps=0))
+    assert (engine.native is not None) == bool(ISAS_HERE)
+    cache = model.new_cache(4)
+    engine.forward(torch.tensor([[1, 2, 3]]), 0, cache, "backbone")
+    logits, depth = engine.forward(torch.tensor([[4]]), 3, cache, "river", ReplayedExit(0))
+    assert depth == 1 and logits.isfinite().all() and cache.holes(4) == []
+    assert engine.native_steps == bool(ISAS_HERE)
+
+
+def test_replayed_depths_follow_the_measured_distribution():
+    """Seeded draws: with as many blocks as the source, each depth as often as measured; scaled to 16 blocks, the
+    mean share of backbone blocks kept and each depth on one of its scaled value's two neighbours."""
+    import bench
+    measured = [2] * 50 + [3] * 30 + [5] * 15 + [30] * 5  # depths of a 30-block model
+    same = bench.replayed_depths(measured, 30, 30, 20000, seed=1)
+    assert same == bench.replayed_depths(measured, 30, 30, 20000, seed=1)
+    assert set(same) == set(measured)
+    for d in set(measured):
+        assert abs(same.count(d) / len(same) - measured.count(d) / len(measured)) < 0.015, d
+    scaled = bench.replayed_depths(measured, 16, 30, 20000, seed=2)
+    assert set(scaled) == {1, 2, 3, 16}  # 2 and 3 of 30 -> 1.07 and 1.6; 5 -> 2.67; 30 -> 16
+    assert abs(sum(scaled) / len(scaled) / 16 - sum(measured) / len(measured) / 30) < 0.005
