@@ -9,7 +9,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -442,7 +442,7 @@ def shape_speed(name, depths, source_layers, prompt, new_tokens, repeats, group_
     rates = interleaved_rates(engine, cache, len(prompt), int(logits[0, -1].argmax()), plans, repeats)
     positions = range(len(prompt), len(prompt) + new_tokens)
     return speed_row(model, river, rates, positions, read_gb_per_s, weights="random", exits="replayed (depth_source)",
-                     config=cfg.as_dict(), parameters=parameter_count(model), build_s=build_s, context=len(prompt),
+                     config=asdict(cfg), parameters=parameter_count(model), build_s=build_s, context=len(prompt),
                      prefill_s=prefill_s, path=f"native {engine.native.isa}" if engine.native is not None else "torch")
 
 
