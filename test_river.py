@@ -1295,3 +1295,17 @@ def test_replayed_depths_follow_the_measured_distribution():
     scaled = bench.replayed_depths(measured, 16, 30, 20000, seed=2)
     assert set(scaled) == {1, 2, 3, 16}  # 2 and 3 of 30 -> 1.07 and 1.6; 5 -> 2.67; 30 -> 16
     assert abs(sum(scaled) / len(scaled) / 16 - sum(measured) / len(measured) / 30) < 0.005
+
+
+def test_a_shape_speed_row_runs_end_to_end_and_is_strict_json(monkeypatch):
+    """bench.py --shape's whole path for one small shape: random bf16 weights, River's exits replayed from a given
+    depth list, both modes decoded, the bandwidth model beside them, a row that writes as strict JSON."""
+    import bench
+    tiny = LlamaConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16)
+    monkeypatch.setitem(bench.SHAPES, "tiny", tiny)
+    row = bench.shape_speed("tiny", depths=[3, 4, 5, 3, 30], source_layers=30, prompt=[1, 2, 3], new_tokens=4,
+                            repeats=2, group_size=32, read_gb_per_s=40.0)
+    assert row["weights"] == "random" and row["config"]["n_layers"] == 4
+    assert 1 <= row["river_mean_backbone_blocks"] <= 4 and sum(row["river_exit_histogram"]) == 8
+    assert row["speedup"] > 0 and row["modelled"] > 1
+    json.dumps(row, allow_nan=False)
