@@ -23,8 +23,8 @@ from load_weights import load_config_and_tokenizer, load_model, resolve_device
 from model import LlamaConfig, Transformer
 from quantize import QuantizedLinear
 import kernels
-from river import (DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument,
-                   check_group_size_fits, check_quant_args, default_activations, fail, option, reading_files, sync)
+from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size_fits,
+                   check_quant_args, default_activations, default_eight_bit_layers, fail, option, reading_files, sync)
 
 SWEEP_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 QUICK_TAUS = (0.9, 0.97)
@@ -68,11 +68,10 @@ class Variant:
 
 
 def main_river(model, group_size, refine_steps=10):
-    """River's own copies: on CPU 4-bit with int16 activations, the last block 8-bit (README, "Quality"); on CUDA
-    4-bit W4A16."""
+    """River's own copies: on CPU 4-bit with int16 activations, the last block 8-bit (README, "The last block at
+    8 bits"); on CUDA 4-bit W4A16."""
     activations = default_activations(model.device)
-    return ExitRiver(model, 4, group_size, activations, DEFAULT_EIGHT_BIT_LAYERS if activations == "int16" else (),
-                     refine_steps)
+    return ExitRiver(model, 4, group_size, activations, default_eight_bit_layers(4, activations), refine_steps)
 
 
 def rivers(model, group_size):
@@ -443,7 +442,7 @@ def shape_speed(name, depths, source_layers, prompt, new_tokens, repeats, group_
     positions = range(len(prompt), len(prompt) + new_tokens)
     return speed_row(model, river, rates, positions, read_gb_per_s, weights="random", exits="replayed (depth_source)",
                      config=asdict(cfg), parameters=parameter_count(model), build_s=build_s, context=len(prompt),
-                     prefill_s=prefill_s, path=f"native {engine.native.isa}" if engine.native is not None else "torch")
+                     prefill_s=prefill_s, path=engine.path)
 
 
 def long_text_ids(tokenizer, text_file):
@@ -783,14 +782,9 @@ def main(argv=None):
         bits = "/".join(str(b) for b in sorted(set(r.bits)))
         return f"{bits}b/{'i16' if r.activations == 'int16' else 'bf16'}", r.bits
 
-    def path(v):
-        engine = engines[v.engine]
-        if getattr(engine, "native", None) is not None:
-            return f"native {engine.native.isa}"
-        return "torch, compiled" if compile else "torch, eager"
     modes = {v.name: {**speed[v.name], **quality[v.name], "weights": describe(v)[0], "bits_per_block": describe(v)[1],
                       "activations": river_set[v.river].activations if v.mode in ("quantized", "river") else "fp32",
-                      "tau": v.tau if v.exits else None, "path": path(v),
+                      "tau": v.tau if v.exits else None, "path": engines[v.engine].path,
                       "resident_mb": resident_bytes(model, river_set, v) / 2**20} for v in rows}
     base = modes["backbone"]["decode_tokens_per_s"]
     flags = kernels.cpu_flags()
@@ -802,7 +796,7 @@ def main(argv=None):
                                                  "avx512_vnni", "avx512_bf16"})},
         "compiled_torch_steps": compile,
         "group_size": args.group_size, "tau": args.tau, "quick": args.quick,
-        "eight_bit_layers": [l % n_layers for l in DEFAULT_EIGHT_BIT_LAYERS],
+        "eight_bit_layers": [layer for layer, bits in enumerate(river_set["main"].bits) if bits == 8],
         "data": args.text or f"HumanEval canonical solutions, first {problems} problems, up to {max_target} tokens",
         "kv_cache_mb": model.cfg.n_layers * 2 * model.cfg.kv_dim * (len(prompt) + new_tokens) * model.dtype.itemsize
         / 2**20,

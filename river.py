@@ -36,6 +36,12 @@ def default_activations(device):
     return "int16" if torch.device(device).type == "cpu" else "bf16"
 
 
+def default_eight_bit_layers(bits, activations):
+    """River's 8-bit blocks unless asked otherwise: the last one, where 8-bit weights can go (int16 activations)
+    and the rest are 4-bit; none otherwise."""
+    return DEFAULT_EIGHT_BIT_LAYERS if bits == 4 and activations == "int16" else ()
+
+
 def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
     so it reads and writes the very cache slots its backbone twin would have written. refine_steps: the quantizer's
@@ -70,7 +76,8 @@ class ExitRiver(nn.Module):
     """One low-bit copy of every backbone block, river block j writing layer j's K/V.
 
     Blocks in `eight_bit_layers` (negative indices count from the end) get 8-bit weights, the others `bits`:
-    where a block's quantization error costs the most, it can be paid for there alone (README, "Quality").
+    where a block's quantization error costs the most, it can be paid for there alone (README, "The last block at
+    8 bits").
     refine_steps=0 skips the quantizer's least squares: minutes saved at 1B, for speed runs on random weights.
     """
 
@@ -156,11 +163,19 @@ class Engine:
             if lib is not None:
                 self.native = NativeDecoder(lib, model, river)
         self.native_steps = 0  # decode steps that ran through kernels.cpp
+        self.compiled = compile
         if compile:  # backbone and river alike: the comparison stays fair
             compile_blocks(model.blocks)
             compile_head(model)
             if river is not None:
                 compile_blocks(river.blocks)
+
+    @property
+    def path(self):
+        """Which code runs the one-token decode steps: "native <instruction set>" or the torch path."""
+        if self.native is not None:
+            return f"native {self.native.isa}"
+        return "torch, compiled" if self.compiled else "torch, eager"
 
     def check_mode(self, mode):
         if mode not in MODES:
@@ -281,7 +296,7 @@ class NativeDecoder:
 
 
 def block_weights(block):
-    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or 4-bit (codes, scale, low)."""
+    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or (codes, scale, low, bits)."""
     def matrix(linear):
         return ((linear.codes, linear.scale, linear.low, linear.bits) if isinstance(linear, QuantizedLinear)
                 else linear.weight)
@@ -395,7 +410,7 @@ def main(argv=None):
     check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, activations)
     eight_bit = args.eight_bit_layers
     if eight_bit is None:
-        eight_bit = DEFAULT_EIGHT_BIT_LAYERS if activations == "int16" and args.bits == 4 else ()
+        eight_bit = default_eight_bit_layers(args.bits, activations)
     check_argument(parser, "--eight-bit-layers", check_layers, eight_bit, cfg.n_layers)
     if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
@@ -412,12 +427,11 @@ def main(argv=None):
     reply = tokenizer.decode(result.tokens)
     blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)
     if args.json:
-        native = getattr(engine, "native", None)
         print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
                           "mode": args.mode, "tau": args.tau, "bits": args.bits, "activations": activations,
                           "eight_bit_layers": list(eight_bit),
-                          "path": f"native {native.isa}" if native is not None else "torch"}, allow_nan=False))
+                          "path": engine.path}, allow_nan=False))
     else:
         rate = result.decode_tokens_per_s
         print(reply)
