@@ -373,13 +373,11 @@ def read_bandwidth(device):
 
 def block_weight_bytes(block):
     """Bytes of weights kernels.cpp streams for one block: bf16 matrices, or low-bit codes with an fp16 scale and
-    low per row and group (kernels.pack_lowbit); its two norms in fp32."""
+    low per row and group (QuantizedLinear.packed, kernels.pack_lowbit); its two norms in fp32."""
     total = 2 * 4 * block.attn_norm.weight.numel()
     for linear in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down):
-        if isinstance(linear, QuantizedLinear):
-            total += linear.out_features * linear.in_features * linear.bits // 8 + 4 * linear.scale.numel()
-        else:
-            total += linear.weight.numel() * linear.weight.element_size()
+        weight = linear.packed if isinstance(linear, QuantizedLinear) else linear.weight
+        total += weight.numel() * weight.element_size()
     return total
 
 

@@ -588,7 +588,8 @@ static double cosine(const float* a, const float* b, int d) {
 struct Model {
     Dims dims;
     int32_t n_layers;
-    const Layer* backbone;   // (n_layers,)
+    int32_t backbone_blocks; // backbone blocks held: a token leaves the backbone after this many at the latest
+    const Layer* backbone;   // (backbone_blocks,)
     const Layer* river;      // (n_layers,), or null without a river
     const uint16_t* embed;   // (vocab, d) bf16
     const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
@@ -597,8 +598,8 @@ struct Model {
 };
 
 // How the step leaves the backbone (exit_policy.py defines the rules; these are their native twins): after block l
-// when l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; never after
-// the last block. replay (with fixed_exit >= 0): s_l is still computed after every backbone block, but the decision
+// when l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; after the
+// model's last backbone block held at the latest (a depth-capped River); never after the last block. replay (with fixed_exit >= 0): s_l is still computed after every backbone block, but the decision
 // is l == fixed_exit, a depth drawn elsewhere: on weights where the rule means nothing (random ones, bench.py --shape)
 // a step still pays for the rule's own work. start_in_river: every block a river copy (the whole-model low-bit mode).
 struct Exit {
@@ -626,7 +627,7 @@ extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache
         cos[i] = (float)::cos(pos * m->inv_freq[i]);
         sin[i] = (float)::sin(pos * m->inv_freq[i]);
     }
-    int depth = 0, leave = rule->start_in_river;
+    int depth = 0, leave = rule->start_in_river || m->backbone_blocks == 0;
     Input in;
 #pragma omp parallel num_threads(threads)
     {
@@ -640,7 +641,7 @@ extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache
                 double sim = 0;
                 if (rule->fixed_exit < 0 || rule->replay) similarity[l] = (float)(sim = cosine(prev, x, D.d));
                 leave = rule->fixed_exit >= 0 ? l == rule->fixed_exit : l >= rule->min_layer && sim > rule->tau;
-                leave = leave && depth < n;
+                leave = (leave || depth == m->backbone_blocks) && depth < n;
             }
         }
         if (depth < n) team_blocks(D, m->river, depth, n, x, *cache, pos, cos, sin, s, in, 0);

