@@ -15,7 +15,7 @@ import torch.nn as nn
 import kernels
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit
 from kv_cache import Writer
-from model import compile_blocks, compile_head
+from model import compiled, compiled_blocks, copy_sharing_weights
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 MODES = ("backbone", "quantized", "river")
@@ -164,11 +164,10 @@ class Engine:
                 self.native = NativeDecoder(lib, model, river)
         self.native_steps = 0  # decode steps that ran through kernels.cpp
         self.compiled = compile
-        if compile:  # backbone and river alike: the comparison stays fair
-            compile_blocks(model.blocks)
-            compile_head(model)
+        if compile:  # backbone and river alike, so the comparison stays fair; copies, so `model` and `river` stay eager
+            self.model = compiled(model)
             if river is not None:
-                compile_blocks(river.blocks)
+                self.river = copy_sharing_weights(river, blocks=compiled_blocks(river.blocks))
 
     @property
     def path(self):

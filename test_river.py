@@ -25,7 +25,7 @@ import load_weights
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
-from model import Linear, LlamaConfig, Transformer, attend
+from model import Block, Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
 from river import DEFAULT_TAU, MODES, Engine, ExitRiver, main as river_main
@@ -1160,15 +1160,44 @@ def test_compiled_decode_steps_equal_eager():
             logits[mode] = engine.forward(torch.tensor([[11]]), 7, cache, mode, FixedExit(0))[0]
         return tokens, logits, caches
     eager_tokens, eager_logits, eager_caches = run(Engine(model, river))
-    compiled_tokens, compiled_logits, compiled_caches = run(Engine(model, river, compile=True))
-    assert model.blocks[0].compiled_step is not None and river.blocks[0].compiled_step is not None
-    assert model.compiled_logits is not None
+    engine = Engine(model, river, compile=True)
+    compiled_tokens, compiled_logits, compiled_caches = run(engine)
+    assert engine.model.blocks[0].compiled_step is not None and engine.river.blocks[0].compiled_step is not None
+    assert engine.model.compiled_logits is not None
     assert compiled_tokens == eager_tokens
     for mode in MODES:
         tol = 1e-4 if mode == "backbone" else 1e-2
         torch.testing.assert_close(compiled_logits[mode], eager_logits[mode], rtol=tol, atol=tol)
         torch.testing.assert_close(compiled_caches[mode].k, eager_caches[mode].k, rtol=tol, atol=tol)
         torch.testing.assert_close(compiled_caches[mode].v, eager_caches[mode].v, rtol=tol, atol=tol)
+
+
+def test_a_compiled_engine_leaves_the_shared_model_eager(monkeypatch):
+    """Compiling runs on copies that share the weights: an eager engine on the same model and river, built before
+    a compiled one, still runs every block and the head eagerly."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
+    model = tiny_model(cfg, 5)
+    river = ExitRiver(model, 4, 32)
+    eager = Engine(model, river, native=False)
+    compiled = Engine(model, river, compile=True, native=False)
+    assert compiled.model.blocks[0].compiled_step is not None and compiled.river.blocks[0].compiled_step is not None
+    assert compiled.model.blocks[0].attn.wqkv.weight is model.blocks[0].attn.wqkv.weight
+    assert compiled.river.blocks[1].mlp is river.blocks[1].mlp
+    assert eager.model is model and eager.river is river and eager.path == "torch, eager"
+    eager_calls = []
+
+    def counted(function):  # the eager path looks these up at each call; compiled code does not call them
+        def run(*args):
+            eager_calls.append(function.__qualname__)
+            return function(*args)
+        return run
+    monkeypatch.setattr(Block, "step", counted(Block.step))
+    monkeypatch.setattr(Transformer, "logits", counted(Transformer.logits))
+    cache = model.new_cache(4)
+    eager.forward(torch.tensor([[1, 2, 3]]), 0, cache, "river", FixedExit(0))
+    eager_calls.clear()
+    eager.forward(torch.tensor([[4]]), 3, cache, "river", FixedExit(0))  # one token: where compiled code would run
+    assert eager_calls == ["Block.step"] * cfg.n_layers + ["Transformer.logits"]
 
 
 def test_compiled_one_row_linear_is_the_matmul():
