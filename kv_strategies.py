@@ -16,7 +16,7 @@ import torch
 
 from exit_policy import NeverExit
 from kv_cache import Writer
-from river import Engine
+from river import Engine, main as river_main
 
 STRATEGIES = ("propagate", "mask", "recompute", "monotonic")
 
@@ -100,3 +100,12 @@ class BaselineEngine(Engine):
         for layer in range(self.model.cfg.n_layers):
             blocks += self.catch_up(layer, cache)
         return blocks
+
+
+def main(argv=None):
+    """river.py's command line, with the strategies as modes beside River's."""
+    river_main(argv, {name: BaselineEngine for name in STRATEGIES})
+
+
+if __name__ == "__main__":
+    main()

@@ -362,17 +362,20 @@ def reading_files(step, *args):
         fail(err.args[0] if isinstance(err, KeyError) and err.args else err)  # str(KeyError) adds quotes
 
 
-def main(argv=None):
-    # Local imports: the library part of this file needs neither; only the command line does.
-    from kv_strategies import STRATEGIES, BaselineEngine
+def main(argv=None, other_modes=None):
+    """other_modes: more --mode choices, each name -> what builds its engine from (model, compile); kv_strategies.py
+    adds the KV strategies this way, so this file never imports it."""
+    other_modes = other_modes or {}
+    # A local import: the library part of this file does not need it; only the command line does.
     from load_weights import chat_prompt, load_config_and_tokenizer, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=option(int, check_max_new_tokens), default=64)
-    parser.add_argument("--mode", choices=MODES + STRATEGIES, default="river",
-                        help="river modes, or a KV strategy River argues against (exits with no river)")
+    parser.add_argument("--mode", choices=MODES + tuple(other_modes), default="river",
+                        help="how the engine runs (kv_strategies.py's command line adds the KV strategies River "
+                             "argues against)")
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
                         help="exit threshold on the transition similarity; > 1 never exits")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="river weights")
@@ -414,8 +417,8 @@ def main(argv=None):
     if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
     model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
-    if args.mode in STRATEGIES:
-        engine = BaselineEngine(model, args.compile)
+    if args.mode in other_modes:
+        engine = other_modes[args.mode](model, args.compile)
     else:
         river = None if args.mode == "backbone" else ExitRiver(model, args.bits, args.group_size, activations, eight_bit)
         engine = Engine(model, river, args.compile, native=False if args.no_native else None)

@@ -1,7 +1,9 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
+import ast
 import ctypes
 import dataclasses
+import graphlib
 import json
 import math
 import os
@@ -21,6 +23,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import kernels
+import kv_strategies
 import load_weights
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
@@ -1141,6 +1144,32 @@ def test_unknown_strategy_is_refused():
     cfg = LlamaConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8)
     with pytest.raises(ValueError, match="strategy must be one of"):
         BaselineEngine(tiny_model(cfg, 0)).generate([1], 2, "skip")
+
+
+def test_strategies_command_line_runs_a_strategy(capsys):
+    kv_strategies.main(["--prompt", "Hi", "--max-new-tokens", "2", "--json", "--mode", "mask"])
+    out = strict_json(capsys.readouterr().out)
+    assert out["mode"] == "mask" and len(out["tokens"]) == 2 and out["path"] == "torch, eager"
+
+
+# ------------------------------------------------------------------------------------------------ the seams
+
+def test_imports_flow_one_way():
+    """No module of the project imports one that imports it back, not even inside a function: river.py's command
+    line once imported kv_strategies, which is built on river."""
+    here = Path(__file__).parent
+    modules = {path.stem for path in here.glob("*.py")}
+    imports = {}
+    for name in modules:
+        imported = set()
+        for node in ast.walk(ast.parse((here / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+        imports[name] = imported & modules
+    list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError, naming the cycle
+    assert "river" in imports["kv_strategies"]  # so the strategies sit on River's engine, not under it
 
 
 def test_compiled_decode_steps_equal_eager():
