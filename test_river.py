@@ -1089,7 +1089,7 @@ def test_recomputation_leaves_the_backbone_cache(cfg, n_prompt, exits, seed):
     model, exits, tokens = strategy_case(cfg, n_prompt, exits, seed)
     engine = BaselineEngine(model)
     cache, _ = run_schedule(engine, "recompute", tokens, n_prompt, exits)
-    engine.flush(cache)
+    engine.strategies["recompute"].flush(cache)
     backbone_cache = model.new_cache(len(tokens))
     model(tokens[None], 0, backbone_cache)
     assert cache.holes(len(tokens)) == [] and (cache.write_count[:, :len(tokens)] == 1).all()
