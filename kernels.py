@@ -1,6 +1,7 @@
 """Native CPU decode kernels (kernels.cpp): built on first use for this CPU's instruction set, loaded with ctypes."""
 import ctypes
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+CACHE_ENV = "RIVER_CACHE_DIR"
 KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2
 BLOCK_ROWS = 16  # rows side by side in the packed low-bit layout: one 512-bit register holds a lane of each
 
@@ -17,6 +19,12 @@ ISAS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-DRIVER_AVX512"]),
     "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
 }
+
+
+def cache_dir():
+    """Where river keeps what it makes once, the native builds here and the converted bundled model
+    (load_weights): $RIVER_CACHE_DIR, else ~/.cache/river."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
 
 
 def cpu_flags():
@@ -96,7 +104,6 @@ def build(isa):
     """Compile kernels.cpp for `isa` (cached under the cache folder, keyed by the source, the flags and torch) and
     load it. Raises on a failed build."""
     from torch.utils.cpp_extension import load  # imports setuptools: only when a build is needed
-    from load_weights import cache_dir
     _, flags = ISAS[isa]
     cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", *flags]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()

@@ -1,14 +1,8 @@
-"""The answers to KV cache absence that River argues against, as small variants of the same engine and exit rule.
+"""The answers to KV cache absence that River argues against, as small strategies one engine loop runs.
 
 Every strategy here exits a token when the same similarity policy says so, and with no river the token's
 output comes from its exit state through the original final norm and LM head. They differ only in what the
-skipped layers' cache slots get, which is what later tokens read:
-  propagate  (CALM)      the skipped layers' K/V are projected from the exit state through each skipped
-                         layer's own norm and K/V projections;
-  mask       (D-LLM)     skipped layers write nothing, and later tokens' attention skips the empty slots;
-  recompute  (EE-LLM)    the exited token's state waits; when a later token runs a layer the waiting tokens
-                         lack, they run it too, batched with it, so the cache ends up exact;
-  monotonic  (SkipDecode) a token may exit no deeper than the token before it, so nothing it reads is empty.
+skipped layers' cache slots get, which is what later tokens read.
 """
 import dataclasses
 
@@ -16,66 +10,68 @@ import torch
 
 from exit_policy import NeverExit
 from kv_cache import Writer
-from river import Engine
-
-STRATEGIES = ("propagate", "mask", "recompute", "monotonic")
+from river import Engine, main as river_main
 
 
-class BaselineEngine(Engine):
-    """Token-level early exit without a river. Keeps the little state a strategy needs between the steps of
-    one sequence (a prefill at position 0 starts a new one)."""
+class Strategy:
+    """What a strategy does around the backbone blocks of one sequence. The hooks here leave the plain backbone as
+    it is; a strategy overrides the ones it needs, and keeps whatever it must remember between steps."""
 
-    def __init__(self, model, compile=False):
-        super().__init__(model, river=None, compile=compile, native=False)  # its forward is its own
-        self.pending = {}       # recompute: position -> [next layer it lacks, its state there (d_model,)]
-        self.depth_cap = model.cfg.n_layers  # monotonic: the previous token's exit depth
+    def __init__(self, model):
+        self.model = model
 
-    def check_mode(self, mode):
-        if mode not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {mode!r}")
+    def new_sequence(self):
+        """A prefill at position 0 starts a new sequence: forget the last one."""
 
-    @torch.inference_mode()
-    def forward(self, tokens, start, cache, mode="propagate", policy=None, all_logits=False):
-        """Like Engine.forward; returns (logits, blocks run), counting blocks recomputed for waiting tokens."""
-        self.check_mode(mode)
-        model, n_layers = self.model, self.model.cfg.n_layers
-        if start == 0:
-            self.pending.clear()
-            self.depth_cap = n_layers
-        policy = policy or NeverExit()
-        x = model.embed_tokens(tokens)
-        pos = model.positions(start, tokens.shape[1], cache)
-        cap = self.depth_cap if mode == "monotonic" else n_layers
-        blocks_run = 0
-        for layer, block in enumerate(model.blocks):
-            if mode == "recompute":
-                blocks_run += self.catch_up(layer, cache)
-            h = block(x, self.mask_empty(pos, cache, layer) if mode == "mask" else pos, cache)
-            blocks_run += 1
-            exits = layer + 1 == cap or (layer < n_layers - 1 and policy.should_exit(layer, x, h))
-            x = h
-            if exits:
-                break
-        depth = layer + 1
-        if mode == "propagate":
-            for skipped in model.blocks[depth:]:
-                k, v = skipped.attn.project_kv(skipped.attn_norm(x), pos)
-                cache.write(skipped.layer, start, k, v, Writer.PROPAGATED)
-        elif mode == "recompute" and depth < n_layers:
-            for i in range(tokens.shape[1]):
-                self.pending[start + i] = [depth, x[:, i]]
-        elif mode == "monotonic":
-            self.depth_cap = depth
-        return model.head(x if all_logits else x[:, -1:]), blocks_run
+    def deepest_exit(self):
+        """The most blocks this step may run."""
+        return self.model.cfg.n_layers
 
-    def mask_empty(self, pos, cache, layer):
+    def before_block(self, layer, cache):
+        """Runs before the step's block `layer`; returns the blocks it ran for other tokens."""
+        return 0
+
+    def positions(self, pos, layer, cache):
+        """The positions (and attention mask) block `layer` runs this step with."""
+        return pos
+
+    def after_exit(self, x, depth, pos, cache):
+        """The step ran blocks 0..depth-1 and left with states x (B, T, d_model); what do layers depth.. get?"""
+
+
+class Propagate(Strategy):
+    """CALM: the skipped layers' K/V are projected from the exit state through each skipped layer's own norm and
+    K/V projections."""
+
+    def after_exit(self, x, depth, pos, cache):
+        for skipped in self.model.blocks[depth:]:
+            k, v = skipped.attn.project_kv(skipped.attn_norm(x), pos)
+            cache.write(skipped.layer, pos.start, k, v, Writer.PROPAGATED)
+
+
+class Mask(Strategy):
+    """D-LLM: skipped layers write nothing, and later tokens' attention skips the empty slots."""
+
+    def positions(self, pos, layer, cache):
         """The step's mask, less the slots of `layer` nobody wrote (the step's own slots are written first)."""
         readable = cache.filled(layer)
         readable[pos.start:pos.start + pos.length] = True
         return dataclasses.replace(pos, attn_mask=pos.attn_mask & readable)
 
-    def catch_up(self, layer, cache):
-        """Run `layer` for every waiting token that lacks it, contiguous runs batched; returns tokens run."""
+
+class Recompute(Strategy):
+    """EE-LLM: the exited token's state waits; when a later token runs a layer the waiting tokens lack, they run it
+    too, batched with it, so the cache ends up exact."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.pending = {}  # position -> [next layer it lacks, its state there (B, d_model)]
+
+    def new_sequence(self):
+        self.pending.clear()
+
+    def before_block(self, layer, cache):
+        """Run `layer` for every waiting token that lacks it, contiguous runs batched; returns the tokens it ran."""
         waiting = sorted(p for p, (next_layer, _) in self.pending.items() if next_layer == layer)
         runs = []
         for p in waiting:
@@ -94,9 +90,75 @@ class BaselineEngine(Engine):
                     self.pending[p] = [layer + 1, h[:, i]]
         return len(waiting)
 
+    def after_exit(self, x, depth, pos, cache):
+        if depth < self.model.cfg.n_layers:
+            for i in range(pos.length):
+                self.pending[pos.start + i] = [depth, x[:, i]]
+
     def flush(self, cache):
-        """Finish every waiting token's missing layers (recompute), leaving the cache exact."""
-        blocks = 0
-        for layer in range(self.model.cfg.n_layers):
-            blocks += self.catch_up(layer, cache)
-        return blocks
+        """Finish every waiting token's missing layers, leaving the cache exact; returns the blocks run."""
+        return sum(self.before_block(layer, cache) for layer in range(self.model.cfg.n_layers))
+
+
+class Monotonic(Strategy):
+    """SkipDecode: a token may exit no deeper than the token before it, so nothing it reads is empty."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.depth_cap = model.cfg.n_layers  # the previous token's exit depth
+
+    def new_sequence(self):
+        self.depth_cap = self.model.cfg.n_layers
+
+    def deepest_exit(self):
+        return self.depth_cap
+
+    def after_exit(self, x, depth, pos, cache):
+        self.depth_cap = depth
+
+
+STRATEGIES = {"propagate": Propagate, "mask": Mask, "recompute": Recompute, "monotonic": Monotonic}
+
+
+class BaselineEngine(Engine):
+    """Token-level early exit without a river: the engine's generation loop, with a forward of its own that runs
+    the backbone until the exit rule says stop and lets the strategy named by `mode` do the rest."""
+
+    def __init__(self, model, compile=False):
+        super().__init__(model, river=None, compile=compile, native=False)  # its forward is its own
+        self.strategies = {name: kind(self.model) for name, kind in STRATEGIES.items()}  # self.model: compiled if asked
+
+    def check_mode(self, mode):
+        if mode not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {mode!r}")
+
+    @torch.inference_mode()
+    def forward(self, tokens, start, cache, mode="propagate", policy=None, all_logits=False):
+        """Like Engine.forward; returns (logits, blocks run), counting blocks recomputed for waiting tokens."""
+        self.check_mode(mode)
+        model, strategy = self.model, self.strategies[mode]
+        if start == 0:
+            strategy.new_sequence()
+        policy = policy or NeverExit()
+        x = model.embed_tokens(tokens)
+        pos = model.positions(start, tokens.shape[1], cache)
+        deepest, blocks_run = strategy.deepest_exit(), 0
+        for layer, block in enumerate(model.blocks):
+            blocks_run += strategy.before_block(layer, cache)
+            h = block(x, strategy.positions(pos, layer, cache), cache)
+            blocks_run += 1
+            exits = layer + 1 == deepest or (layer < model.cfg.n_layers - 1 and policy.should_exit(layer, x, h))
+            x = h
+            if exits:
+                break
+        strategy.after_exit(x, layer + 1, pos, cache)
+        return model.head(x if all_logits else x[:, -1:]), blocks_run
+
+
+def main(argv=None):
+    """river.py's command line, with the strategies as modes beside River's."""
+    river_main(argv, {name: BaselineEngine for name in STRATEGIES})
+
+
+if __name__ == "__main__":
+    main()

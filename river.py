@@ -15,7 +15,7 @@ import torch.nn as nn
 import kernels
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit
 from kv_cache import Writer
-from model import check_backbone_depth, compile_blocks, compile_head
+from model import check_backbone_depth, compiled, compiled_blocks, copy_sharing_weights
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 MODES = ("backbone", "quantized", "river")
@@ -182,7 +182,6 @@ class Engine:
         if depth < n_layers and river is None:
             raise ValueError(f"a backbone of {depth} of the model's {n_layers} blocks needs an ExitRiver for the rest")
         self.model, self.river = model, river
-        self.backbone = list(model.blocks[:depth])  # the blocks a token may run before its exit
         # On CPU the residual stream and activations stay fp32 whatever the weights' precision, as in
         # kernels.cpp; on CUDA they take the weights' dtype (bf16 tensor cores).
         self.act_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
@@ -193,14 +192,14 @@ class Engine:
             if native is True and (why or lib is None):
                 raise ValueError(f"native decode was asked for but cannot run: {why or 'no kernels for this CPU'}")
             if lib is not None:
-                self.native = NativeDecoder(lib, model, river, self.backbone)
+                self.native = NativeDecoder(lib, model, river, depth)
         self.native_steps = 0  # decode steps that ran through kernels.cpp
         self.compiled = compile
-        if compile:  # backbone and river alike: the comparison stays fair
-            compile_blocks(model.blocks)
-            compile_head(model)
+        if compile:  # backbone and river alike, so the comparison stays fair; copies, so `model` and `river` stay eager
+            self.model = compiled(model)
             if river is not None:
-                compile_blocks(river.blocks)
+                self.river = copy_sharing_weights(river, blocks=compiled_blocks(river.blocks))
+        self.backbone = list(self.model.blocks[:depth])  # the blocks a token may run before its exit
 
     @property
     def path(self):
@@ -286,12 +285,12 @@ class NativeDecoder:
     path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
     record of who wrote each slot."""
 
-    def __init__(self, lib, model, river, backbone):
-        """backbone: the blocks a token may run before its exit (Engine.backbone), the first ones of the model."""
+    def __init__(self, lib, model, river, depth):
+        """depth: the backbone blocks a token may run before its exit, the model's first ones (Engine.backbone)."""
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in backbone],
+        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks[:depth]],
                                        None if river is None else [block_weights(b) for b in river.blocks],
                                        model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
 
@@ -401,17 +400,20 @@ def reading_files(step, *args):
         fail(err.args[0] if isinstance(err, KeyError) and err.args else err)  # str(KeyError) adds quotes
 
 
-def main(argv=None):
-    # Local imports: the library part of this file needs neither; only the command line does.
-    from kv_strategies import STRATEGIES, BaselineEngine
+def main(argv=None, other_modes=None):
+    """other_modes: more --mode choices, each name -> what builds its engine from (model, compile); kv_strategies.py
+    adds the KV strategies this way, so this file never imports it."""
+    other_modes = other_modes or {}
+    # A local import: the library part of this file does not need it; only the command line does.
     from load_weights import chat_prompt, load_config_and_tokenizer, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=option(int, check_max_new_tokens), default=64)
-    parser.add_argument("--mode", choices=MODES + STRATEGIES, default="river",
-                        help="river modes, or a KV strategy River argues against (exits with no river)")
+    parser.add_argument("--mode", choices=MODES + tuple(other_modes), default="river",
+                        help="how the engine runs (kv_strategies.py's command line adds the KV strategies River "
+                             "argues against)")
     parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
                         help="exit threshold on the transition similarity; > 1 never exits")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="river weights")
@@ -453,8 +455,8 @@ def main(argv=None):
     if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
     model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
-    if args.mode in STRATEGIES:
-        engine = BaselineEngine(model, args.compile)
+    if args.mode in other_modes:
+        engine = other_modes[args.mode](model, args.compile)
     else:
         river = None if args.mode == "backbone" else ExitRiver(model, args.bits, args.group_size, activations, eight_bit)
         engine = Engine(model, river, args.compile, native=False if args.no_native else None)

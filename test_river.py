@@ -1,7 +1,9 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
+import ast
 import ctypes
 import dataclasses
+import graphlib
 import json
 import math
 import os
@@ -21,11 +23,12 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import kernels
+import kv_strategies
 import load_weights
 from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
-from model import Linear, LlamaConfig, Transformer, attend
+from model import Block, Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
 from river import DEFAULT_TAU, MODES, Engine, ExitRiver, main as river_main
@@ -567,7 +570,7 @@ def test_first_runs_at_once_both_get_the_model_and_abandoned_conversions_are_rem
         (staging / "model.safetensors").write_bytes(b"half a model")
     hours_ago = time.time() - 2 * load_weights.ABANDONED_AFTER_S
     os.utime(old, (hours_ago, hours_ago))
-    env = {**os.environ, load_weights.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
+    env = {**os.environ, kernels.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
     runs = [subprocess.Popen([sys.executable, "-c", "import load_weights; load_weights.load_model()"], env=env,
                              cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [run.communicate()[1] for run in runs]
@@ -1106,7 +1109,7 @@ def test_recomputation_leaves_the_backbone_cache(cfg, n_prompt, exits, seed):
     model, exits, tokens = strategy_case(cfg, n_prompt, exits, seed)
     engine = BaselineEngine(model)
     cache, _ = run_schedule(engine, "recompute", tokens, n_prompt, exits)
-    engine.flush(cache)
+    engine.strategies["recompute"].flush(cache)
     backbone_cache = model.new_cache(len(tokens))
     model(tokens[None], 0, backbone_cache)
     assert cache.holes(len(tokens)) == [] and (cache.write_count[:, :len(tokens)] == 1).all()
@@ -1163,6 +1166,32 @@ def test_unknown_strategy_is_refused():
         BaselineEngine(tiny_model(cfg, 0)).generate([1], 2, "skip")
 
 
+def test_strategies_command_line_runs_a_strategy(capsys):
+    kv_strategies.main(["--prompt", "Hi", "--max-new-tokens", "2", "--json", "--mode", "mask"])
+    out = strict_json(capsys.readouterr().out)
+    assert out["mode"] == "mask" and len(out["tokens"]) == 2 and out["path"] == "torch, eager"
+
+
+# ------------------------------------------------------------------------------------------------ the seams
+
+def test_imports_flow_one_way():
+    """No module of the project imports one that imports it back, not even inside a function: river.py's command
+    line once imported kv_strategies, which is built on river."""
+    here = Path(__file__).parent
+    modules = {path.stem for path in here.glob("*.py")}
+    imports = {}
+    for name in modules:
+        imported = set()
+        for node in ast.walk(ast.parse((here / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+        imports[name] = imported & modules
+    list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError, naming the cycle
+    assert "river" in imports["kv_strategies"]  # so the strategies sit on River's engine, not under it
+
+
 def test_compiled_decode_steps_equal_eager():
     """Compiling (used by bench.py) changes speed, not results: same tokens; logits and K/V within fp32 noise
     for the backbone, within bf16 rounding where river kernels round their activations to bf16."""
@@ -1180,15 +1209,44 @@ def test_compiled_decode_steps_equal_eager():
             logits[mode] = engine.forward(torch.tensor([[11]]), 7, cache, mode, FixedExit(0))[0]
         return tokens, logits, caches
     eager_tokens, eager_logits, eager_caches = run(Engine(model, river))
-    compiled_tokens, compiled_logits, compiled_caches = run(Engine(model, river, compile=True))
-    assert model.blocks[0].compiled_step is not None and river.blocks[0].compiled_step is not None
-    assert model.compiled_logits is not None
+    engine = Engine(model, river, compile=True)
+    compiled_tokens, compiled_logits, compiled_caches = run(engine)
+    assert engine.model.blocks[0].compiled_step is not None and engine.river.blocks[0].compiled_step is not None
+    assert engine.model.compiled_logits is not None
     assert compiled_tokens == eager_tokens
     for mode in MODES:
         tol = 1e-4 if mode == "backbone" else 1e-2
         torch.testing.assert_close(compiled_logits[mode], eager_logits[mode], rtol=tol, atol=tol)
         torch.testing.assert_close(compiled_caches[mode].k, eager_caches[mode].k, rtol=tol, atol=tol)
         torch.testing.assert_close(compiled_caches[mode].v, eager_caches[mode].v, rtol=tol, atol=tol)
+
+
+def test_a_compiled_engine_leaves_the_shared_model_eager(monkeypatch):
+    """Compiling runs on copies that share the weights: an eager engine on the same model and river, built before
+    a compiled one, still runs every block and the head eagerly."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=32)
+    model = tiny_model(cfg, 5)
+    river = ExitRiver(model, 4, 32)
+    eager = Engine(model, river, native=False)
+    compiled = Engine(model, river, compile=True, native=False)
+    assert compiled.model.blocks[0].compiled_step is not None and compiled.river.blocks[0].compiled_step is not None
+    assert compiled.model.blocks[0].attn.wqkv.weight is model.blocks[0].attn.wqkv.weight
+    assert compiled.river.blocks[1].mlp is river.blocks[1].mlp
+    assert eager.model is model and eager.river is river and eager.path == "torch, eager"
+    eager_calls = []
+
+    def counted(function):  # the eager path looks these up at each call; compiled code does not call them
+        def run(*args):
+            eager_calls.append(function.__qualname__)
+            return function(*args)
+        return run
+    monkeypatch.setattr(Block, "step", counted(Block.step))
+    monkeypatch.setattr(Transformer, "logits", counted(Transformer.logits))
+    cache = model.new_cache(4)
+    eager.forward(torch.tensor([[1, 2, 3]]), 0, cache, "river", FixedExit(0))
+    eager_calls.clear()
+    eager.forward(torch.tensor([[4]]), 3, cache, "river", FixedExit(0))  # one token: where compiled code would run
+    assert eager_calls == ["Block.step"] * cfg.n_layers + ["Transformer.logits"]
 
 
 def test_compiled_one_row_linear_is_the_matmul():
