@@ -1,9 +1,12 @@
 """Property tests: the decoder against a naive reference, the cache under any exit schedule, kernels against
 dequantize-then-matmul, the bundled model end to end, and every bad input."""
 import ast
+import collections
 import ctypes
 import dataclasses
+import gc
 import graphlib
+import inspect
 import json
 import math
 import os
@@ -13,15 +16,19 @@ import socket
 import subprocess
 import sys
 import time
+import types
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+import calibrate
 import kernels
 import kv_strategies
 import load_weights
@@ -31,7 +38,7 @@ from load_weights import load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
-from river import DEFAULT_TAU, MODES, Engine, ExitRiver, main as river_main
+from river import DEFAULT_TAU, MODES, Engine, ExitRiver, load_river, main as river_main
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -217,7 +224,7 @@ def test_torch_int4_kernel_equals_dequantized_matmul(n, groups, group_size, rows
     x = torch.randn(rows, w.shape[1], generator=g).bfloat16()
     # The kernel computes with bf16 scales and zeros (the value of code 8): the reference dequantizes with them.
     scale, zero = qw.scale.bfloat16().float(), (qw.low + 8 * qw.scale).bfloat16().float()
-    w_kernel = (qw.q - 8).float() * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
+    w_kernel = (qw.q.float() - 8) * scale.repeat_interleave(group_size, 1) + zero.repeat_interleave(group_size, 1)
     expected = x.float() @ w_kernel.t()
     got = QuantizedLinear(qw, "cpu", "bf16")(x).float()
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
@@ -507,6 +514,419 @@ def test_generate_rejects_bad_input_before_doing_anything():
         model(torch.tensor([[1, 99]]))
     with pytest.raises(ValueError, match="tokens must be"):
         model(torch.tensor([1, 2]))
+
+
+# ------------------------------------------------------------------------------------------ the depth cap
+
+def holding_first_blocks(model, depth):
+    """A Transformer built to hold only blocks 0..depth-1 (what load_model(backbone_depth=depth) builds), with
+    `model`'s weights: strict loading, so it has no parameter of a deeper block."""
+    capped = Transformer(model.cfg, backbone_depth=depth)
+    names = capped.state_dict().keys()
+    capped.load_state_dict({name: value for name, value in model.state_dict().items() if name in names})
+    return capped.to(model.dtype).eval()
+
+
+def expected_writer(depths_by_position, n_layers):
+    """(n_layers, positions): BACKBONE where the position's token ran the backbone block, RIVER after."""
+    return np.array([[Writer.BACKBONE if layer < d else Writer.RIVER for d in depths_by_position]
+                     for layer in range(n_layers)])
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 5), n_steps=st.integers(0, 4),
+       seed=st.integers(0, 99), data=st.data())
+def test_a_capped_backbone_never_runs_block_d_or_deeper(cfg, n_prompt, n_steps, seed, data):
+    """Engine(max_backbone_depth=D), and an engine on a model that holds only D blocks, under a rule that never
+    exits and one that exits early: prefill and every decode step stop at min(D, the rule's depth), layers D.. of the
+    cache are written by the river alone, each slot once, and logits and K/V are the reference decoder's for that
+    schedule; the two engines agree bit for bit."""
+    L = cfg.n_layers
+    D = data.draw(st.integers(0, L), label="D")
+    early = data.draw(st.integers(0, L - 1), label="early exit after block")
+    model, river = tiny_river(cfg, seed, 4)
+    capped_model = holding_first_blocks(model, D)
+    assert len(capped_model.blocks) == D
+    S = n_prompt + n_steps
+    tokens = torch.randint(0, cfg.vocab_size, (S,), generator=torch.Generator().manual_seed(seed))
+    for policy, free_depth in ((SimilarityExit(2.0), L), (FixedExit(early), early + 1)):
+        depth = min(D, free_depth)
+        runs = []
+        for engine in (Engine(model, river, native=False, max_backbone_depth=D), Engine(capped_model, river)):
+            assert len(engine.backbone) == D
+            cache = model.new_cache(S)
+            steps = [engine.forward(tokens[None, :n_prompt], 0, cache, "river", policy, all_logits=True)]
+            steps += [engine.forward(tokens[None, t:t + 1], t, cache, "river", policy) for t in range(n_prompt, S)]
+            assert [d for _, d in steps] == [depth] * (1 + n_steps)
+            assert (cache.writer[D:, :S] == Writer.RIVER).all(), "a layer past the cap written by the backbone"
+            np.testing.assert_array_equal(cache.writer, expected_writer([depth] * S, L))
+            assert (cache.write_count == 1).all()
+            assert engine.generate(tokens[:n_prompt].tolist(), 3, "river", policy).backbone_blocks == [depth] * 3
+            runs.append((torch.cat([logits for logits, _ in steps], dim=1), cache))
+        (logits, cache), (logits_b, cache_b) = runs
+        assert torch.equal(logits, logits_b) and torch.equal(cache.k, cache_b.k) and torch.equal(cache.v, cache_b.v)
+        ref_logits, ref_kv, _ = reference_forward(model, tokens, river, [depth - 1] * S)
+        assert_close_bf16(logits[0], ref_logits)
+        for layer, (k, v) in enumerate(ref_kv):
+            assert_close_bf16(cache.k[layer, 0].transpose(0, 1), k)
+            assert_close_bf16(cache.v[layer, 0].transpose(0, 1), v)
+
+
+def test_capped_engines_refuse_what_they_cannot_run(tmp_path):
+    """Each a ValueError naming the problem: a cap deeper than the blocks held, a cap with no river for the blocks
+    past it, the whole-backbone mode on a capped engine, a depth out of range (engine, model, loaders)."""
+    cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    two = holding_first_blocks(model, 2)
+    with pytest.raises(ValueError, match="max_backbone_depth 3: the model holds only its first 2 blocks"):
+        Engine(two, river, max_backbone_depth=3)
+    for engine in (lambda: Engine(two), lambda: Engine(model, max_backbone_depth=2)):
+        with pytest.raises(ValueError, match="a backbone of 2 of the model's 4 blocks needs an ExitRiver"):
+            engine()
+    for capped in (Engine(model, river, max_backbone_depth=2), Engine(two, river)):
+        with pytest.raises(ValueError, match="mode 'backbone' runs every block; this engine's backbone stops after "
+                                             "2 of 4"):
+            capped.generate([1, 2], 2, "backbone")
+        with pytest.raises(ValueError, match="mode 'backbone' runs every block"):
+            capped.forward(torch.tensor([[1]]), 0, model.new_cache(1), "backbone")
+    for bad in (-1, 5, True, 2.0, "2"):
+        with pytest.raises(ValueError, match=re.escape(f"max_backbone_depth must be an int in [0, 4] (the model's "
+                                                       f"blocks), got {bad!r}")):
+            Engine(model, river, max_backbone_depth=bad)
+        with pytest.raises(ValueError, match=r"max_backbone_depth must be an int in \[0, 4\]"):
+            Transformer(cfg, backbone_depth=bad)
+    with pytest.raises(ValueError, match="the full-depth forward needs all 4 blocks; this model holds the first 2"):
+        two(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="a river copies every one of the model's 4 blocks"):
+        ExitRiver(two, 4, 32)
+    folder = write_checkpoint(cfg, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"max_backbone_depth must be an int in \[0, 4\] \(the model's blocks\), "
+                                         "got 5"):
+        load_model(folder, backbone_depth=5)
+    with pytest.raises(ValueError, match=r"max_backbone_depth must be an int in \[0, 4\] \(the model's blocks\), "
+                                         "got -1"):
+        load_river(folder, backbone_depth=-1, group_size=32)
+
+
+# A checkpoint deep enough to cap: four blocks, every width a multiple of 64 (River's default groups) and of 16 (the
+# native kernels), the bundled tokenizer.
+DEEP = LlamaConfig(vocab_size=1, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                   max_seq_len=512, tie_embeddings=True)
+
+
+def write_checkpoint(cfg, folder, seed=0):
+    """A tiny random model written as an HF-format folder by the exporter, with the bundled tokenizer (the config's
+    vocabulary set to the tokenizer's). Returns the folder."""
+    _, tokenizer = load_weights.load_config_and_tokenizer()
+    cfg = dataclasses.replace(cfg, vocab_size=tokenizer.get_vocab_size())
+    model = tiny_model(cfg, seed)
+    shapes, tensors = load_weights.hf_tensor_shapes(cfg), {}
+    for ours, names in load_weights.hf_tensor_names(cfg).items():
+        tensors.update(zip(names, model.state_dict()[ours].split([shapes[n][0] for n in names])))
+    load_weights.save_hf_folder(cfg, tensors, tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deep_checkpoint(tmp_path_factory):
+    return write_checkpoint(DEEP, tmp_path_factory.mktemp("deep") / "ckpt")
+
+
+def block_tensors(layer):
+    """The HF tensor names of one block."""
+    return [name for name in load_weights.hf_tensor_shapes(DEEP) if name.startswith(f"model.layers.{layer}.")]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """A Counter of the HF tensors read from any checkpoint (Checkpoint.read) while the test runs."""
+    counted = collections.Counter()
+    read = load_weights.Checkpoint.read
+
+    def counting(self, names, device, dtype):
+        counted.update(names)
+        return read(self, names, device, dtype)
+    monkeypatch.setattr(load_weights.Checkpoint, "read", counting)
+    return counted
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """Every block stream a load opens (load_weights.stream_blocks), in order: per stream, a weak reference to each
+    block it handed out, and how many of the blocks it handed out before were still held anywhere at that moment."""
+    opened = []
+    stream_blocks = load_weights.stream_blocks
+
+    def tracked(checkpoint, cfg, layers, device, dtype):
+        stream = types.SimpleNamespace(blocks=[], held_before=[])
+        opened.append(stream)
+        for block in stream_blocks(checkpoint, cfg, layers, device, dtype):
+            gc.collect()
+            stream.held_before.append(sum(ref() is not None for ref in stream.blocks))
+            stream.blocks.append(weakref.ref(block))
+            yield block
+    monkeypatch.setattr(load_weights, "stream_blocks", tracked)
+    return opened
+
+
+def parameter_count(cfg, depth):
+    """Parameters of the embedding (the head tied to it), final norm and the first `depth` blocks, by hand."""
+    d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    block = 2 * d + d * (q + 2 * kv) + q * d + d * 2 * f + f * d
+    return cfg.vocab_size * d + d + depth * block
+
+
+def assert_holds_first_blocks(model, depth):
+    """The model holds blocks 0..depth-1 and nothing of a deeper one: no parameter or state of it, and exactly the
+    bytes of its first blocks in bf16."""
+    assert [block.layer for block in model.blocks] == list(range(depth))
+    names = set(dict(model.named_parameters())) | set(model.state_dict())
+    assert {int(name.split(".")[1]) for name in names if name.startswith("blocks.")} == set(range(depth))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == 2 * parameter_count(model.cfg, depth)
+    assert list(model.buffers()) == []
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 4])
+def test_blocks_past_the_depth_are_never_resident(deep_checkpoint, depth, reads, streams):
+    """load_model and load_river with backbone_depth=D hold blocks 0..D-1 only. load_model never reads a deeper
+    block; load_river reads each deeper block once, for its river copy, and drops it at once: when a block is handed
+    out, at most the one before it (the copy being made of it) is still held, and none is once the load returns."""
+    model, _ = load_model(deep_checkpoint, dtype=torch.bfloat16, backbone_depth=depth)
+    assert_holds_first_blocks(model, depth)
+    assert reads == collections.Counter(["model.embed_tokens.weight", "model.norm.weight"]
+                                        + [n for layer in range(depth) for n in block_tensors(layer)])
+    assert [[ref() for ref in stream.blocks] for stream in streams] == [list(model.blocks)]
+    reads.clear(), streams.clear()
+    del model
+    model, river, _ = load_river(deep_checkpoint, backbone_depth=depth)
+    assert_holds_first_blocks(model, depth)
+    assert reads == collections.Counter(["model.embed_tokens.weight", "model.norm.weight"]
+                                        + [n for layer in range(DEEP.n_layers) for n in block_tensors(layer)]
+                                        + [n for layer in range(depth) for n in block_tensors(layer)])
+    *_, copied, kept = streams  # the blocks read for the river, then those kept
+    assert max(copied.held_before) <= 1, "blocks read for their river copies were held past the next one"
+    gc.collect()
+    assert [ref() for ref in copied.blocks] == [None] * DEEP.n_layers, "a block read for its river copy is still held"
+    assert [ref() for ref in kept.blocks] == list(model.blocks)
+    assert [block.layer for block in river.blocks] == list(range(DEEP.n_layers))
+    assert not any(isinstance(m, nn.Linear) for m in river.modules()), "a full-precision matrix in the river"
+
+
+def test_load_blocks_reads_each_block_only_when_asked(deep_checkpoint, reads):
+    """load_blocks is a generator: opening it reads no weight, and each block is read when it is asked for, the
+    blocks after it not yet; its blocks are the whole model's."""
+    whole, _ = load_model(deep_checkpoint, dtype=torch.bfloat16)
+    reads.clear()
+    stream = load_weights.load_blocks(deep_checkpoint, None, "cpu", torch.bfloat16)
+    assert inspect.isgenerator(stream) and not reads
+    for layer in range(DEEP.n_layers):
+        block = next(stream)
+        assert block.layer == layer
+        assert reads == collections.Counter(n for l in range(layer + 1) for n in block_tensors(l))
+        assert block.state_dict().keys() == whole.blocks[layer].state_dict().keys()
+        assert all(torch.equal(v, whole.blocks[layer].state_dict()[k]) for k, v in block.state_dict().items())
+    with pytest.raises(StopIteration):
+        next(stream)
+    reads.clear()
+    assert [block.layer for block in load_weights.load_blocks(deep_checkpoint, [2], "cpu", torch.bfloat16)] == [2]
+    assert reads == collections.Counter(block_tensors(2))
+
+
+def run_steps(engine, tokens, n_prompt, policy):
+    """Prefill, then one decode step per later token: (each step's logits and depth, the cache)."""
+    cache = engine.model.new_cache(len(tokens))
+    steps = [engine.forward(torch.tensor([tokens[:n_prompt]]), 0, cache, "river", policy, all_logits=True)]
+    steps += [engine.forward(torch.tensor([[tokens[t]]]), t, cache, "river", policy)
+              for t in range(n_prompt, len(tokens))]
+    return steps, cache
+
+
+@pytest.mark.parametrize("depth", [0, 2, 4])
+def test_a_river_loaded_with_d_blocks_is_bit_equal_to_the_whole_model_capped_at_d(deep_checkpoint, depth):
+    """load_river(backbone_depth=D) against the whole model loaded with load_model and its ExitRiver capped at run
+    time: the same river weights, and on the torch path and the native one alike the same logits, depths, K/V and
+    record, bit for bit, and the same generated tokens. At D = the layer count, also Engine(max_backbone_depth=None),
+    today's River."""
+    model, river, _ = load_river(deep_checkpoint, backbone_depth=depth)
+    whole, _ = load_model(deep_checkpoint, dtype=torch.bfloat16)
+    whole_river = ExitRiver(whole, 4, 64, eight_bit_layers=(-1,))
+    a, b = river.state_dict(), whole_river.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(depth)).tolist()
+    for native in (False, None):
+        engines = [Engine(model, river, native=native), Engine(whole, whole_river, native=native,
+                                                               max_backbone_depth=depth)]
+        if depth == DEEP.n_layers:
+            engines.append(Engine(whole, whole_river, native=native))
+        assert len({e.path for e in engines}) == 1 and all(len(e.backbone) == depth for e in engines)
+        for policy in (SimilarityExit(2.0), FixedExit(1), SimilarityExit(0.3)):
+            (steps, cache), *others = [run_steps(e, tokens, 5, policy) for e in engines]
+            assert max(d for _, d in steps) <= depth
+            for other_steps, other_cache in others:
+                assert [d for _, d in other_steps] == [d for _, d in steps]
+                assert all(torch.equal(x, y) for (x, _), (y, _) in zip(other_steps, steps))
+                assert torch.equal(other_cache.k, cache.k) and torch.equal(other_cache.v, cache.v)
+                assert (other_cache.writer == cache.writer).all()
+            runs = [e.generate(tokens[:5], 4, "river", policy) for e in engines]
+            assert all(r.tokens == runs[0].tokens and r.backbone_blocks == runs[0].backbone_blocks for r in runs)
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+class WordTokenizer:
+    """Encodes "w7 w8 ..." as [7, 8, ...] and records every text it was given."""
+
+    def __init__(self):
+        self.texts = []
+
+    def encode(self, text):
+        self.texts.append(text)
+        return types.SimpleNamespace(ids=[int(word[1:]) for word in text.split()])
+
+
+class ScoredProblem:
+    """A scored problem: reading it fails the test."""
+
+    def __iter__(self):
+        raise AssertionError("the calibration split read a scored problem")
+
+    __getitem__ = __len__ = __str__ = __iter__
+
+
+class Problems(list):
+    """HumanEval's problems as a list that records every index and slice asked of it."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.asked = []
+
+    def __getitem__(self, key):
+        self.asked.append(key)
+        return super().__getitem__(key)
+
+    def __iter__(self):
+        self.asked.append(slice(None))
+        return super().__iter__()
+
+    def read(self):
+        """Indices of every problem read."""
+        every = range(len(self))
+        return sorted({i for key in self.asked for i in (every[key] if isinstance(key, slice) else [every[key]])})
+
+
+@pytest.mark.parametrize("n, scored", [(1, None), (3, None), (2, 5), (12, 12)])
+def test_the_calibration_split_never_reads_a_scored_problem(n, scored, monkeypatch):
+    """calibration_sequences(n, scored=S) reads problems S..S+n-1 (S default n) and nothing else: the scored ones
+    would fail the test if read, and each problem's prompt and solution are encoded as its context and target."""
+    skip = n if scored is None else scored
+    problem = lambda i: (f"w{2 * i}", " ".join(f"w{j}" for j in range(1000 * i, 1000 * i + 20)))  # noqa: E731
+    problems = Problems([ScoredProblem() for _ in range(skip)] + [problem(i) for i in range(skip, 40)])
+    monkeypatch.setattr(calibrate, "humaneval_problems", lambda: problems)
+    tokenizer = WordTokenizer()
+    sequences = calibrate.calibration_sequences(tokenizer, n, 16, scored=scored)
+    assert problems.read() == list(range(skip, skip + n))
+    assert sorted(tokenizer.texts) == sorted(text for i in range(skip, skip + n) for text in problem(i))
+    assert sequences == [([2 * i], list(range(1000 * i, 1000 * i + 16))) for i in range(skip, skip + n)]
+
+
+@pytest.mark.parametrize("n, scored, max_target", [(1, None, 8), (3, None, 16), (2, 5, 4)])
+def test_calibration_text_windows_are_disjoint_from_the_scored_ones(n, scored, max_target, tmp_path):
+    """With --text, the scored split is the text's first n windows (32 tokens of context, up to max_target of
+    target) and the calibration split the n windows after the `scored` ones: no token of one is in the other."""
+    skip = n if scored is None else scored
+    window = 32 + max_target
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{i}" for i in range((skip + n + 1) * window)), encoding="utf-8")
+    scored_split = calibrate.quality_sequences(WordTokenizer(), skip, max_target, text)
+    held_out = calibrate.calibration_sequences(WordTokenizer(), n, max_target, text, scored=scored)
+    def by_hand(k):  # window k: its 32 context tokens, then max_target of target
+        return list(range(k * window, k * window + 32)), list(range(k * window + 32, (k + 1) * window))
+    assert scored_split == [by_hand(k) for k in range(skip)]
+    assert held_out == [by_hand(k) for k in range(skip, skip + n)]
+    tokens = lambda split: {i for context, target in split for i in context + target}  # noqa: E731
+    assert not tokens(scored_split) & tokens(held_out)
+
+
+def nll_by_hand(model, sequences):
+    """Mean NLL per target token of the backbone: one causal forward over context and target, no cache."""
+    losses = []
+    with torch.no_grad():
+        for context, target in sequences:
+            logits = model(torch.tensor([context + target]))[0, len(context) - 1:-1]
+            losses += F.cross_entropy(logits.float(), torch.tensor(target), reduction="none").tolist()
+    return sum(losses) / len(losses)
+
+
+def fastest_within(calibration, budget):
+    """The picked tau by hand: among the taus whose increase is within the budget, those with the fewest mean
+    backbone blocks; of those, the one with the smallest increase. None when no tau is within."""
+    within = [t for t, increase in calibration.nll_increase.items() if increase <= budget]
+    if not within:
+        return None
+    fewest = min(calibration.mean_backbone_blocks[t] for t in within)
+    fastest = [t for t in within if calibration.mean_backbone_blocks[t] == fewest]
+    return min(fastest, key=lambda t: calibration.nll_increase[t])
+
+
+def test_calibrate_tau_picks_the_fastest_tau_within_the_budget():
+    """calibrate_tau on a tiny model: the backbone NLL is the one computed by hand, tau above 1 costs nothing and
+    runs every block, tau -1 leaves after the first block; the pick is the fastest tau within the budget, for a
+    budget that admits all, one that admits some, and one below every increase (None)."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+    model, river = tiny_river(cfg, 2, 4)
+    engine = Engine(model, river, native=False)
+    g = torch.Generator().manual_seed(0)
+    sequences = [(torch.randint(0, 64, (c,), generator=g).tolist(), torch.randint(0, 64, (t,), generator=g).tolist())
+                 for c, t in ((5, 6), (3, 8), (7, 2))]
+    steps = sum(len(target) - 1 for _, target in sequences)
+    taus = (2.0, 0.95, 0.8, 0.5, 0.0, -1.0)
+    result = calibrate.calibrate_tau(engine, sequences, taus, 1e6)
+    assert result.backbone_nll == pytest.approx(nll_by_hand(model, sequences), abs=1e-4)
+    assert list(result.nll_increase) == list(taus) and all(len(result.depths[t]) == steps for t in taus)
+    assert result.nll_increase[2.0] == 0.0 and result.depths[2.0] == [cfg.n_layers] * steps
+    assert result.depths[-1.0] == [1] * steps
+    for tau in taus:
+        assert result.mean_backbone_blocks[tau] == pytest.approx(sum(result.depths[tau]) / steps)
+        assert all(1 <= d <= cfg.n_layers for d in result.depths[tau])
+    assert result.tau == fastest_within(result, 1e6) and result.mean_backbone_blocks[result.tau] == 1
+    increases = sorted(set(result.nll_increase.values()))
+    budget = (increases[0] + increases[1]) / 2 if increases[0] > 0 else max(increases[0] + 1e-3, 1e-3)
+    again = calibrate.calibrate_tau(engine, sequences, taus, budget, backbone_nll=result.backbone_nll)
+    assert again.nll_increase == result.nll_increase and again.tau == fastest_within(result, budget)
+    assert again.tau is not None
+    # the same runs, judged against a backbone 1 nat better: every increase near 1, a budget of 0.5 admits none
+    assert all(abs(increase) < 0.5 for increase in result.nll_increase.values())
+    none = calibrate.calibrate_tau(engine, sequences, taus, 0.5, backbone_nll=result.backbone_nll - 1)
+    assert none.tau is None and all(none.nll_increase[t] > 0.5 for t in taus)
+
+
+@PROPERTY
+@given(results=st.dictionaries(st.floats(-1, 1), st.tuples(st.sampled_from([-0.2, 0.0, 0.05, 0.1, 0.3]),
+                                                           st.sampled_from([1.0, 2.5, 4.0])), min_size=1, max_size=6),
+       budget=st.sampled_from([1e-3, 0.05, 0.1, 0.2, 1.0]))
+def test_the_picked_tau_is_within_the_budget_and_none_within_is_faster(results, budget):
+    calibration = calibrate.Calibration(budget, 2.0, {t: inc for t, (inc, _) in results.items()},
+                                        {t: blocks for t, (_, blocks) in results.items()})
+    tau = calibration.pick()
+    assert tau == calibration.tau
+    within = [t for t, (inc, _) in results.items() if inc <= budget]
+    if not within:
+        assert tau is None
+        return
+    assert tau in within
+    for other in within:  # none within is faster, nor as fast with a smaller increase
+        assert results[tau][1] < results[other][1] or (results[tau][1] == results[other][1]
+                                                        and results[tau][0] <= results[other][0])
+
+
+@pytest.mark.parametrize("budget", [math.nan, math.inf, -math.inf, 0, 0.0, -0.1, "0.1", None])
+def test_a_quality_budget_is_a_finite_increase_above_zero(budget):
+    with pytest.raises(ValueError, match="quality budget must be a finite NLL increase > 0"):
+        calibrate.check_budget(budget)
+    with pytest.raises(ValueError, match="quality budget must be"):  # before anything runs: no engine is needed
+        calibrate.calibrate_tau(None, [], (0.9,), budget)
+
 
 
 # ------------------------------------------------------------------------------------- the bundled model
@@ -980,22 +1400,60 @@ def test_a_replayed_exit_leaves_at_its_depth_and_still_computes_the_similarity(i
     assert replayed[depth:].isnan().all()
 
 
+@each_isa_here
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 4), n_steps=st.integers(1, 4),
+       seed=st.integers(0, 99), data=st.data())
+def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n_steps, seed, data):
+    """The native step with the backbone capped at D (kernels' Model.backbone_blocks): under a rule that never exits,
+    one that exits after a drawn block and the similarity rule at tau -1 (exits after the first block), every step
+    stops at min(D, the rule's depth), exactly where the torch path stops, with its logits and K/V, and layers D..
+    are written by the river alone."""
+    L = cfg.n_layers
+    D = data.draw(st.integers(0, L), label="D")
+    early = data.draw(st.integers(0, L - 1), label="early exit after block")
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,))
+    S = n_prompt + n_steps
+    tokens = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(seed))
+    for policy, free_depth in ((SimilarityExit(2.0), L), (FixedExit(early), early + 1),
+                               (SimilarityExit(-1.0), min(1, L))):
+        depth = min(D, free_depth)
+        fast = Engine(model, river, native=isa, max_backbone_depth=D)
+        plain = Engine(model, river, native=False, max_backbone_depth=D)
+        caches = [model.new_cache(S) for _ in range(2)]
+        for engine, cache in zip((fast, plain), caches):
+            assert engine.forward(tokens[:, :n_prompt], 0, cache, "river", policy)[1] == depth
+        for t in range(n_prompt, S):
+            (got, got_depth), (expected, expected_depth) = (engine.forward(tokens[:, t:t + 1], t, cache, "river",
+                                                                           policy)
+                                                            for engine, cache in zip((fast, plain), caches))
+            assert got_depth == expected_depth == depth
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+        assert fast.native_steps == n_steps + (n_prompt == 1) and plain.native_steps == 0
+        for cache in caches:
+            assert (cache.writer[D:] == Writer.RIVER).all(), "a layer past the cap written by the backbone"
+            np.testing.assert_array_equal(cache.writer, expected_writer([depth] * S, L))
+            assert (cache.write_count == 1).all()
+        for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
     """Teacher-forced over two HumanEval prompts, River at the default tau: logits within bf16 resolution of the
     same arithmetic in plain torch at every position, and the same exit depth at >= 99% of positions."""
     if not ISAS_HERE:
         pytest.skip("this CPU runs none of the native kernels' instruction sets")
-    import bench
     model, tokenizer = load_model(dtype=torch.bfloat16)
     river = ExitRiver(model, 4, 64, eight_bit_layers=(-1,))
     fast, plain = Engine(model, river), Engine(model, river, native=False)
     assert fast.native is not None
-    variant = bench.Variant("river", "river", tau=DEFAULT_TAU)
+    policy = SimilarityExit(DEFAULT_TAU)
     depths, worst = [], 0.0
-    for prompt, solution in bench.humaneval_problems()[:2]:
+    for prompt, solution in calibrate.humaneval_problems()[:2]:
         context, target = tokenizer.encode(prompt).ids, tokenizer.encode(solution).ids[:24]
-        (got, got_depths, _), (expected, expected_depths, _) = (bench.teacher_forced(e, variant, context, target)
-                                                                for e in (fast, plain))
+        (got, got_depths, _), (expected, expected_depths, _) = (
+            calibrate.teacher_forced(e, "river", policy, context, target) for e in (fast, plain))
         # bf16 resolution: one unit in the last place of a bf16 number as large as the position's largest logit
         ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().amax(-1))) - 7)
         worst = max(worst, ((got - expected).abs().amax(-1) / ulp).max().item())
@@ -1325,15 +1783,17 @@ def test_exit_histogram_counts_every_token_even_past_the_last_layer():
     assert bench.exit_histogram([4, 2], 4) == [0, 0, 1, 0, 1] and bench.exit_histogram([], 2) == [0, 0, 0]
 
 
-def test_bench_text_windows_and_humaneval(bundled, tmp_path):
-    import bench
+def test_quality_text_windows_and_humaneval(bundled, tmp_path):
     _, tokenizer = bundled
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
-    windows = bench.quality_sequences(tokenizer, 3, 16, text)
+    windows = calibrate.quality_sequences(tokenizer, 3, 16, text)
     assert len(windows) == 3 and all(len(c) == 32 and 1 < len(t) <= 16 for c, t in windows)
-    problems = bench.quality_sequences(tokenizer, 2, 16)
-    assert len(problems) == 2 and problems[0][0] == tokenizer.encode(bench.humaneval_problems()[0][0]).ids
+    problems = calibrate.humaneval_problems()
+    scored, held_out = calibrate.quality_sequences(tokenizer, 2, 16), calibrate.calibration_sequences(tokenizer, 2, 16)
+    assert len(problems) == 164 and len(scored) == len(held_out) == 2
+    assert [c for c, _ in scored + held_out] == [tokenizer.encode(p).ids for p, _ in problems[:4]]
+    assert [t for _, t in scored + held_out] == [tokenizer.encode(s).ids[:16] for _, s in problems[:4]]
 
 
 # Published parameter counts of the checkpoints whose shapes --shape runs (tied embeddings counted once).
