@@ -26,6 +26,12 @@ DEFAULT_GROUP_SIZE = 64
 # The last block turns the residual state the most (its transition similarity is the lowest, 0.3 to 0.75 on the
 # bundled model): its 4-bit copy cost the most NLL of any single block, so the river keeps it at 8 bits (README).
 DEFAULT_EIGHT_BIT_LAYERS = (-1,)
+# The command line's --quality-budget picks tau among CALIBRATION_TAUS on HumanEval's calibration split: the
+# CALIBRATION_PROBLEMS problems after as many scored ones, solutions cut to CALIBRATION_MAX_TARGET tokens (bench.py's
+# split and sweep).
+CALIBRATION_PROBLEMS = 12
+CALIBRATION_MAX_TARGET = 128
+CALIBRATION_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 # ---------------------------------------------------------------------------------------------- the river
@@ -404,7 +410,8 @@ def main(argv=None, other_modes=None):
     """other_modes: more --mode choices, each name -> what builds its engine from (model, compile); kv_strategies.py
     adds the KV strategies this way, so this file never imports it."""
     other_modes = other_modes or {}
-    # A local import: the library part of this file does not need it; only the command line does.
+    # Local imports: the library part of this file does not need them; only the command line does.
+    import calibrate
     from load_weights import chat_prompt, load_config_and_tokenizer, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
@@ -414,8 +421,21 @@ def main(argv=None, other_modes=None):
     parser.add_argument("--mode", choices=MODES + tuple(other_modes), default="river",
                         help="how the engine runs (kv_strategies.py's command line adds the KV strategies River "
                              "argues against)")
-    parser.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
-                        help="exit threshold on the transition similarity; > 1 never exits")
+    exit_rule = parser.add_mutually_exclusive_group()
+    exit_rule.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
+                           help="exit threshold on the transition similarity; > 1 never exits")
+    exit_rule.add_argument("--quality-budget", type=option(float, calibrate.check_budget), default=None, metavar="B",
+                           help="--mode river: pick tau instead of --tau, the fastest (fewest backbone blocks per "
+                                "token) of " + " ".join(map(str, CALIBRATION_TAUS)) + " whose mean NLL increase over "
+                                "the backbone is at most B nats per token on HumanEval's calibration split "
+                                f"(problems {CALIBRATION_PROBLEMS}..{2 * CALIBRATION_PROBLEMS - 1}, disjoint from "
+                                "the ones bench.py scores), teacher-forced once per tau and once through the whole "
+                                "backbone before generating")
+    parser.add_argument("--max-backbone-depth", type=int, default=None, metavar="D",
+                        help="--mode river: every token leaves the backbone after block D - 1 at the latest, and the "
+                             "backbone's blocks from D on are never loaded (their river copies are made one block at "
+                             "a time as the checkpoint is read; with --quality-budget all are loaded, to calibrate "
+                             "on); 0 to the model's layer count (default: all)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="river weights")
     parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
@@ -437,8 +457,12 @@ def main(argv=None, other_modes=None):
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("argument --prompt: the prompt is empty")
+    if args.max_backbone_depth is not None and args.mode not in ("river", "quantized"):
+        parser.error(f"argument --max-backbone-depth: caps River's backbone (--mode river); --mode {args.mode} runs "
+                     "every backbone block")
+    if args.quality_budget is not None and args.mode != "river":
+        parser.error(f"argument --quality-budget: picks River's tau (--mode river); --mode {args.mode} has none")
     device = check_argument(parser, "--device", resolve_device, args.device)
-    policy = SimilarityExit(args.tau)
 
     def read_prompt():  # config and tokenizer only: what the model's size decides fails before its weights load
         cfg, tokenizer = load_config_and_tokenizer(args.model)
@@ -446,6 +470,8 @@ def main(argv=None, other_modes=None):
         return cfg, tokenizer, tokenizer.encode(text).ids, stop_token_ids(tokenizer, args.model)
     cfg, tokenizer, prompt, stop = reading_files(read_prompt)
     check_argument(parser, "--max-new-tokens", check_fits_context, len(prompt), args.max_new_tokens, cfg.max_seq_len)
+    if args.max_backbone_depth is not None:
+        check_argument(parser, "--max-backbone-depth", check_backbone_depth, args.max_backbone_depth, cfg.n_layers)
     activations = args.activations or default_activations(device)
     check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, activations)
     eight_bit = args.eight_bit_layers
@@ -454,12 +480,41 @@ def main(argv=None, other_modes=None):
     check_argument(parser, "--eight-bit-layers", check_layers, eight_bit, cfg.n_layers)
     if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
-    model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
+    calibration_set = None
+    if args.quality_budget is not None:  # the problems read before the weights: a missing data set fails at once
+        calibration_set = reading_files(calibrate.calibration_sequences, tokenizer, CALIBRATION_PROBLEMS,
+                                        CALIBRATION_MAX_TARGET, None, CALIBRATION_PROBLEMS)
+    native = False if args.no_native else None
+    if args.mode in ("quantized", "river"):
+        # Through the streaming loader: each block read, its river copy made, the block dropped; then the backbone
+        # blocks kept. The quantized mode keeps none; River all of them to calibrate on (the cap then holds at run
+        # time), else its first D.
+        depth = 0 if args.mode == "quantized" else None if args.quality_budget is not None else args.max_backbone_depth
+        model, river, _ = reading_files(load_river, args.model, device, depth, args.bits, args.group_size,
+                                        activations, eight_bit, torch.bfloat16)
+    else:
+        model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
+        river = None
     if args.mode in other_modes:
         engine = other_modes[args.mode](model, args.compile)
-    else:
-        river = None if args.mode == "backbone" else ExitRiver(model, args.bits, args.group_size, activations, eight_bit)
-        engine = Engine(model, river, args.compile, native=False if args.no_native else None)
+    else:  # the quantized mode's model holds no backbone block: its engine's backbone is empty
+        engine = Engine(model, river, args.compile, native,
+                        max_backbone_depth=args.max_backbone_depth if args.mode == "river" else None)
+    tau, calibration = args.tau, None
+    if args.quality_budget is not None:  # on the whole backbone: a cap would bias the choice (calibrate_tau)
+        uncapped = engine if len(engine.backbone) == cfg.n_layers else Engine(model, river, args.compile, native)
+        calibration = calibrate.calibrate_tau(uncapped, calibration_set, CALIBRATION_TAUS, args.quality_budget,
+                                              log=lambda message: print(message, file=sys.stderr))
+        if calibration.tau is None:
+            best = min(calibration.nll_increase, key=calibration.nll_increase.get)
+            fail(f"no tau of {' '.join(map(str, CALIBRATION_TAUS))} meets the quality budget "
+                 f"{args.quality_budget:g}: the smallest NLL increase on the calibration split is "
+                 f"{calibration.nll_increase[best]:+.4f} (tau {best:g})")
+        tau = calibration.tau
+        print(f"quality budget {args.quality_budget:g}: tau {tau:g} (NLL increase "
+              f"{calibration.nll_increase[tau]:+.4f} on the calibration split, "
+              f"{calibration.mean_backbone_blocks[tau]:.2f} backbone blocks per token)", file=sys.stderr)
+    policy = SimilarityExit(tau)
     if args.compile:  # compile outside the timed run
         engine.generate(prompt, min(3, args.max_new_tokens), args.mode, policy)
     result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature, args.top_p,
@@ -469,14 +524,26 @@ def main(argv=None, other_modes=None):
     if args.json:
         print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
-                          "mode": args.mode, "tau": args.tau, "bits": args.bits, "activations": activations,
-                          "eight_bit_layers": list(eight_bit),
+                          "mode": args.mode, "tau": tau, "quality_budget": args.quality_budget,
+                          "calibration": None if calibration is None else calibration_json(calibration),
+                          "max_backbone_depth": args.max_backbone_depth, "backbone_blocks_held": len(model.blocks),
+                          "bits": args.bits, "activations": activations, "eight_bit_layers": list(eight_bit),
                           "path": engine.path}, allow_nan=False))
     else:
         rate = result.decode_tokens_per_s
         print(reply)
         print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
               + f", mean backbone blocks per token {blocks:.2f} of {model.cfg.n_layers}")
+
+
+def calibration_json(calibration):
+    """What --json reports of a calibrate.Calibration: the tau picked and, per tau tried (keys as text), the NLL
+    increase and mean backbone blocks; a number that is not finite as null (strict JSON)."""
+    def number(value):
+        return value if math.isfinite(value) else None
+    return {"tau": calibration.tau,
+            "nll_increase": {str(t): number(v) for t, v in calibration.nll_increase.items()},
+            "mean_backbone_blocks": {str(t): number(v) for t, v in calibration.mean_backbone_blocks.items()}}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from load_weights import load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
+import river as river_module
 from river import DEFAULT_TAU, MODES, Engine, ExitRiver, load_river, main as river_main
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
@@ -1015,11 +1016,26 @@ def strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_cli_json_output_is_strict_json(capsys):
-    river_main(["--prompt", "The capital of France is", "--max-new-tokens", "3", "--json", "--mode", "river"])
+def times_read_per_layer(reads):
+    """{block: how many times each of its tensors was read} from a Counter of HF tensor names read."""
+    per_layer = collections.defaultdict(set)
+    for name, count in reads.items():
+        if name.startswith("model.layers."):
+            per_layer[int(name.split(".")[2])].add(count)
+    return {layer: counts.pop() if len(counts) == 1 else counts for layer, counts in per_layer.items()}
+
+
+def test_cli_json_output_is_strict_json(capsys, reads):
+    """River capped at 3 blocks on the bundled model: no token runs a fourth, and blocks 3.. are read once (for their
+    river copies) and never held; blocks 0..2 twice (their copies, then the blocks kept)."""
+    river_main(["--prompt", "The capital of France is", "--max-new-tokens", "3", "--json", "--mode", "river",
+                "--max-backbone-depth", "3"])
     out = strict_json(capsys.readouterr().out)
-    assert len(out["tokens"]) == 3 and len(out["backbone_blocks"]) == 3
+    assert len(out["tokens"]) == 3 and len(out["backbone_blocks"]) == 3 and max(out["backbone_blocks"]) <= 3
     assert {"text", "decode_tokens_per_s"} <= out.keys()
+    assert out["max_backbone_depth"] == 3 and out["backbone_blocks_held"] == 3
+    assert out["tau"] == DEFAULT_TAU and out["quality_budget"] is None and out["calibration"] is None
+    assert times_read_per_layer(reads) == {layer: 2 if layer < 3 else 1 for layer in range(30)}
     river_main(["--prompt", "Hi", "--max-new-tokens", "1", "--json", "--mode", "backbone"])
     out = strict_json(capsys.readouterr().out)
     assert len(out["tokens"]) == 1 and out["decode_tokens_per_s"] is None, "no decode step, no rate"
@@ -1063,11 +1079,107 @@ def assert_usage_error(raised, capsys, message):
     (["--device", "tpu"], "argument --device: device 'tpu' is not supported; use cpu or cuda"),
     pytest.param(["--device", "cuda"], "argument --device: device cuda was asked for, but torch sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error when CUDA is absent")),
+    (["--max-backbone-depth", "31"], r"argument --max-backbone-depth: max_backbone_depth must be an int in \[0, 30\] "
+                                     r"\(the model's blocks\), got 31"),
+    (["--max-backbone-depth", "-1"], r"argument --max-backbone-depth: max_backbone_depth must be an int in \[0, 30\]"),
+    (["--max-backbone-depth", "2.5"], "argument --max-backbone-depth: invalid int value: '2.5'"),
+    (["--max-backbone-depth", "3", "--mode", "backbone"],
+     r"argument --max-backbone-depth: caps River's backbone \(--mode river\); --mode backbone runs every backbone "
+     "block"),
+    (["--quality-budget", "nan"], "argument --quality-budget: quality budget must be a finite NLL increase > 0"),
+    (["--quality-budget", "inf"], "argument --quality-budget: quality budget must be a finite NLL increase > 0"),
+    (["--quality-budget", "0"], "argument --quality-budget: quality budget must be a finite NLL increase > 0"),
+    (["--quality-budget=-0.1"], "argument --quality-budget: quality budget must be a finite NLL increase > 0"),
+    (["--quality-budget", "x"], "argument --quality-budget: invalid float value: 'x'"),
+    (["--quality-budget", "0.1", "--tau", "0.9"], "argument --tau: not allowed with argument --quality-budget"),
+    (["--tau", "0.9", "--quality-budget", "0.1"], "argument --quality-budget: not allowed with argument --tau"),
+    (["--quality-budget", "0.1", "--mode", "quantized"], r"argument --quality-budget: picks River's tau \(--mode "
+                                                         r"river\); --mode quantized has none"),
 ])
 def test_cli_bad_argument_is_a_usage_error_before_any_weight_loads(argv, message, capsys, weights_never_load):
     with pytest.raises(SystemExit) as raised:
         river_main(["--prompt", "x"] + argv)
     assert_usage_error(raised, capsys, message)
+
+
+@pytest.mark.parametrize("argv, held, read_twice", [
+    (["--mode", "river", "--max-backbone-depth", "2"], 2, {0, 1}),
+    (["--mode", "river", "--max-backbone-depth", "0"], 0, set()),
+    (["--mode", "river"], 4, {0, 1, 2, 3}),
+    (["--mode", "quantized"], 0, set()),
+    (["--mode", "quantized", "--max-backbone-depth", "3"], 0, set()),
+    (["--mode", "backbone"], 4, set()),
+])
+def test_cli_loads_only_the_blocks_its_mode_runs(deep_checkpoint, argv, held, read_twice, capsys, reads):
+    """Each mode holds what it runs and nothing more: River its first D backbone blocks (default all), the quantized
+    mode none (with or without a cap); River and the quantized mode read every block once for its river copy, and
+    again only the backbone blocks they keep; the backbone reads each block once."""
+    river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "3", "--json"] + argv)
+    out = strict_json(capsys.readouterr().out)
+    assert out["backbone_blocks_held"] == held
+    assert max(out["backbone_blocks"]) <= (0 if "quantized" in argv else held)
+    assert times_read_per_layer(reads) == {layer: 2 if layer in read_twice else 1 for layer in range(DEEP.n_layers)}
+
+
+@pytest.fixture
+def small_calibration(monkeypatch):
+    """--quality-budget on a split of two problems with targets of 6 tokens (the wiring, in seconds), recording each
+    call of calibration_sequences and the backbone depth of the engine calibrate_tau ran on."""
+    monkeypatch.setattr(river_module, "CALIBRATION_PROBLEMS", 2)
+    monkeypatch.setattr(river_module, "CALIBRATION_MAX_TARGET", 6)
+    calls = types.SimpleNamespace(sequences=[], engine_depths=[])
+    calibration_sequences, calibrate_tau = calibrate.calibration_sequences, calibrate.calibrate_tau
+
+    def recorded_sequences(*args, **kwargs):
+        calls.sequences.append((args[1:], kwargs))
+        return calibration_sequences(*args, **kwargs)
+
+    def recorded_tau(engine, *args, **kwargs):
+        calls.engine_depths.append(len(engine.backbone))
+        return calibrate_tau(engine, *args, **kwargs)
+    monkeypatch.setattr(calibrate, "calibration_sequences", recorded_sequences)
+    monkeypatch.setattr(calibrate, "calibrate_tau", recorded_tau)
+    return calls
+
+
+def test_cli_quality_budget_picks_tau_on_the_calibration_split(deep_checkpoint, small_calibration, capsys):
+    """--quality-budget on a tiny checkpoint: tau calibrated on the split after the scored problems with the whole
+    backbone loaded, the fastest tau within the budget by the reported per-tau results, the cap applied to the run
+    after it; strict JSON with the budget, the tau and every tau's results; the tau named on stderr."""
+    budget = 0.007  # on this checkpoint, between the increases of the two taus that exit early
+    river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "3", "--json",
+                "--quality-budget", str(budget), "--max-backbone-depth", "2"])
+    captured = capsys.readouterr()
+    out = strict_json(captured.out)
+    assert [args for args, _ in small_calibration.sequences] == [(2, 6, None, 2)]
+    assert small_calibration.engine_depths == [DEEP.n_layers], "calibrated on a capped backbone"
+    calibration = out["calibration"]
+    assert out["quality_budget"] == budget and out["backbone_blocks_held"] == DEEP.n_layers
+    assert list(calibration["nll_increase"]) == list(calibration["mean_backbone_blocks"]) == [
+        str(tau) for tau in river_module.CALIBRATION_TAUS]
+    by_hand = types.SimpleNamespace(nll_increase={float(t): v for t, v in calibration["nll_increase"].items()},
+                                    mean_backbone_blocks={float(t): v for t, v in
+                                                          calibration["mean_backbone_blocks"].items()})
+    assert out["tau"] == calibration["tau"] == fastest_within(by_hand, budget)
+    assert out["tau"] is not None and max(calibration["nll_increase"].values()) > budget
+    assert max(out["backbone_blocks"]) <= 2
+    assert f"quality budget {budget:g}: tau {out['tau']:g} " in captured.err
+
+
+def test_cli_quality_budget_no_tau_meets_is_a_one_line_error(deep_checkpoint, small_calibration, monkeypatch, capsys):
+    """Every tau costing more than the budget (River's NLL raised by a nat): a one-line error, exit status 1,
+    nothing on stdout, after the per-tau results on stderr."""
+    mean_nll = calibrate.mean_nll
+    monkeypatch.setattr(calibrate, "mean_nll", lambda engine, mode, policy, sequences: (
+        lambda nll, depths: (nll + (mode == "river"), depths))(*mean_nll(engine, mode, policy, sequences)))
+    with pytest.raises(SystemExit) as raised:
+        river_main(["--prompt", "x", "--model", str(deep_checkpoint), "--quality-budget", "0.5", "--json"])
+    assert raised.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert re.fullmatch(r"error: no tau of 0.5 0.8 .* 0.99 meets the quality budget 0.5: the smallest NLL increase "
+                        r"on the calibration split is \+\d\.\d{4} \(tau [\d.]+\)", err.splitlines()[-1]), err
+    assert len(err.splitlines()) == 1 + len(river_module.CALIBRATION_TAUS)
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints
