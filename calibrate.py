@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import json
 import math
+import numbers
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,11 @@ import torch
 
 from exit_policy import SimilarityExit
 
+# The split and sweep both command lines use: the scored problems are HumanEval's first CALIBRATION_PROBLEMS, the
+# calibration split the as many after them, solutions cut to CALIBRATION_MAX_TARGET tokens.
+CALIBRATION_PROBLEMS = 12
+CALIBRATION_MAX_TARGET = 128
+CALIBRATION_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 CAP_SHARE = 0.99  # a depth cap's default: the depth by which this share of calibration tokens has left the backbone
 
 
@@ -106,7 +112,7 @@ class Calibration:
 
 
 def check_budget(budget):
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+    if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"quality budget must be a finite NLL increase > 0 (nats per token), got {budget!r}")
 
 
@@ -114,6 +120,8 @@ def calibrate_tau(engine, sequences, taus, budget, backbone_nll=None, log=lambda
     """River at each of `taus` over the calibration sequences, and the fastest tau whose mean NLL increase over the
     backbone is at most `budget`. engine: an Engine with its river (uncapped: a cap would bias the choice)."""
     check_budget(budget)
+    if not sequences:
+        raise ValueError("calibration needs at least one sequence")
     if backbone_nll is None:
         backbone_nll, _ = mean_nll(engine, "backbone", None, sequences)
     result = Calibration(budget, backbone_nll)

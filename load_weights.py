@@ -127,7 +127,7 @@ def load_tokenizer(folder, cfg):
     return tokenizer
 
 
-def read_config_and_tokenizer(folder):
+def read_config(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -142,15 +142,20 @@ def read_config_and_tokenizer(folder):
         cfg = LlamaConfig.from_hf(hf)
     except KeyError as err:
         raise KeyError(f"{config_path} lacks the field {err.args[0]}") from err
-    return cfg, load_tokenizer(folder, cfg)
+    return cfg
+
+
+def read_config_and_tokenizer(folder):
+    cfg = read_config(folder)
+    return cfg, load_tokenizer(Path(folder), cfg)
 
 
 def open_checkpoint(folder):
-    """(config, tokenizer, Checkpoint) of an HF folder, every tensor's name and shape checked, no weight read."""
-    cfg, tokenizer = read_config_and_tokenizer(folder)
+    """(config, Checkpoint) of an HF folder, every tensor's name and shape checked, no weight read."""
+    cfg = read_config(folder)
     checkpoint = Checkpoint(folder)
     check_tensors(cfg, checkpoint.shapes, folder)
-    return cfg, tokenizer, checkpoint
+    return cfg, checkpoint
 
 
 def read_parameters(module, checkpoint, names, prefix, device, dtype):
@@ -176,7 +181,8 @@ def stream_blocks(checkpoint, cfg, layers, device, dtype):
 def load_hf_folder(folder, device, dtype, backbone_depth=None):
     """(Transformer, tokenizer, Checkpoint): embedding, final norm, LM head and backbone blocks 0 .. backbone_depth - 1
     (default all), read tensor by tensor, the embedding first (its fp32 read is the largest)."""
-    cfg, tokenizer, checkpoint = open_checkpoint(Path(folder))
+    cfg, tokenizer = read_config_and_tokenizer(folder)
+    _, checkpoint = open_checkpoint(Path(folder))
     with torch.device("meta"):
         model = Transformer(cfg, backbone_depth=0)
     names = hf_tensor_names(cfg)
@@ -353,7 +359,7 @@ def load_model(path=None, device="cpu", dtype=torch.float32, backbone_depth=None
 def load_blocks(path=None, layers=None, device="cpu", dtype=torch.float32):
     """The backbone blocks of `layers` (default all) of an HF Llama folder or the bundled model, read one at a time
     as the caller asks for them (stream_blocks)."""
-    cfg, _, checkpoint = open_checkpoint(model_dir(path))
+    cfg, checkpoint = open_checkpoint(model_dir(path))
     layers = range(cfg.n_layers) if layers is None else layers
     return stream_blocks(checkpoint, cfg, layers, resolve_device(device), dtype)
 

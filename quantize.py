@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from kernels import pack_lowbit, unpack_lowbit
 
+QUANTIZE_ROWS = 256  # rows quantize_weight works on at a time
 ACTIVATIONS = ("int16", "bf16")  # int16 per group: integer dot products (the CPU default); bf16: torch's kernels
 INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of 32
 
@@ -13,7 +14,7 @@ INT4_INNER_K_TILES = 2  # tinygemm layout parameter; 2 lets K be any multiple of
 @dataclass
 class QuantizedWeight:
     """w ~ low + scale * q, with one (scale, low) per `group_size` input features of a row."""
-    q: torch.Tensor       # (N, K) int32 codes in 0 .. 2^bits - 1
+    q: torch.Tensor       # (N, K) codes in 0 .. 2^bits - 1 (uint8)
     scale: torch.Tensor   # (N, K // group_size) fp32 step between neighbouring codes
     low: torch.Tensor     # (N, K // group_size) fp32 value of code 0
     bits: int
@@ -52,8 +53,16 @@ def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {K} of a {N}x{K} weight")
+    # Rows are independent: a slice at a time keeps the least squares' fp32 temporaries small.
+    parts = [quantize_rows(rows, bits, group_size, refine_steps) for rows in w.detach().split(QUANTIZE_ROWS)]
+    return QuantizedWeight(*(torch.cat(t) for t in zip(*parts)), bits, group_size)
+
+
+def quantize_rows(w, bits, group_size, refine_steps):
+    """quantize_weight's work on a few rows: (codes uint8, scale, low)."""
+    N, K = w.shape
     top = 2 ** bits - 1
-    groups = w.detach().float().view(N, K // group_size, group_size)        # (N, n_groups, group_size)
+    groups = w.float().view(N, K // group_size, group_size)                 # (N, n_groups, group_size)
     low = groups.amin(dim=2, keepdim=True)                                   # value of code 0
     scale = ((groups.amax(dim=2, keepdim=True) - low) / top).clamp(min=1e-12)
     codes = ((groups - low) / scale).round().clamp(0, top)
@@ -64,7 +73,7 @@ def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
         scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-12)
         low = w_mean - scale * code_mean
         codes = ((groups - low) / scale).round().clamp(0, top)
-    return QuantizedWeight(codes.view(N, K).to(torch.int32), scale[..., 0], low[..., 0], bits, group_size)
+    return codes.view(N, K).to(torch.uint8), scale[..., 0], low[..., 0]
 
 
 ACTIVATION_LEVELS = 32639  # int16 activations, symmetric per group; 127 * 256 + 127: kernels.cpp splits them into int8 halves
@@ -122,7 +131,7 @@ class QuantizedLinear(nn.Module):
             nibbles = (qw.q[:, ::2] << 4 | qw.q[:, 1::2]).to(torch.uint8)               # (N, K / 2)
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), INT4_INNER_K_TILES)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device), INT4_INNER_K_TILES)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device, torch.int32), INT4_INNER_K_TILES)
         self.register_buffer("weight", packed)
 
     def forward(self, x):

@@ -26,12 +26,6 @@ DEFAULT_GROUP_SIZE = 64
 # The last block turns the residual state the most (its transition similarity is the lowest, 0.3 to 0.75 on the
 # bundled model): its 4-bit copy cost the most NLL of any single block, so the river keeps it at 8 bits (README).
 DEFAULT_EIGHT_BIT_LAYERS = (-1,)
-# The command line's --quality-budget picks tau among CALIBRATION_TAUS on HumanEval's calibration split: the
-# CALIBRATION_PROBLEMS problems after as many scored ones, solutions cut to CALIBRATION_MAX_TARGET tokens (bench.py's
-# split and sweep).
-CALIBRATION_PROBLEMS = 12
-CALIBRATION_MAX_TARGET = 128
-CALIBRATION_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 # ---------------------------------------------------------------------------------------------- the river
@@ -117,12 +111,12 @@ def load_river(path=None, device="cpu", backbone_depth=None, bits=4, group_size=
     block dropped; then the backbone blocks kept. backbone_depth 0: a river alone (the whole-model low-bit mode)."""
     from load_weights import load_blocks, load_model
     model, tokenizer = load_model(path, device, dtype, backbone_depth=0)
+    depth = model.cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, model.cfg.n_layers)
     activations = activations or default_activations(model.device)
     if eight_bit_layers is None:
         eight_bit_layers = default_eight_bit_layers(bits, activations)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
                       blocks=load_blocks(path, None, model.device, dtype))
-    depth = model.cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, model.cfg.n_layers)
     model.blocks.extend(load_blocks(path, range(depth), model.device, dtype))
     return model, river, tokenizer
 
@@ -426,9 +420,10 @@ def main(argv=None, other_modes=None):
                            help="exit threshold on the transition similarity; > 1 never exits")
     exit_rule.add_argument("--quality-budget", type=option(float, calibrate.check_budget), default=None, metavar="B",
                            help="--mode river: pick tau instead of --tau, the fastest (fewest backbone blocks per "
-                                "token) of " + " ".join(map(str, CALIBRATION_TAUS)) + " whose mean NLL increase over "
-                                "the backbone is at most B nats per token on HumanEval's calibration split "
-                                f"(problems {CALIBRATION_PROBLEMS}..{2 * CALIBRATION_PROBLEMS - 1}, disjoint from "
+                                f"token) of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} whose mean NLL "
+                                "increase over the backbone is at most B nats per token on HumanEval's calibration "
+                                f"split (problems {calibrate.CALIBRATION_PROBLEMS}.."
+                                f"{2 * calibrate.CALIBRATION_PROBLEMS - 1}, disjoint from "
                                 "the ones bench.py scores), teacher-forced once per tau and once through the whole "
                                 "backbone before generating")
     parser.add_argument("--max-backbone-depth", type=int, default=None, metavar="D",
@@ -482,8 +477,8 @@ def main(argv=None, other_modes=None):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
     calibration_set = None
     if args.quality_budget is not None:  # the problems read before the weights: a missing data set fails at once
-        calibration_set = reading_files(calibrate.calibration_sequences, tokenizer, CALIBRATION_PROBLEMS,
-                                        CALIBRATION_MAX_TARGET, None, CALIBRATION_PROBLEMS)
+        calibration_set = reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
+                                        calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
     native = False if args.no_native else None
     if args.mode in ("quantized", "river"):
         # Through the streaming loader: each block read, its river copy made, the block dropped; then the backbone
@@ -503,11 +498,11 @@ def main(argv=None, other_modes=None):
     tau, calibration = args.tau, None
     if args.quality_budget is not None:  # on the whole backbone: a cap would bias the choice (calibrate_tau)
         uncapped = engine if len(engine.backbone) == cfg.n_layers else Engine(model, river, args.compile, native)
-        calibration = calibrate.calibrate_tau(uncapped, calibration_set, CALIBRATION_TAUS, args.quality_budget,
-                                              log=lambda message: print(message, file=sys.stderr))
+        calibration = calibrate.calibrate_tau(uncapped, calibration_set, calibrate.CALIBRATION_TAUS,
+                                              args.quality_budget, log=lambda message: print(message, file=sys.stderr))
         if calibration.tau is None:
             best = min(calibration.nll_increase, key=calibration.nll_increase.get)
-            fail(f"no tau of {' '.join(map(str, CALIBRATION_TAUS))} meets the quality budget "
+            fail(f"no tau of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} meets the quality budget "
                  f"{args.quality_budget:g}: the smallest NLL increase on the calibration split is "
                  f"{calibration.nll_increase[best]:+.4f} (tau {best:g})")
         tau = calibration.tau

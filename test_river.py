@@ -1125,8 +1125,8 @@ def test_cli_loads_only_the_blocks_its_mode_runs(deep_checkpoint, argv, held, re
 def small_calibration(monkeypatch):
     """--quality-budget on a split of two problems with targets of 6 tokens (the wiring, in seconds), recording each
     call of calibration_sequences and the backbone depth of the engine calibrate_tau ran on."""
-    monkeypatch.setattr(river_module, "CALIBRATION_PROBLEMS", 2)
-    monkeypatch.setattr(river_module, "CALIBRATION_MAX_TARGET", 6)
+    monkeypatch.setattr(calibrate, "CALIBRATION_PROBLEMS", 2)
+    monkeypatch.setattr(calibrate, "CALIBRATION_MAX_TARGET", 6)
     calls = types.SimpleNamespace(sequences=[], engine_depths=[])
     calibration_sequences, calibrate_tau = calibrate.calibration_sequences, calibrate.calibrate_tau
 
@@ -1156,7 +1156,7 @@ def test_cli_quality_budget_picks_tau_on_the_calibration_split(deep_checkpoint, 
     calibration = out["calibration"]
     assert out["quality_budget"] == budget and out["backbone_blocks_held"] == DEEP.n_layers
     assert list(calibration["nll_increase"]) == list(calibration["mean_backbone_blocks"]) == [
-        str(tau) for tau in river_module.CALIBRATION_TAUS]
+        str(tau) for tau in calibrate.CALIBRATION_TAUS]
     by_hand = types.SimpleNamespace(nll_increase={float(t): v for t, v in calibration["nll_increase"].items()},
                                     mean_backbone_blocks={float(t): v for t, v in
                                                           calibration["mean_backbone_blocks"].items()})
@@ -1179,7 +1179,7 @@ def test_cli_quality_budget_no_tau_meets_is_a_one_line_error(deep_checkpoint, sm
     assert out == "" and "Traceback" not in err
     assert re.fullmatch(r"error: no tau of 0.5 0.8 .* 0.99 meets the quality budget 0.5: the smallest NLL increase "
                         r"on the calibration split is \+\d\.\d{4} \(tau [\d.]+\)", err.splitlines()[-1]), err
-    assert len(err.splitlines()) == 1 + len(river_module.CALIBRATION_TAUS)
+    assert len(err.splitlines()) == 1 + len(calibrate.CALIBRATION_TAUS)
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints
