@@ -56,9 +56,9 @@ class Variant:
     threshold."""
     name: str
     mode: str
-    river: str = "main"  # a key of RIVERS: "main" (River's own), "w4a16" (the paper's control), "8bit"
+    river: str = "main"  # a key of river_kinds(): "main" (River's own), "w4a16" (the paper's control), "8bit", "capped"
     tau: float = 2.0     # > 1: never exits
-    capped: bool = False  # the backbone capped at the run's max_backbone_depth (main river only)
+    capped: bool = False  # the backbone capped at the run's max_backbone_depth (with the "capped" river)
 
     @property
     def exits(self):
@@ -73,17 +73,21 @@ class Variant:
         return SimilarityExit(self.tau) if self.exits else None
 
 
-def river_kinds(device):
+def river_kinds(device, depth_cap=None, n_layers=None):
     """The rivers the rows use, as ExitRiver's arguments. main: River's own, on CPU 4-bit with int16 activations and
     the last block 8-bit (README, "The last block at 8 bits"), on CUDA 4-bit W4A16; w4a16: every block 4-bit through
     PyTorch's kernel with bf16 activations, the paper's W4A16 and the whole-model control; 8bit: every block 8-bit
-    (int16 activations: CPU only)."""
+    (int16 activations: CPU only); capped (given depth_cap): River's own for a backbone capped there, every block from
+    the cap on 8-bit (river.default_eight_bit_layers)."""
     activations = default_activations(device)
     kinds = {"main": {"bits": 4, "activations": activations,
                       "eight_bit_layers": default_eight_bit_layers(4, activations)},
              "w4a16": {"bits": 4, "activations": "bf16", "eight_bit_layers": ()}}
     if activations == "int16":
         kinds["8bit"] = {"bits": 8, "activations": "int16", "eight_bit_layers": ()}
+    if depth_cap is not None:
+        kinds["capped"] = {"bits": 4, "activations": activations,
+                           "eight_bit_layers": default_eight_bit_layers(4, activations, depth_cap, n_layers)}
     return kinds
 
 
@@ -98,7 +102,7 @@ def variants(tau, taus, river_names, strategies=False, calibrated_tau=None):
             Variant("river_w4a16", "river", "w4a16", tau)]
     if "8bit" in river_names:
         rows.append(Variant("river_8bit", "river", "8bit", tau))
-    rows.append(Variant("river_capped", "river", "main", tau, capped=True))
+    rows.append(Variant("river_capped", "river", "capped", tau, capped=True))
     if calibrated_tau is not None:
         rows.append(Variant("river_calibrated", "river", "main", calibrated_tau))
     rows += [Variant(f"river_tau{t:g}", "river", "main", t) for t in taus if t != tau]
@@ -296,8 +300,9 @@ def memory_probe(spec):
     if "mode" in spec or "strategy" in spec:
         policy = SimilarityExit(spec.get("tau", 2.0))
         if "river" in spec:
+            kind = river_kinds(device, spec["depth"], cfg.n_layers)[spec["river"]]
             model, river, _ = load_river(spec["model"], device, spec["depth"], group_size=spec["group_size"],
-                                         dtype=dtype, **river_kinds(device)[spec["river"]])
+                                         dtype=dtype, **kind)
             engine, weights = Engine(model, river, native=spec["isa"]), tensor_bytes(model) + tensor_bytes(river)
         else:
             model, _ = load_model(spec["model"], device, dtype)
@@ -836,7 +841,9 @@ def main(argv=None):
     depth_cap = args.max_backbone_depth
     if depth_cap is None:
         depth_cap = cap_depth(calibration["calibration"].depths[args.tau])
-    engines["capped"] = Engine(model, river_set["main"], compile, native=args.isa, max_backbone_depth=depth_cap)
+    river_set["capped"] = ExitRiver(model, group_size=args.group_size,
+                                    **river_kinds(device, depth_cap, cfg.n_layers)["capped"])
+    engines["capped"] = Engine(model, river_set["capped"], compile, native=args.isa, max_backbone_depth=depth_cap)
     engines["baseline"] = BaselineEngine(model, compile)
     rows = variants(args.tau, taus, river_set, args.strategies, calibration["calibration"].tau)
     log(f"speed: {len(rows)} rows x {repeats} repeats x {new_tokens} new tokens")

@@ -36,10 +36,17 @@ def default_activations(device):
     return "int16" if torch.device(device).type == "cpu" else "bf16"
 
 
-def default_eight_bit_layers(bits, activations):
-    """River's 8-bit blocks unless asked otherwise: the last one, where 8-bit weights can go (int16 activations)
-    and the rest are 4-bit; none otherwise."""
-    return DEFAULT_EIGHT_BIT_LAYERS if bits == 4 and activations == "int16" else ()
+def default_eight_bit_layers(bits, activations, max_backbone_depth=None, n_layers=None):
+    """River's 8-bit blocks unless asked otherwise, where 8-bit weights can go (int16 activations) and the rest are
+    4-bit: the last one; and with the backbone capped at D blocks, every block from D on. Those copies have no backbone
+    twin left: every token that reaches the cap and every prompt the cap stops (a prefill leaves at the minimum over
+    its tokens, so usually at the cap) runs them, and a prompt's K/V there is what every later token reads. Measured
+    on HumanEval at tau 0.95, D 8: NLL +0.09 with 4-bit copies there, +0.014 with 8-bit (README). None otherwise."""
+    if bits != 4 or activations != "int16":
+        return ()
+    if max_backbone_depth is None or max_backbone_depth >= n_layers:
+        return DEFAULT_EIGHT_BIT_LAYERS
+    return tuple(range(max_backbone_depth, n_layers))  # the last block among them
 
 
 def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10):
@@ -471,7 +478,8 @@ def main(argv=None, other_modes=None):
     check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, activations)
     eight_bit = args.eight_bit_layers
     if eight_bit is None:
-        eight_bit = default_eight_bit_layers(args.bits, activations)
+        eight_bit = default_eight_bit_layers(args.bits, activations,
+                                             args.max_backbone_depth if args.mode == "river" else None, cfg.n_layers)
     check_argument(parser, "--eight-bit-layers", check_layers, eight_bit, cfg.n_layers)
     if args.mode in ("quantized", "river"):
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)

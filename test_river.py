@@ -1148,7 +1148,7 @@ def test_cli_quality_budget_picks_tau_on_the_calibration_split(deep_checkpoint, 
     after it; strict JSON with the budget, the tau and every tau's results; the tau named on stderr."""
     budget = 0.007  # on this checkpoint, between the increases of the two taus that exit early
     river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "3", "--json",
-                "--quality-budget", str(budget), "--max-backbone-depth", "2"])
+                "--quality-budget", str(budget), "--max-backbone-depth", "2", "--eight-bit-layers", "-1"])
     captured = capsys.readouterr()
     out = strict_json(captured.out)
     assert [args for args, _ in small_calibration.sequences] == [(2, 6, None, 2)]
@@ -1959,3 +1959,17 @@ def test_a_shape_speed_row_runs_end_to_end_and_is_strict_json(monkeypatch):
     assert 1 <= row["river_mean_backbone_blocks"] <= 4 and sum(row["river_exit_histogram"]) == 8
     assert row["speedup"] > 0 and row["modelled"] > 1
     json.dumps(row, allow_nan=False)
+
+
+def test_a_capped_rivers_copies_from_the_cap_on_are_eight_bit():
+    """Blocks from the cap on have no backbone twin left: by default their copies are 8-bit (int16 activations), the
+    others 4-bit with the last block 8-bit; no cap (or D = the layer count) is River's usual default."""
+    from river import DEFAULT_EIGHT_BIT_LAYERS, default_eight_bit_layers
+    assert default_eight_bit_layers(4, "int16", 3, 8) == (3, 4, 5, 6, 7)
+    assert default_eight_bit_layers(4, "int16", None, 8) == default_eight_bit_layers(4, "int16", 8, 8) \
+        == DEFAULT_EIGHT_BIT_LAYERS
+    assert default_eight_bit_layers(4, "bf16", 3, 8) == () and default_eight_bit_layers(8, "int16", 3, 8) == ()
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    river = ExitRiver(tiny_model(cfg, 0), 4, 32, "int16", default_eight_bit_layers(4, "int16", 1, cfg.n_layers))
+    assert river.bits == [4, 8, 8, 8]
+
