@@ -579,14 +579,16 @@ def plot(result, rows, path):
     strategies = [v for v in rows if v.mode in STRATEGIES]
     fig, axes = plt.subplots(1, 2 if strategies else 1, figsize=(12 if strategies else 7.5, 6), squeeze=False)
     ax = axes[0, 0]
-    sweep = sorted((v for v in rows if v.mode == "river" and v.river == "main"), key=lambda v: v.tau)
+    sweep = sorted((v for v in rows if v.mode == "river" and v.river == "main" and v.name != "river_calibrated"),
+                   key=lambda v: v.tau)
     ax.plot([loss(v.name) for v in sweep], [speed(v.name) for v in sweep], "o-", label="River, tau sweep")
     for i, v in enumerate(sweep):  # labels alternate above and below the curve so neighbours do not overlap
         ax.annotate(f"{v.tau:g}", (loss(v.name), speed(v.name)), textcoords="offset points",
                     xytext=(4, 6 if i % 2 else -12), fontsize=8)
     points = (("quantized", "s", "whole model 4-bit W4A16 (control)"),
               ("quantized_main", "D", "whole model, River's copies"), ("river_w4a16", "v", "River, W4A16 copies"),
-              ("river_8bit", "^", "River, 8-bit copies"))
+              ("river_8bit", "^", "River, 8-bit copies"), ("river_capped", "P", "River, backbone capped (memory)"),
+              ("river_calibrated", "X", "River, tau from the quality budget"))
     for name, marker, label in points:
         if name in modes:
             ax.plot(loss(name), speed(name), marker, markersize=8, label=label)
