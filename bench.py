@@ -56,9 +56,12 @@ class Variant:
     threshold."""
     name: str
     mode: str
-    river: str = "main"  # a key of river_kinds(): "main" (River's own), "w4a16" (the paper's control), "8bit", "capped"
-    tau: float = 2.0     # > 1: never exits
-    capped: bool = False  # the backbone capped at the run's max_backbone_depth (with the "capped" river)
+    river: str = "main"  # a key of river_kinds(): "main" (River's own), "w4a16" (the paper's control), "8bit", or
+    tau: float = 2.0     # "capped" (with the backbone capped at the run's max_backbone_depth); tau > 1: never exits
+
+    @property
+    def capped(self):
+        return self.river == "capped"
 
     @property
     def exits(self):
@@ -67,7 +70,7 @@ class Variant:
     @property
     def engine(self):
         """Key of the engine that runs this row."""
-        return "baseline" if self.mode in STRATEGIES else "capped" if self.capped else self.river
+        return "baseline" if self.mode in STRATEGIES else self.river
 
     def policy(self):
         return SimilarityExit(self.tau) if self.exits else None
@@ -102,7 +105,7 @@ def variants(tau, taus, river_names, strategies=False, calibrated_tau=None):
             Variant("river_w4a16", "river", "w4a16", tau)]
     if "8bit" in river_names:
         rows.append(Variant("river_8bit", "river", "8bit", tau))
-    rows.append(Variant("river_capped", "river", "capped", tau, capped=True))
+    rows.append(Variant("river_capped", "river", "capped", tau))
     if calibrated_tau is not None:
         rows.append(Variant("river_calibrated", "river", "main", calibrated_tau))
     rows += [Variant(f"river_tau{t:g}", "river", "main", t) for t in taus if t != tau]
@@ -886,13 +889,13 @@ def main(argv=None):
                       "memory_probe": memory["row_probe"][v.name]} for v in rows}
     base = modes["backbone"]["decode_tokens_per_s"]
     base_nll, base_mb = modes["backbone"]["nll"], modes["backbone"]["peak_rss_mb"]
-    deeper = lambda hist: sum(hist[depth_cap + 1:]) / max(1, sum(hist))  # noqa: E731 - share past the cap
+    deeper = lambda hist: sum(hist[depth_cap + 1:]) / max(1, sum(hist))  # noqa: E731 - share of steps past the cap
     cal = calibration["calibration"]
     modes["river_capped"]["cap"] = {
         "max_backbone_depth": depth_cap, "tau": args.tau,
         "source": "--max-backbone-depth" if args.max_backbone_depth is not None else
         f"the depth by which {CAP_SHARE:.0%} of the calibration split's decode tokens leave the backbone at tau",
-        "calibration_share_deeper": sum(d > depth_cap for d in cal.depths[args.tau]) / len(cal.depths[args.tau]),
+        "calibration_share_deeper": deeper(exit_histogram(cal.depths[args.tau], n_layers)),
         "forced_share": deeper(modes["river"]["exit_histogram"]),
         "forced_share_how": "share of the uncapped River's scored decode tokens (same tau) that ran more than "
                             "max_backbone_depth backbone blocks: those the cap sends down the river earlier"}

@@ -599,9 +599,10 @@ struct Model {
 
 // How the step leaves the backbone (exit_policy.py defines the rules; these are their native twins): after block l
 // when l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; after the
-// model's last backbone block held at the latest (a depth-capped River); never after the last block. replay (with fixed_exit >= 0): s_l is still computed after every backbone block, but the decision
-// is l == fixed_exit, a depth drawn elsewhere: on weights where the rule means nothing (random ones, bench.py --shape)
-// a step still pays for the rule's own work. start_in_river: every block a river copy (the whole-model low-bit mode).
+// model's last backbone block held at the latest (a depth-capped River); never after the last block. replay (with
+// fixed_exit >= 0): s_l is still computed after every backbone block, but the decision is l == fixed_exit, a depth
+// drawn elsewhere: on weights where the rule means nothing (random ones, bench.py --shape) a step still pays for the
+// rule's own work. start_in_river: every block a river copy (the whole-model low-bit mode).
 struct Exit {
     int32_t start_in_river, fixed_exit, min_layer;
     float tau;

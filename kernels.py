@@ -65,8 +65,8 @@ class Cache(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone_blocks", ctypes.c_int32),
-                ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
-                ("norm", ctypes.c_void_p), ("head", Mat)]
+                ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p),
+                ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Mat)]
 
 
 class Exit(ctypes.Structure):
@@ -194,7 +194,7 @@ def unpack_lowbit(packed, n, k, bits):
     blocks, G, width = packed.shape
     per_lane = 32 // bits
     chunks = (width - 4 * BLOCK_ROWS) // 64
-    c = packed[..., :chunks * 64].reshape(blocks, G, chunks, BLOCK_ROWS, 4)            # (blocks, group, chunk, row, byte)
+    c = packed[..., :chunks * 64].reshape(blocks, G, chunks, BLOCK_ROWS, 4)  # (blocks, group, chunk, row, byte)
     if bits == 4:
         lanes = torch.cat([c & 15, c >> 4], dim=-1)      # codes 0-3 in the low nibbles, 4-7 in the high ones
     else:

@@ -179,9 +179,10 @@ def stream_blocks(checkpoint, cfg, layers, device, dtype):
 
 
 def load_hf_folder(folder, device, dtype, backbone_depth=None):
-    """(Transformer, tokenizer, Checkpoint): embedding, final norm, LM head and backbone blocks 0 .. backbone_depth - 1
-    (default all), read tensor by tensor, the embedding first (its fp32 read is the largest)."""
+    """(Transformer, tokenizer): embedding, final norm, LM head and backbone blocks 0 .. backbone_depth - 1 (default
+    all), read tensor by tensor, the embedding first (its fp32 read is the largest)."""
     cfg, tokenizer = read_config_and_tokenizer(folder)
+    depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
     _, checkpoint = open_checkpoint(Path(folder))
     with torch.device("meta"):
         model = Transformer(cfg, backbone_depth=0)
@@ -190,9 +191,8 @@ def load_hf_folder(folder, device, dtype, backbone_depth=None):
         read_parameters(getattr(model, name), checkpoint, names, name + ".", device, dtype)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
     model.blocks.extend(stream_blocks(checkpoint, cfg, range(depth), device, dtype))
-    return model.eval(), tokenizer, checkpoint
+    return model.eval(), tokenizer
 
 
 def save_hf_folder(cfg, tensors, tokenizer, folder, chat_template=None):
@@ -352,8 +352,7 @@ def model_dir(path=None):
 def load_model(path=None, device="cpu", dtype=torch.float32, backbone_depth=None):
     """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct; only its
     first backbone_depth blocks (default all) are read."""
-    model, tokenizer, _ = load_hf_folder(model_dir(path), resolve_device(device), dtype, backbone_depth)
-    return model, tokenizer
+    return load_hf_folder(model_dir(path), resolve_device(device), dtype, backbone_depth)
 
 
 def load_blocks(path=None, layers=None, device="cpu", dtype=torch.float32):

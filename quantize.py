@@ -131,7 +131,8 @@ class QuantizedLinear(nn.Module):
             nibbles = (qw.q[:, ::2] << 4 | qw.q[:, 1::2]).to(torch.uint8)               # (N, K / 2)
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), INT4_INNER_K_TILES)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device, torch.int32), INT4_INNER_K_TILES)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.to(device, torch.int32),
+                                                                        INT4_INNER_K_TILES)
         self.register_buffer("weight", packed)
 
     def forward(self, x):

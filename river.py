@@ -115,13 +115,14 @@ def load_river(path=None, device="cpu", backbone_depth=None, bits=4, group_size=
                eight_bit_layers=None, dtype=torch.bfloat16):
     """(model holding its first backbone_depth blocks (default all), ExitRiver of every block, tokenizer), read in the
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
-    block dropped; then the backbone blocks kept. backbone_depth 0: a river alone (the whole-model low-bit mode)."""
+    block dropped; then the backbone blocks kept. backbone_depth 0: a river alone (the whole-model low-bit mode).
+    eight_bit_layers: default those of a River capped at backbone_depth (default_eight_bit_layers)."""
     from load_weights import load_blocks, load_model
     model, tokenizer = load_model(path, device, dtype, backbone_depth=0)
     depth = model.cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, model.cfg.n_layers)
     activations = activations or default_activations(model.device)
     if eight_bit_layers is None:
-        eight_bit_layers = default_eight_bit_layers(bits, activations)
+        eight_bit_layers = default_eight_bit_layers(bits, activations, depth, model.cfg.n_layers)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
                       blocks=load_blocks(path, None, model.device, dtype))
     model.blocks.extend(load_blocks(path, range(depth), model.device, dtype))

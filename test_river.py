@@ -39,7 +39,8 @@ from model import Block, Linear, LlamaConfig, Transformer, attend
 from kv_strategies import STRATEGIES, BaselineEngine
 from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
 import river as river_module
-from river import DEFAULT_TAU, MODES, Engine, ExitRiver, load_river, main as river_main
+from river import (DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_TAU, MODES, Engine, ExitRiver, default_eight_bit_layers,
+                   load_river, main as river_main)
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -751,7 +752,7 @@ def test_a_river_loaded_with_d_blocks_is_bit_equal_to_the_whole_model_capped_at_
     today's River."""
     model, river, _ = load_river(deep_checkpoint, backbone_depth=depth)
     whole, _ = load_model(deep_checkpoint, dtype=torch.bfloat16)
-    whole_river = ExitRiver(whole, 4, 64, eight_bit_layers=(-1,))
+    whole_river = ExitRiver(whole, 4, 64, eight_bit_layers=default_eight_bit_layers(4, "int16", depth, DEEP.n_layers))
     a, b = river.state_dict(), whole_river.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     tokens = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(depth)).tolist()
@@ -1964,7 +1965,6 @@ def test_a_shape_speed_row_runs_end_to_end_and_is_strict_json(monkeypatch):
 def test_a_capped_rivers_copies_from_the_cap_on_are_eight_bit():
     """Blocks from the cap on have no backbone twin left: by default their copies are 8-bit (int16 activations), the
     others 4-bit with the last block 8-bit; no cap (or D = the layer count) is River's usual default."""
-    from river import DEFAULT_EIGHT_BIT_LAYERS, default_eight_bit_layers
     assert default_eight_bit_layers(4, "int16", 3, 8) == (3, 4, 5, 6, 7)
     assert default_eight_bit_layers(4, "int16", None, 8) == default_eight_bit_layers(4, "int16", 8, 8) \
         == DEFAULT_EIGHT_BIT_LAYERS
