@@ -226,8 +226,8 @@ class Engine:
         the last token, or (B, T, vocab) with all_logits: a prefill only needs the last. A prefill (T > 1) leaves at
         one depth for all its tokens: the rule sees the minimum over them."""
         self.check_rule(rule)
-        if self.native is not None and tokens.shape == (1, 1) and cache is not None:
-            return self.native.forward(tokens, start, cache, rule)
+        if self.native is not None and tokens.shape[0] == 1 and cache is not None:
+            return self.native.forward(tokens, start, cache, rule, all_logits)
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
@@ -302,10 +302,10 @@ def compiled_function(function):
 
 
 class NativeDecoder:
-    """One-token decode steps on CPU through kernels.cpp: the whole step (embedding, backbone blocks with the exit
-    rule, river copies, final norm and LM head) in one native call, one thread team. Same arithmetic as the torch
-    path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
-    record of who wrote each slot."""
+    """Passes of a batch of one on CPU through kernels.cpp, a decode step's one token or a prompt's many: the whole
+    pass (embedding, backbone blocks with the exit rule, river copies, final norm and LM head) in one native call, one
+    thread team. The torch path of Engine.forward is its twin (fp32 residual stream, bf16 K/V, int16-activation river
+    products); the same cache, the same record of who wrote each slot."""
 
     def __init__(self, lib, model, river):
         cfg = model.cfg
@@ -323,18 +323,23 @@ class NativeDecoder:
             return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
         if cfg.d_model % kernels.BLOCK_ROWS or cfg.ffn_dim % kernels.BLOCK_ROWS or cfg.head_dim % 16:
             return f"d_model {cfg.d_model}, ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
+        if cfg.head_dim > kernels.MAX_HEAD_DIM:
+            return f"head_dim {cfg.head_dim} is above the kernels' {kernels.MAX_HEAD_DIM}"
         if river is not None and river.activations != "int16":
             return f"the native river takes int16 activations, not {river.activations}"
         return None
 
-    def forward(self, tokens, start, cache, rule, similarity=None):
-        """Engine.forward for one token of a batch of one. similarity: see kernels.Decoder.step."""
-        cache.check_range(start, 1)  # before the kernel writes
-        logits, depth = self.decoder.step(int(tokens[0, 0]), start, cache.k, cache.v, native_exit(rule, self.model),
-                                          torch.get_num_threads(), similarity)
-        cache.record(slice(0, depth), start, 1, Writer.BACKBONE)
-        cache.record(slice(depth, None), start, 1, Writer.RIVER)
-        return logits.view(1, 1, -1), depth
+    def forward(self, tokens, start, cache, rule, all_logits=False, similarity=None):
+        """Engine.forward for a batch of one, tokens (1, T). similarity: see kernels.Decoder.forward."""
+        T = tokens.shape[1]
+        if T == 0:
+            raise ValueError("a pass needs at least one token")
+        cache.check_range(start, T)  # before the kernel writes
+        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
+                                             torch.get_num_threads(), all_logits, similarity)
+        cache.record(slice(0, depth), start, T, Writer.BACKBONE)
+        cache.record(slice(depth, None), start, T, Writer.RIVER)
+        return logits.view(1, -1, logits.shape[-1]), depth
 
 
 def native_exit(rule, model):
