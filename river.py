@@ -143,8 +143,9 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self):
-        """None when there was no decode step (one token generated): no rate to report."""
-        return len(self.step_s) / sum(self.step_s) if self.step_s else None
+        """Tokens after the first per second of the steps that made them; None when there was no decode step (one
+        token generated): no rate to report."""
+        return (len(self.tokens) - 1) / sum(self.step_s) if self.step_s else None
 
 
 def check_max_new_tokens(max_new_tokens):
@@ -369,12 +370,22 @@ def sample(logits, temperature, top_p, generator):
     """Next id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = sorted_nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+
+def sorted_nucleus(probs, top_p):
+    """probs (vocab,) sorted, most likely first, cut to the smallest prefix holding top_p of the mass and
+    renormalized; and the ids in that order."""
     sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p        # the smallest prefix holding top_p of the mass
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+    sorted_probs = sorted_probs * (sorted_probs.cumsum(0) - sorted_probs < top_p)
+    return sorted_probs / sorted_probs.sum(), order
+
+
+def nucleus(probs, top_p):
+    """sorted_nucleus in the ids' own order: the distribution nucleus sampling draws from."""
+    sorted_probs, order = sorted_nucleus(probs, top_p)
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
 
 
 # ------------------------------------------------------------------------------------------ command line
