@@ -16,8 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import calibrate
 import kv_strategies
-from conftest import DEEP, assert_usage_error, fastest_within, strict_json
-from river import DEFAULT_TAU, main as river_main
+import load_weights
+import river as river_module
+from conftest import DEEP, assert_usage_error, fastest_within, strict_json, tiny_river
+from exit_policy import similarity
+from model import LlamaConfig
+from river import DEFAULT_TAU, Engine, main as river_main
 
 
 # ----------------------------------------------------------------------------------------------------- river.py
@@ -114,6 +118,104 @@ def test_cli_loads_only_the_blocks_its_mode_runs(deep_checkpoint, argv, held, re
     assert out["held_blocks"] == held
     assert max(out["depths"]) <= (0 if "quantized" in argv else held)
     assert times_read_per_layer(reads) == {layer: 2 if layer in read_twice else 1 for layer in range(DEEP.n_layers)}
+
+
+# ----------------------------------------------------------------------------------- the text as it is generated
+
+class Stdout:
+    """A stdout stand-in: each write, with how many engine forward passes had run when it came."""
+
+    def __init__(self, forwards):
+        self.forwards, self.writes = forwards, []
+
+    def write(self, text):
+        self.writes.append((text, len(self.forwards)))
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """A list that gets the depth of every Engine.forward call (a spy on the class: the native step included)."""
+    calls, forward = [], Engine.forward
+
+    def counted(self, *args, **kwargs):
+        result = forward(self, *args, **kwargs)
+        calls.append(result[1])
+        return result
+    monkeypatch.setattr(Engine, "forward", counted)
+    return calls
+
+
+def test_cli_text_streams_as_it_is_generated(deep_checkpoint, forwards, monkeypatch):
+    """Without --json the text reaches stdout token by token while generating (after the first forward pass, before
+    the last), then one summary line; it is the text --json reports. With --json nothing is written until every
+    forward pass has run, and then one JSON object."""
+    argv = ["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "12"]
+    stdout = Stdout(forwards)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    river_main(argv + ["--json"])
+    n_forwards = len(forwards)
+    assert n_forwards > 2 and {count for _, count in stdout.writes} == {n_forwards}, "--json wrote before the end"
+    reply = strict_json("".join(text for text, _ in stdout.writes))
+    assert len(reply["tokens"]) == n_forwards and reply["text"].strip()
+    forwards.clear()
+    stdout.writes.clear()
+    river_main(argv)
+    assert len(forwards) == n_forwards
+    *streamed, (summary, at_the_end), (newline, _) = stdout.writes
+    assert "".join(text for text, _ in streamed) == reply["text"] + "\n"
+    assert re.fullmatch(r"\[river\] decode [\d.]+ tok/s, mean backbone blocks per token [\d.]+ of 4", summary)
+    assert newline == "\n" and at_the_end == n_forwards
+    counts = [count for text, count in streamed if text.strip()]
+    assert counts == sorted(counts) and counts[0] == 1 and len(set(counts)) > 2 and counts[-2] < n_forwards, \
+        "the text did not arrive as it was generated"
+
+
+def test_the_stream_prints_a_character_split_across_tokens_whole():
+    """River's TextStream: after each token, every character complete by then and none that is not (a character
+    whose bytes span tokens, 日, 語 and 🙂 in the bundled tokenizer, arrives whole, once its last byte has); close()
+    adds what is left and a newline."""
+    _, tokenizer = load_weights.load_config_and_tokenizer()
+    text = "日本語 🙂 ok"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text) - 2, "the case is built for characters split across tokens"
+    out = Stdout([])
+    stream = river_module.TextStream(tokenizer, out)
+    printed = []
+    for i, token in enumerate(ids):
+        stream(token)
+        whole = tokenizer.decode(ids[:i + 1]).rstrip("\ufffd")  # the complete characters of the first i + 1
+        printed.append("".join(text for text, _ in out.writes))
+        assert printed[-1] == whole, (i, printed[-1], whole)
+    assert not any("\ufffd" in text for text, _ in out.writes)
+    assert {"語", "🙂"} <= {text.strip() for text, _ in out.writes}, "a split character was printed in pieces"
+    stream.close()
+    assert "".join(text for text, _ in out.writes) == text + "\n"
+    cut = river_module.TextStream(tokenizer, Stdout([]))
+    for token in tokenizer.encode("日本語").ids[:-1]:  # the last character lacks its last byte
+        cut(token)
+    cut.close()
+    assert "".join(text for text, _ in cut.out.writes) == tokenizer.decode(tokenizer.encode("日本語").ids[:-1]) + "\n"
+
+
+def test_the_stream_is_not_timed(monkeypatch):
+    """generate calls on_token with each token once, in order, outside the timed prefill and steps: with a clock that
+    moves only when the stream is called, prefill_s and every step_s are zero."""
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    clock = [0.0]
+    monkeypatch.setattr(river_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    seen = []
+
+    def slow(token):
+        seen.append(token)
+        clock[0] += 3600.0
+    result = Engine(model, river).generate([1, 2, 3], 6, similarity(0.5), on_token=slow)
+    assert seen == result.tokens and len(seen) == 6
+    assert result.prefill_s == 0.0 and result.step_s == [0.0] * 5
 
 
 # ------------------------------------------------------------------------------------------- the quality budget

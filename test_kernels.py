@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 import calibrate
 import kernels
-from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, each_isa_here, expected_writer,
-                      holding_first_blocks, tiny_configs, tiny_model)
+from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
+                      each_isa_here, expected_writer, holding_first_blocks, step_similarities, tiny_configs,
+                      tiny_model)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
 from kv_cache import Writer
 from load_weights import load_model
@@ -310,6 +311,83 @@ def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n
             assert (cache.write_count == 1).all()
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def copy_of(cache, model):
+    """A fresh cache holding what `cache` holds, K/V and record."""
+    copy = model.new_cache(cache.capacity)
+    copy.k.copy_(cache.k), copy.v.copy_(cache.v)
+    copy.writer[:], copy.write_count[:] = cache.writer, cache.write_count
+    return copy
+
+
+@each_isa_here
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_and_torch_steps_leave_where_each_kind_of_rule_says(isa, seed):
+    """Every kind of ExitRule, through river.native_exit (where the C struct is filled) and through the torch path:
+    NEVER, RIVER_ONLY, after(d) for every d (past the layer count too), the similarity rule with and without
+    min_layer, capped, a replay (tau above 1 and a cap). A decode step leaves at the same depth on both paths, the one
+    the rule gives when applied by hand to the reference decoder's similarities, with close logits and the record of
+    that depth."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=5, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                      max_seq_len=16)
+    L, n_prompt = cfg.n_layers, 4
+    model = tiny_model(cfg, seed, torch.bfloat16)
+    river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,))
+    fast, plain = Engine(model, river, native=isa), Engine(model, river, native=False)
+    native_steps = count_native_steps(fast)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(seed))
+    prefilled = model.new_cache(n_prompt + 1)
+    plain.forward(tokens[:, :n_prompt], 0, prefilled, NEVER)
+    # s_l of the step's token on the backbone path, from the reference decoder; taus in the middle of wide gaps
+    sims = step_similarities(model, river, tokens, [L - 1] * n_prompt, n_prompt, n_prompt + 1)[:, 0, 0].tolist()
+    levels = sorted(sims[:-1])
+    taus = [(a + b) / 2 for a, b in zip(levels, levels[1:]) if b - a > 0.04] + [levels[0] - 0.05, -1.0, 1.5]
+    by_hand = {}  # rule -> the depths it allows (a similarity within 1e-2 of tau may round either way)
+    by_hand[NEVER], by_hand[RIVER_ONLY] = [L], [0]
+    for d in range(L + 2):
+        by_hand[after(d)] = [min(d, L)]
+        by_hand[ExitRule(tau=2.0, max_depth=d)] = [min(d, L)]
+    for tau in taus:
+        for min_layer in (0, 2):
+            allowed = depths_the_rule_allows(sims, tau, min_layer, margin=1e-2)
+            by_hand[similarity(tau, min_layer)] = allowed
+            for cap in (1, 3):
+                by_hand[similarity(tau, min_layer).capped(cap)] = sorted({min(d, cap) for d in allowed})
+    assert len({tuple(depths) for depths in by_hand.values()}) >= L, "the rules should leave at varied depths"
+    for rule, allowed in by_hand.items():
+        caches = [copy_of(prefilled, model) for _ in range(2)]
+        (got, depth), (expected, expected_depth) = (engine.forward(tokens[:, n_prompt:], n_prompt, cache, rule)
+                                                    for engine, cache in zip((fast, plain), caches))
+        assert depth == expected_depth and depth in allowed, (rule, depth, expected_depth, allowed)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+        for cache in caches:
+            assert cache.writer[:, n_prompt].tolist() == [Writer.BACKBONE] * depth + [Writer.RIVER] * (L - depth)
+            assert (cache.write_count[:, n_prompt] == 1).all()
+    assert len(native_steps) == len(by_hand)
+
+
+@each_isa_here
+def test_the_native_decoder_refuses_a_rule_deeper_than_its_blocks(isa):
+    """kernels.Decoder.step checks the rule against the blocks it holds before the C step could run past them (an
+    engine's check_rule comes first; this is the native step's own guard): a decoder of a model holding 2 of 4
+    blocks refuses a rule that may run 3 or all 4, a decoder without a river any rule that may leave the backbone;
+    the cache is not written."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                      max_seq_len=16)
+    model = tiny_model(cfg, 0, torch.bfloat16)
+    river = ExitRiver(model, 4, 32)
+    held, alone = Engine(holding_first_blocks(model, 2), river, native=isa), Engine(model, native=isa)
+    assert held.native is not None and alone.native is not None
+    cache = model.new_cache(2)
+    for rule in (after(3), NEVER, similarity(0.5)):
+        with pytest.raises(ValueError, match="the rule may run (3|4) backbone blocks; this decoder holds 2"):
+            held.native.forward(torch.tensor([[1]]), 0, cache, rule)
+    for rule in (similarity(0.5), after(2), RIVER_ONLY):
+        with pytest.raises(ValueError, match="this decoder has no river"):
+            alone.native.forward(torch.tensor([[1]]), 0, cache, rule)
+    assert not cache.k.any() and (cache.writer == Writer.EMPTY).all()
+    assert held.native.forward(torch.tensor([[1]]), 0, cache, after(2))[1] == 2
 
 
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():

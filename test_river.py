@@ -3,7 +3,9 @@ cache has no hole, each slot written once by the path the schedule says; the exi
 computed by hand say; tau above 1 is the backbone bit for bit; a cap holds; compiling changes nothing; imports flow
 one way."""
 import ast
+import dataclasses
 import graphlib
+import json
 import math
 import re
 from pathlib import Path
@@ -16,7 +18,7 @@ from hypothesis import given, strategies as st
 import river as river_module
 from conftest import (PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer, holding_first_blocks,
                       reference_forward, step_similarities, tiny_configs, tiny_model, tiny_river, write_checkpoint)
-from exit_policy import NEVER, RIVER_ONLY, after, similarity, transition_similarity
+from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
@@ -254,6 +256,103 @@ def test_tau_must_be_a_finite_number(tau):
         similarity(tau)
 
 
+@pytest.mark.parametrize("field, bad, message", [
+    ("tau", math.nan, "tau must be a real number (cosine threshold; above 1 never exits)"),
+    ("tau", -math.inf, "tau must be a real number (cosine threshold; above 1 never exits)"),
+    ("tau", "0.5", "tau must be a real number (cosine threshold; above 1 never exits)"),
+    ("tau", None, "tau must be a real number (cosine threshold; above 1 never exits)"),
+    ("tau", True, "tau must be a real number (cosine threshold; above 1 never exits)"),
+    ("min_layer", -1, "min_layer must be an int >= 0"), ("min_layer", True, "min_layer must be an int >= 0"),
+    ("min_layer", 1.0, "min_layer must be an int >= 0"), ("min_layer", None, "min_layer must be an int >= 0"),
+    ("max_depth", -1, "max_depth must be None or an int >= 0 (backbone blocks a token may run)"),
+    ("max_depth", True, "max_depth must be None or an int >= 0 (backbone blocks a token may run)"),
+    ("max_depth", 2.0, "max_depth must be None or an int >= 0 (backbone blocks a token may run)"),
+    ("max_depth", "2", "max_depth must be None or an int >= 0 (backbone blocks a token may run)"),
+])
+def test_an_exit_rule_refuses_a_bad_value(field, bad, message):
+    """ExitRule checks each field when it is made (tau = inf is the backbone's own rule, so only NaN and -inf of
+    the floats are refused), and so do the helpers that make one."""
+    with pytest.raises(ValueError, match=re.escape(f"{message}, got {bad!r}") + "$"):
+        ExitRule(**{field: bad})
+    helper = {"tau": lambda: similarity(bad), "min_layer": lambda: similarity(0.5, bad),
+              "max_depth": lambda: after(bad)}[field]
+    with pytest.raises(ValueError, match=re.escape(f"got {bad!r}") + "$"):
+        helper()
+
+
+def test_after_needs_a_depth():
+    """after(None) would be a rule that never leaves: NEVER has a name of its own."""
+    with pytest.raises(ValueError, match="after takes a depth: an int >= 0"):
+        after(None)
+
+
+def test_an_exit_rule_leaves_where_its_fields_say():
+    """leaves() against the rule written out, for each kind of rule: NEVER never (and never computes s_l: it is given
+    no states), RIVER_ONLY before block 0, after(d) once d blocks have run, the similarity rule when s_l exceeds tau
+    strictly from min_layer on, a capped rule at its cap at the latest; capped() only ever lowers a cap; checks_
+    similarity says which rules compute s_l; as_json is strict JSON."""
+    h, same, turned = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])
+    assert transition_similarity(h, same).item() == 1.0 and transition_similarity(h, turned).item() == 0.0
+    for layer in range(6):
+        assert not NEVER.leaves(layer, None, None)
+        assert RIVER_ONLY.leaves(layer, None, None)
+        assert after(3).leaves(layer, None, None) == (layer + 1 >= 3)
+        assert ExitRule(tau=2.0, max_depth=3).leaves(layer, h, same) == (layer + 1 >= 3), "a replay: the cap alone"
+        assert similarity(0.5, min_layer=2).leaves(layer, h, same) == (layer >= 2)
+        assert not similarity(0.5, min_layer=2).leaves(layer, h, turned)
+        assert similarity(0.5, min_layer=2).capped(4).leaves(layer, h, turned) == (layer + 1 >= 4)
+    assert not similarity(1.0).leaves(0, h, same) and not similarity(0.0).leaves(0, h, turned), "s_l == tau stays"
+    assert similarity(0.999).leaves(0, h, same) and similarity(-0.001).leaves(0, h, turned)
+    rule = similarity(0.9, 1)
+    assert rule.capped(5).capped(3) == rule.capped(3).capped(5) == ExitRule(0.9, 1, 3)
+    assert NEVER.capped(2) == after(2) and RIVER_ONLY.capped(4) == RIVER_ONLY and rule.max_depth is None
+    assert [r.checks_similarity for r in (NEVER, RIVER_ONLY, after(2), similarity(0.5), ExitRule(tau=2.0),
+                                          rule.capped(1))] == [False, False, False, True, True, True]
+    assert type(ExitRule(tau=1).tau) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.tau = 0.5
+    assert NEVER.as_json() == {"tau": None, "min_layer": 0, "max_depth": None}
+    assert RIVER_ONLY.as_json() == {"tau": None, "min_layer": 0, "max_depth": 0}
+    assert rule.capped(4).as_json() == {"tau": 0.9, "min_layer": 1, "max_depth": 4}
+    for r in (NEVER, RIVER_ONLY, rule.capped(4), ExitRule(tau=2.0)):
+        assert json.loads(json.dumps(r.as_json(), allow_nan=False)) == r.as_json()
+
+
+def test_an_engine_refuses_a_rule_it_cannot_run():
+    """Engine.check_rule, before anything runs (the cache untouched): on an engine without a river, any rule that
+    may leave the backbone (the similarity rule, a depth short of the model's, RIVER_ONLY); on a model holding its
+    first 2 blocks, any rule that may run deeper (no cap, a cap past them); anything but an ExitRule. What each
+    engine can run runs, at the depths the rule says."""
+    cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model, river = tiny_river(cfg, 0, 4)
+    two = holding_first_blocks(model, 2)
+    cases = [
+        (Engine(model), [similarity(0.5), similarity(0.5).capped(4), after(3), RIVER_ONLY, after(0)],
+         [(NEVER, 4), (after(4), 4), (after(9), 4)],
+         "may leave the backbone, and this engine has no ExitRiver to go on with"),
+        (Engine(two, river), [NEVER, similarity(0.5), after(3), similarity(0.5).capped(3), ExitRule(tau=2.0)],
+         [(after(2), 2), (after(1), 1), (RIVER_ONLY, 0), (ExitRule(tau=2.0, max_depth=2), 2)],
+         "this model holds only its first 2 of 4 backbone blocks: its rule must leave by then (ExitRule.capped(2))"),
+    ]
+    for engine, refused, runs, message in cases:
+        for rule in refused:
+            cache = model.new_cache(3)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                engine.check_rule(rule)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                engine.forward(torch.tensor([[1, 2]]), 0, cache, rule)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                engine.generate([1, 2], 1, rule)
+            assert (cache.writer == Writer.EMPTY).all() and not cache.k.any(), "a refused rule ran"
+        for rule, depth in runs:
+            engine.check_rule(rule)
+            assert engine.generate([1, 2], 3, rule).depths == [depth] * 3
+        for bad in ("river", None, 0.9, after):
+            with pytest.raises(TypeError, match=f"an exit rule must be an exit_policy.ExitRule, got "
+                                                f"{type(bad).__name__}"):
+                engine.check_rule(bad)
+
+
 def test_generate_rejects_bad_input_before_doing_anything():
     cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
     model, river = tiny_river(cfg, 0, 4)
@@ -480,9 +579,19 @@ def test_compiled_one_token_attention_is_masked_softmax():
 
 # ---------------------------------------------------------------------------------------------------- the seams
 
+# What each library module may import of the project (the design, section 2): the backbone knows nothing of exits
+# or rivers, the cache is plain storage, the exit rule and the kernels see tensors only; river.py's command line reads
+# checkpoints (load_weights) and calibrates; kv_strategies sits on River's engine; bench.py, on top, may import any.
+MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
+              "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
+              "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights"},
+              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"}}
+
+
 def test_imports_flow_one_way():
-    """No module of the project imports one that imports it back, not even inside a function: river.py's command
-    line once imported kv_strategies, which is built on river."""
+    """No module of the project imports one that imports it back, not even inside a function (river.py's command
+    line once imported kv_strategies, which is built on river); no library module imports one above it (MAY_IMPORT),
+    nor bench.py, nor a test file."""
     here = Path(__file__).parent
     modules = {path.stem for path in here.glob("*.py")}
     imports = {}
@@ -496,3 +605,9 @@ def test_imports_flow_one_way():
         imports[name] = imported & modules
     list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError, naming the cycle
     assert "river" in imports["kv_strategies"]  # so the strategies sit on River's engine, not under it
+    library = {name for name in modules if not name.startswith("test_") and name not in ("conftest", "bench")}
+    assert library == MAY_IMPORT.keys(), "a library module with no place in MAY_IMPORT"
+    for name in library:
+        assert imports[name] <= MAY_IMPORT[name], f"{name} imports {sorted(imports[name] - MAY_IMPORT[name])}"
+    assert not any("bench" in imports[name] or any(m.startswith("test_") or m == "conftest" for m in imports[name])
+                   for name in library | {"bench"}), "a library module imports bench.py or a test file"

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from conftest import PROPERTY, tiny_configs, tiny_model
-from exit_policy import NEVER, after, similarity
+from exit_policy import NEVER, RIVER_ONLY, after, similarity
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine, Mask, Monotonic, Propagate, Recompute
 from model import LlamaConfig
@@ -115,3 +115,18 @@ def test_unknown_strategy_is_refused():
     for strategy in ("skip", Engine, None):
         with pytest.raises(ValueError, match="strategy must be one of"):
             BaselineEngine(tiny_model(cfg, 0), strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda strategy: strategy.__name__.lower())
+def test_a_strategy_refuses_a_rule_that_runs_no_backbone_block(strategy):
+    """Without a river a token must run block 0 at least: RIVER_ONLY (after(0)) is refused before anything runs."""
+    cfg = LlamaConfig(vocab_size=20, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=8)
+    model = tiny_model(cfg, 0)
+    engine, cache = BaselineEngine(model, strategy), model.new_cache(2)
+    for rule in (RIVER_ONLY, after(0)):
+        with pytest.raises(ValueError, match="runs no backbone block; a strategy without a river needs at least one"):
+            engine.forward(torch.tensor([[1, 2]]), 0, cache, rule)
+        with pytest.raises(ValueError, match="runs no backbone block"):
+            engine.generate([1, 2], 2, rule)
+    assert (cache.writer == Writer.EMPTY).all()
+    assert engine.generate([1, 2], 2, after(1)).depths[0] == 1
