@@ -145,6 +145,8 @@ def read_inputs(args, parser, sizes):
 
 @dataclass
 class Measured:
+    """What measure() found: per row its speed and quality (name -> figures), the memory probes, the native time
+    split of River's step (None off the native path), a memory copy's GB/s."""
     speed: dict
     quality: dict
     memory: dict
@@ -338,10 +340,10 @@ def main(argv=None):
     inputs = read_inputs(args, parser, sizes)
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
     model = scaling.load_backbone(args.model, device, args.dtype)
-    rows, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
-    measured = measure(rows, args, sizes, inputs)
-    result = assemble(rows, measured, calibrated, depth_cap, args, sizes, inputs, t_start)
-    report(result, rows, args, sizes, len(inputs.prompt))
+    comparison, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
+    measured = measure(comparison, args, sizes, inputs)
+    result = assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t_start)
+    report(result, comparison, args, sizes, len(inputs.prompt))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate import calibrate_tau, cap_depth, mean_nll, teacher_forced
+from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, teacher_forced
 from cli import fail
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_strategies import STRATEGIES, BaselineEngine
@@ -121,13 +121,12 @@ class Row:
         return f"{bits}b/{'i16' if river.activations == 'int16' else 'bf16'}", river.bits, river.activations
 
 
-
 # ---------------------------------------------------------------------------------------- the default comparison
 
 @dataclass(frozen=True)
 class Built:
     """An engine on the backbone and a river of one kind."""
-    kind: object  # measure.RiverKind
+    kind: RiverKind
     engine: Engine
 
     def deployment(self, held=None):
@@ -194,7 +193,7 @@ def comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_ta
 class Calibrated:
     """calibrate.calibrate_tau's result on the calibration split, where its budget came from, and the whole-model
     4-bit NLL increase there (the default budget's source)."""
-    result: object
+    result: Calibration
     budget_source: str
     whole_model_increase: float
 
