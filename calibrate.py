@@ -72,12 +72,19 @@ def teacher_forced(engine, rule, context, target):
     return torch.stack(rows).float(), depths, cache
 
 
+def scored(logits, target):
+    """(log-probabilities (len(target), vocab), NLL summed over the target tokens) of the teacher-forced logits that
+    predict `target`: what mean_nll and bench's quality both score."""
+    logp = logits.log_softmax(-1)
+    return logp, -logp.gather(1, torch.tensor(target, device=logp.device)[:, None]).sum().item()
+
+
 def mean_nll(engine, rule, sequences):
     """(NLL per target token over all sequences, every decode step's backbone blocks)."""
     total, tokens, depths = 0.0, 0, []
     for context, target in sequences:
         logits, steps, _ = teacher_forced(engine, rule, context, target)
-        total -= logits.log_softmax(-1).gather(1, torch.tensor(target, device=logits.device)[:, None]).sum().item()
+        total += scored(logits, target)[1]
         tokens += len(target)
         depths += steps
     return total / tokens, depths

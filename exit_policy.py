@@ -58,6 +58,8 @@ class ExitRule:
 
     def capped(self, depth):
         """The same rule, leaving after `depth` backbone blocks at the latest."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"a cap must be an int >= 0 (backbone blocks a token may run), got {depth!r}")
         return dataclasses.replace(self, max_depth=depth if self.max_depth is None else min(depth, self.max_depth))
 
 
@@ -67,11 +69,13 @@ RIVER_ONLY = ExitRule(max_depth=0)   # every block a river copy: the whole-model
 
 def similarity(tau, min_layer=0):
     """The method's rule: leave after the first block from min_layer on whose s_l exceeds tau."""
-    if isinstance(tau, numbers.Real) and not isinstance(tau, bool) and not math.isfinite(tau):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau):
         raise ValueError(f"tau must be a finite real number (cosine threshold; above 1 never exits), got {tau!r}")
     return ExitRule(tau, min_layer)
 
 
 def after(depth):
     """Leave after `depth` backbone blocks whatever the states say."""
+    if depth is None:  # ExitRule(max_depth=None) never leaves: that rule is NEVER
+        raise ValueError("after takes a depth: an int >= 0 (backbone blocks a token runs), got None")
     return ExitRule(max_depth=depth)

@@ -215,7 +215,8 @@ class Engine:
         if not isinstance(rule, ExitRule):
             raise TypeError(f"an exit rule must be an exit_policy.ExitRule, got {type(rule).__name__}")
         n_layers, held = self.model.cfg.n_layers, len(self.model.blocks)
-        if self.river is None and (rule.checks_similarity or (rule.max_depth or n_layers) < n_layers):
+        leaves_early = rule.max_depth is not None and rule.max_depth < n_layers  # RIVER_ONLY's max_depth 0 included
+        if self.river is None and (rule.checks_similarity or leaves_early):
             raise ValueError(f"{rule} may leave the backbone, and this engine has no ExitRiver to go on with")
         if held < n_layers and (rule.max_depth is None or rule.max_depth > held):
             raise ValueError(f"this model holds only its first {held} of {n_layers} backbone blocks: its rule must "
