@@ -147,6 +147,9 @@ struct Acts {
 // LEVELS = 127 * 256 + 127 keeps the high half of the split within int8.
 static const float LEVELS = 32639.0f;
 
+// No fused multiply-add here: x * inv is rounded to fp32 before rounding to an integer, as the torch twin does, so
+// both give the same codes (a fused x * inv + 1.5 * 2^23 rounds once, and differs from it at near-ties).
+__attribute__((optimize("fp-contract=off")))
 static void quantize_activations(const float* x, int k, int group, int16_t* q, int8_t* high, int8_t* low,
                                  float* step, float* sum) {
     for (int g = 0; g < k / group; g++) {  // group is a multiple of 32: whole vectors of 16

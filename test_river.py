@@ -586,7 +586,8 @@ BENCH = ("bench", "rows", "measure", "scaling", "plots")  # the measuring front 
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
               "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights"},
-              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"}}
+              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
+              "speculative": {"river", "kv_cache", "exit_policy"}}
 
 
 def test_imports_flow_one_way():
