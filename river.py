@@ -4,7 +4,6 @@ import copy
 import functools
 import json
 import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -17,8 +16,11 @@ import torch.nn as nn
 import kernels
 from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
+from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
+                        check_top_p, sample, sync)
 from kv_cache import Writer
 from model import Block, Transformer, check_held
+from speculative import DRAFT_LENGTH, check_draft_length, check_speculative, generate_speculative
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau, in steps of 0.01, whose NLL
@@ -133,45 +135,6 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
 
 
 # ------------------------------------------------------------------------------------------------ engine
-
-@dataclass
-class Generation:
-    tokens: list             # generated ids
-    depths: list             # backbone blocks run by the forward pass that produced each token (its exit depth)
-    prefill_s: float
-    step_s: list             # wall time of each decode step (every generated token after the first)
-
-    @property
-    def decode_tokens_per_s(self):
-        """Tokens after the first per second of the steps that made them; None when there was no decode step (one
-        token generated): no rate to report."""
-        return (len(self.tokens) - 1) / sum(self.step_s) if self.step_s else None
-
-
-def check_max_new_tokens(max_new_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-
-
-def check_fits_context(n_prompt, max_new_tokens, context):
-    if n_prompt + max_new_tokens > context:
-        raise ValueError(f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                         f"context of {context}")
-
-
-def check_temperature(temperature):
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-
-
-def check_top_p(top_p):
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):  # NaN fails the comparison too
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def check_seed(seed):
-    if seed is not None and not (isinstance(seed, int) and -2**63 <= seed < 2**64):
-        raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (what torch takes), got {seed!r}")
 
 
 class Engine:
@@ -362,32 +325,6 @@ def block_weights(block):
             "down": matrix(block.mlp.w_down)}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def sample(logits, temperature, top_p, generator):
-    """Next id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return int(logits.argmax())
-    sorted_probs, order = sorted_nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p)
-    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-
-
-def sorted_nucleus(probs, top_p):
-    """probs (vocab,) sorted, most likely first, cut to the smallest prefix holding top_p of the mass and
-    renormalized; and the ids in that order."""
-    sorted_probs, order = probs.sort(descending=True)
-    sorted_probs = sorted_probs * (sorted_probs.cumsum(0) - sorted_probs < top_p)
-    return sorted_probs / sorted_probs.sum(), order
-
-
-def nucleus(probs, top_p):
-    """sorted_nucleus in the ids' own order: the distribution nucleus sampling draws from."""
-    sorted_probs, order = sorted_nucleus(probs, top_p)
-    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-
 
 # ------------------------------------------------------------------------------------------ command line
 
@@ -442,6 +379,11 @@ def parser_for(modes):
     parser.add_argument("--eight-bit-layers", type=int, nargs="*", default=None, metavar="LAYER",
                         help="river blocks kept at 8 bits (negative counts from the end; default with int16 "
                              f"activations: {' '.join(map(str, DEFAULT_EIGHT_BIT_LAYERS))}, the last block)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="--mode river: lossless generation, River drafting and the whole backbone checking the "
+                             "drafts in one pass; the output is the backbone's (greedy: token for token)")
+    parser.add_argument("--draft-length", type=option(int, check_draft_length), default=DRAFT_LENGTH, metavar="K",
+                        help="--speculative: most tokens drafted per check (it adapts to recent acceptance below that)")
     parser.add_argument("--no-native", action="store_true",
                         help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
@@ -468,6 +410,12 @@ def parse_arguments(argv, modes):
     if args.max_backbone_depth is not None and not mode.river:
         parser.error(f"argument --max-backbone-depth: caps River's backbone (--mode river); --mode {args.mode} runs "
                      "every backbone block")
+    if args.speculative and not (mode.river and mode.holds_backbone):
+        parser.error(f"argument --speculative: River drafts and the backbone checks (--mode river); --mode {args.mode} "
+                     "has no drafter")
+    if args.speculative and args.max_backbone_depth is not None:
+        parser.error("argument --speculative: the backbone checks every draft with all its blocks; "
+                     "--max-backbone-depth would drop them")
     if args.quality_budget is not None and not mode.calibrates:
         parser.error(f"argument --quality-budget: picks River's tau (--mode river); --mode {args.mode} has none")
     device = check_argument(parser, "--device", resolve_device, args.device)
@@ -559,8 +507,17 @@ def main(argv=None, modes=MODES):
     if args.compile:  # compile outside the timed run
         engine.generate(prompt, min(3, args.max_new_tokens), rule)
     stream = None if args.json else TextStream(tokenizer)
-    result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
-                             on_token=stream)
+    if args.speculative:
+        try:
+            check_speculative(engine, rule, args.draft_length)
+        except ValueError as err:
+            fail(f"--speculative: {err}")
+        result = generate_speculative(engine, prompt, args.max_new_tokens, rule, args.draft_length,
+                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop,
+                                      on_token=stream)
+    else:
+        result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
+                                 on_token=stream)
     if args.json:
         print(json.dumps({"text": tokenizer.decode(result.tokens), "tokens": result.tokens, "depths": result.depths,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
@@ -569,12 +526,21 @@ def main(argv=None, modes=MODES):
                           "calibration": None if calibration is None else calibration_json(calibration),
                           "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
                           "bits": args.bits, "activations": args.activations, "eight_bit_layers": list(eight_bit),
-                          "path": engine.path}, allow_nan=False))
+                          "path": engine.path, "speculative": speculation_json(result) if args.speculative else None},
+                         allow_nan=False))
         return
     stream.close()
     rate = result.decode_tokens_per_s
-    print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
-          + f", mean backbone blocks per token {sum(result.depths) / len(result.depths):.2f} of {cfg.n_layers}")
+    print(f"[{args.mode}{' speculative' if args.speculative else ''}] "
+          + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
+          + (f", {result.acceptance:.2f} of drafts accepted, {result.tokens_per_verification:.2f} tokens per check"
+             if args.speculative and result.verified else
+             f", mean backbone blocks per token {sum(result.depths) / len(result.depths):.2f} of {cfg.n_layers}"))
+
+
+def speculation_json(result):
+    return {"drafted": result.drafted, "accepted": result.accepted, "verified": result.verified,
+            "acceptance": result.acceptance, "tokens_per_verification": result.tokens_per_verification}
 
 
 def calibration_json(calibration):

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 import torch
 
 from exit_policy import NEVER, ExitRule
-from kv_cache import Writer
-from river import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature, check_top_p,
-                   nucleus, sync)
+from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
+                        check_top_p, nucleus, sync)
 
-MAX_DRAFT = 16  # drafted tokens a verification takes at most: kernels.cpp's short pass (k one-token steps = one pass)
+MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
+                # products and attention are bit for bit those of one-token steps)
+DRAFT_LENGTH = 4  # the default most drafted per check
 
 
 @dataclass
@@ -44,6 +45,10 @@ def check_speculative(engine, rule, draft_length):
                          f"{len(engine.model.blocks)} blocks (a depth-capped River cannot check its drafts)")
     if not isinstance(rule, ExitRule):
         raise TypeError(f"the drafter's exit rule must be an exit_policy.ExitRule, got {type(rule).__name__}")
+    check_draft_length(draft_length)
+
+
+def check_draft_length(draft_length):
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or not 1 <= draft_length <= MAX_DRAFT:
         raise ValueError(f"draft_length must be an int in [1, {MAX_DRAFT}], got {draft_length!r}")
 
@@ -61,7 +66,7 @@ class Drafts:
                 max(1, self.length - 1) if accepted == 0 else self.length
 
 
-def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=4, adapt=True, temperature=0.0,
+def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=DRAFT_LENGTH, adapt=True, temperature=0.0,
                          top_p=1.0, seed=None, stop_ids=(), on_token=None):
     """Generate from prompt ids as the backbone would, River (the exit rule `rule`) drafting and the backbone checking.
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import calibrate
 import kernels
-from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
+from conftest import (copy_of, ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
                       each_isa_here, expected_writer, holding_first_blocks, step_similarities, tiny_configs,
                       tiny_model)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
@@ -320,14 +320,6 @@ def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n
             assert (cache.write_count == 1).all()
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
-
-
-def copy_of(cache, model):
-    """A fresh cache holding what `cache` holds, K/V and record."""
-    copy = model.new_cache(cache.capacity)
-    copy.k.copy_(cache.k), copy.v.copy_(cache.v)
-    copy.writer[:], copy.write_count[:] = cache.writer, cache.write_count
-    return copy
 
 
 @each_isa_here

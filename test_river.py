@@ -585,9 +585,10 @@ def test_compiled_one_token_attention_is_masked_softmax():
 BENCH = ("bench", "rows", "measure", "scaling", "plots")  # the measuring front end, on top of everything
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
-              "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights"},
+              "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",
+                        "generation", "speculative"},
               "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
-              "speculative": {"river", "kv_cache", "exit_policy"}}
+              "generation": set(), "speculative": {"generation", "exit_policy"}}
 
 
 def test_imports_flow_one_way():
