@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from exit_policy import SimilarityExit
+from exit_policy import NEVER, similarity
 
 # The split and sweep both command lines use: the scored problems are HumanEval's first CALIBRATION_PROBLEMS, the
 # calibration split the as many after them, solutions cut to CALIBRATION_MAX_TARGET tokens.
@@ -58,27 +58,33 @@ def calibration_sequences(tokenizer, n, max_target, text_file=None, scored=None)
 
 # ------------------------------------------------------------------------------------------------ scoring
 
-def teacher_forced(engine, mode, policy, context, target):
-    """Prefill the context, then feed the target token by token through the same exit logic as generation.
+def teacher_forced(engine, rule, context, target):
+    """Prefill the context, then feed the target token by token through the same exit rule as generation.
     Returns the logits that predict each target token (len(target), vocab), the decode depths and the cache."""
     model = engine.model
     cache = model.new_cache(len(context) + len(target))
-    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, mode, policy)
+    logits, depth = engine.forward(torch.tensor([context], device=model.device), 0, cache, rule)
     rows, depths = [logits[0, -1]], []
     for i, token in enumerate(target[:-1]):
-        logits, depth = engine.forward(torch.tensor([[token]], device=model.device), len(context) + i, cache,
-                                       mode, policy)
+        logits, depth = engine.forward(torch.tensor([[token]], device=model.device), len(context) + i, cache, rule)
         rows.append(logits[0, -1])
         depths.append(depth)
     return torch.stack(rows).float(), depths, cache
 
 
-def mean_nll(engine, mode, policy, sequences):
+def scored(logits, target):
+    """(log-probabilities (len(target), vocab), NLL summed over the target tokens) of the teacher-forced logits that
+    predict `target`: what mean_nll and bench's quality both score."""
+    logp = logits.log_softmax(-1)
+    return logp, -logp.gather(1, torch.tensor(target, device=logp.device)[:, None]).sum().item()
+
+
+def mean_nll(engine, rule, sequences):
     """(NLL per target token over all sequences, every decode step's backbone blocks)."""
     total, tokens, depths = 0.0, 0, []
     for context, target in sequences:
-        logits, steps, _ = teacher_forced(engine, mode, policy, context, target)
-        total -= logits.log_softmax(-1).gather(1, torch.tensor(target, device=logits.device)[:, None]).sum().item()
+        logits, steps, _ = teacher_forced(engine, rule, context, target)
+        total += scored(logits, target)[1]
         tokens += len(target)
         depths += steps
     return total / tokens, depths
@@ -123,10 +129,10 @@ def calibrate_tau(engine, sequences, taus, budget, backbone_nll=None, log=lambda
     if not sequences:
         raise ValueError("calibration needs at least one sequence")
     if backbone_nll is None:
-        backbone_nll, _ = mean_nll(engine, "backbone", None, sequences)
+        backbone_nll, _ = mean_nll(engine, NEVER, sequences)
     result = Calibration(budget, backbone_nll)
     for tau in taus:
-        nll, depths = mean_nll(engine, "river", SimilarityExit(tau), sequences)
+        nll, depths = mean_nll(engine, similarity(tau), sequences)
         result.nll_increase[tau], result.depths[tau] = nll - backbone_nll, depths
         result.mean_backbone_blocks[tau] = statistics.mean(depths)
         log(f"  calibration tau {tau:g}: NLL {nll - backbone_nll:+.4f}, {result.mean_backbone_blocks[tau]:.2f} blocks")

@@ -460,8 +460,7 @@ static void attend(const Dims& D, int h, const float* q, const uint16_t* k_cache
     }
 }
 
-// Run blocks layers[0..n) for one token at position `pos`, updating x (d,) in place. Block i reads and writes
-// cache layer first_layer + i: k_cache/v_cache point at layer 0 of (layers, n_kv_heads, capacity, head_dim) bf16.
+// The widest input of a block's products: the size of each scratch vector.
 static int widest_input(const Dims& D) {
     const int q_dim = D.n_heads * D.head_dim;
     return D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
@@ -498,11 +497,9 @@ struct Cache {
 };
 
 // Blocks first..last-1 on x (d,), in place, for one token at `pos`; block j reads and writes cache layer j. Called by
-// every thread of an enclosing parallel region; `in` is shared among them. products_only: the weight products
-// alone (their inputs prepared as usual, on whatever the buffers hold), skipping norms, RoPE, the cache,
-// attention, SwiGLU and residual adds: bench.py's split of a block's time.
+// every thread of an enclosing parallel region; `in` is shared among them.
 static void team_blocks(const Dims& D, const Layer* layers, int first, int last, float* x, const Cache& c, int pos,
-                        const float* cos, const float* sin, const Scratch& s, Input& in, int products_only) {
+                        const float* cos, const float* sin, const Scratch& s, Input& in) {
     const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
     for (int l = first; l < last; l++) {
         const Layer& L = layers[l];
@@ -512,65 +509,87 @@ static void team_blocks(const Dims& D, const Layer* layers, int first, int last,
         // attention: q, k, v of the normed state; K/V into this layer's slots at pos; heads in parallel
 #pragma omp single
         {
-            if (!products_only) rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
+            rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
             in = prepare(L.qkv, s.xn, s.xeo, s.xq, s.xs, s.xsum);
         }
         product(L.qkv, in, s.qkv, 0, L.qkv.n);
 #pragma omp barrier
-        if (!products_only) {
 #pragma omp single
-            {
-                for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
-                for (int h = 0; h < D.n_kv_heads; h++) {
-                    float* k = s.qkv + q_dim + h * hd;
-                    const float* v = s.qkv + q_dim + kv_dim + h * hd;
-                    rope(k, cos, sin, hd / 2);
-                    uint16_t* kd = kl + h * c.head_stride + (int64_t)pos * hd;
-                    uint16_t* vd = vl + h * c.head_stride + (int64_t)pos * hd;
-                    for (int i = 0; i < hd; i++) {
-                        kd[i] = to_bf16(k[i]);
-                        vd[i] = to_bf16(v[i]);
-                    }
+        {
+            for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
+            for (int h = 0; h < D.n_kv_heads; h++) {
+                float* k = s.qkv + q_dim + h * hd;
+                const float* v = s.qkv + q_dim + kv_dim + h * hd;
+                rope(k, cos, sin, hd / 2);
+                uint16_t* kd = kl + h * c.head_stride + (int64_t)pos * hd;
+                uint16_t* vd = vl + h * c.head_stride + (int64_t)pos * hd;
+                for (int i = 0; i < hd; i++) {
+                    kd[i] = to_bf16(k[i]);
+                    vd[i] = to_bf16(v[i]);
                 }
             }
-            my_rows(D.n_heads, 1, &lo, &hi);
-            for (int h = lo; h < hi; h++)
-                attend(D, h, s.qkv + h * hd, kl, vl, c.head_stride, pos, s.scores + (int64_t)h * (pos + 16),
-                       s.att + h * hd);
-#pragma omp barrier
         }
+        my_rows(D.n_heads, 1, &lo, &hi);
+        for (int h = lo; h < hi; h++)
+            attend(D, h, s.qkv + h * hd, kl, vl, c.head_stride, pos, s.scores + (int64_t)h * (pos + 16),
+                   s.att + h * hd);
+#pragma omp barrier
 #pragma omp single
         in = prepare(L.o, s.att, s.xeo, s.xq, s.xs, s.xsum);
         product(L.o, in, s.y, 0, D.d);
-        if (!products_only) add_my_rows(L.o, s.y, x, D.d);  // the residual, each thread its own rows
+        add_my_rows(L.o, s.y, x, D.d);  // the residual, each thread its own rows
 #pragma omp barrier
 #pragma omp single
         {
-            if (!products_only) rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
+            rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
             in = prepare(L.gate_up, s.xn, s.xeo, s.xq, s.xs, s.xsum);
         }
         // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no extra barrier
         product(L.gate_up, in, s.gate, 0, D.ffn);
         product(L.gate_up, in, s.up, D.ffn, D.ffn);
         my_rows(D.ffn, row_unit(L.gate_up), &lo, &hi);
-        if (!products_only) silu_times(s.gate, s.up, s.hidden, lo, hi);
+        silu_times(s.gate, s.up, s.hidden, lo, hi);
 #pragma omp barrier
 #pragma omp single
         in = prepare(L.down, s.hidden, s.xeo, s.xq, s.xs, s.xsum);
         product(L.down, in, s.y, 0, D.d);
-        if (!products_only) add_my_rows(L.down, s.y, x, D.d);
+        add_my_rows(L.down, s.y, x, D.d);
 #pragma omp barrier
     }
 }
 
-// Blocks first..last-1 of `layers` for one token (see team_blocks), in one thread team.
+// ------------------------------------------------------------------------------------- for measuring (bench.py)
+
+// Blocks first..last-1 of `layers` for one token (see team_blocks), in one thread team: a block's whole time.
 extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int first, int last, float* x,
                                  const Cache* cache, int pos, const float* cos, const float* sin, float* scratch,
-                                 int threads, int products_only) {
+                                 int threads) {
     const Scratch s = carve(*dims, scratch);
     Input in;
 #pragma omp parallel num_threads(threads)
-    team_blocks(*dims, layers, first, last, x, *cache, pos, cos, sin, s, in, products_only);
+    team_blocks(*dims, layers, first, last, x, *cache, pos, cos, sin, s, in);
+}
+
+// The four weight products of blocks first..last-1 alone, as team_blocks runs them (inputs prepared by one thread,
+// rows split among the team, a barrier after each), on whatever the scratch holds: the products' share of a block.
+extern "C" void river_run_products(const Dims* dims, const Layer* layers, int first, int last, float* scratch,
+                                   int threads) {
+    const Dims D = *dims;
+    const Scratch s = carve(D, scratch);
+    Input in;
+#pragma omp parallel num_threads(threads)
+    for (int l = first; l < last; l++) {
+        const Layer& L = layers[l];
+        const Mat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
+        const float* inputs[4] = {s.xn, s.att, s.xn, s.hidden};
+        float* outputs[4] = {s.qkv, s.y, s.gate, s.y};
+        for (int i = 0; i < 4; i++) {
+#pragma omp single
+            in = prepare(*mats[i], inputs[i], s.xeo, s.xq, s.xs, s.xsum);
+            product(*mats[i], in, outputs[i], 0, mats[i]->n);
+#pragma omp barrier
+        }
+    }
 }
 
 // s = cos(a, b) in double, each norm kept away from zero as torch's cosine_similarity does.
@@ -588,8 +607,7 @@ static double cosine(const float* a, const float* b, int d) {
 struct Model {
     Dims dims;
     int32_t n_layers;
-    int32_t backbone_blocks; // backbone blocks held: a token leaves the backbone after this many at the latest
-    const Layer* backbone;   // (backbone_blocks,)
+    const Layer* backbone;   // the blocks held, the first ones (every rule leaves by then: kernels.Decoder checks)
     const Layer* river;      // (n_layers,), or null without a river
     const uint16_t* embed;   // (vocab, d) bf16
     const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
@@ -597,22 +615,19 @@ struct Model {
     Mat head;                // (vocab, d) bf16
 };
 
-// How the step leaves the backbone (exit_policy.py defines the rules; these are their native twins): after block l
-// when l == fixed_exit, or, with fixed_exit < 0, when l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau; after the
-// model's last backbone block held at the latest (a depth-capped River); never after the last block. replay (with
-// fixed_exit >= 0): s_l is still computed after every backbone block, but the decision is l == fixed_exit, a depth
-// drawn elsewhere: on weights where the rule means nothing (random ones, bench.py --shape) a step still pays for the
-// rule's own work. start_in_river: every block a river copy (the whole-model low-bit mode).
+// exit_policy.ExitRule as the step reads it (river.native_exit fills it): after backbone block l, leave when
+// checks and l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau, or once max_depth blocks have run (0: every block a
+// river copy); never after the last block. With checks, s_l is computed after every block run.
 struct Exit {
-    int32_t start_in_river, fixed_exit, min_layer;
+    int32_t checks;
     float tau;
-    int32_t replay;
+    int32_t min_layer, max_depth;
 };
 
 // One token through the whole model: embedding, backbone blocks until the exit rule says leave, river copies of
 // the rest, final norm and LM head into logits (vocab,); one thread team, no return to Python between blocks.
-// Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of every backbone block whose
-// similarity was computed (by the rule or in replay); writing it keeps a replay's similarity from being optimized away.
+// Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of every backbone block run, when
+// the rule checks it.
 extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache, const Exit* rule, float* scratch,
                           float* logits, float* similarity, int threads) {
     const Dims D = m->dims;
@@ -628,24 +643,23 @@ extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache
         cos[i] = (float)::cos(pos * m->inv_freq[i]);
         sin[i] = (float)::sin(pos * m->inv_freq[i]);
     }
-    int depth = 0, leave = rule->start_in_river || m->backbone_blocks == 0;
+    int depth = 0, leave = rule->max_depth == 0;
     Input in;
 #pragma omp parallel num_threads(threads)
     {
-        while (!leave && depth < n) {
+        while (!leave) {
 #pragma omp single
             memcpy(prev, x, sizeof(float) * D.d);
-            team_blocks(D, m->backbone, depth, depth + 1, x, *cache, pos, cos, sin, s, in, 0);
+            team_blocks(D, m->backbone, depth, depth + 1, x, *cache, pos, cos, sin, s, in);
 #pragma omp single
             {
                 const int l = depth++;
                 double sim = 0;
-                if (rule->fixed_exit < 0 || rule->replay) similarity[l] = (float)(sim = cosine(prev, x, D.d));
-                leave = rule->fixed_exit >= 0 ? l == rule->fixed_exit : l >= rule->min_layer && sim > rule->tau;
-                leave = (leave || depth == m->backbone_blocks) && depth < n;
+                if (rule->checks) similarity[l] = (float)(sim = cosine(prev, x, D.d));
+                leave = depth == n || depth >= rule->max_depth || (rule->checks && l >= rule->min_layer && sim > rule->tau);
             }
         }
-        if (depth < n) team_blocks(D, m->river, depth, n, x, *cache, pos, cos, sin, s, in, 0);
+        if (depth < n) team_blocks(D, m->river, depth, n, x, *cache, pos, cos, sin, s, in);
 #pragma omp single
         {
             rms_norm(x, m->norm, s.xn, D.d, D.eps);

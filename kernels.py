@@ -64,17 +64,15 @@ class Cache(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone_blocks", ctypes.c_int32),
-                ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p), ("embed", ctypes.c_void_p),
-                ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Mat)]
+    _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p),
+                ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Mat)]
 
 
 class Exit(ctypes.Structure):
-    """How a step leaves the backbone (kernels.cpp, river_step): after block fixed_exit, or (fixed_exit < 0) after
-    the first block l >= min_layer whose transition similarity exceeds tau; start_in_river: no backbone block;
-    replay: after block fixed_exit, the similarity still computed after every backbone block run."""
-    _fields_ = [("start_in_river", ctypes.c_int32), ("fixed_exit", ctypes.c_int32), ("min_layer", ctypes.c_int32),
-                ("tau", ctypes.c_float), ("replay", ctypes.c_int32)]
+    """An exit rule as kernels.cpp reads it (river_step): after backbone block l, leave when checks and
+    l >= min_layer and s_l > tau, or once max_depth blocks have run; never after the last block."""
+    _fields_ = [("checks", ctypes.c_int32), ("tau", ctypes.c_float), ("min_layer", ctypes.c_int32),
+                ("max_depth", ctypes.c_int32)]
 
 
 class Kernels:
@@ -85,8 +83,11 @@ class Kernels:
         lib = ctypes.CDLL(path)
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         self.run_blocks = lib.river_run_blocks
-        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, i32, ptr, ptr, ptr, i32, i32]
+        self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, i32, ptr, ptr, ptr, i32]
         self.run_blocks.restype = None
+        self.run_products = lib.river_run_products
+        self.run_products.argtypes = [ptr, ptr, i32, i32, ptr, i32]
+        self.run_products.restype = None
         self.step = lib.river_step
         self.step.argtypes = [ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
         self.step.restype = i32
@@ -246,25 +247,36 @@ class Stack:
             for (a, m), l in zip(norms, layers)])
         self.scratch = torch.empty(0)  # intermediates of a block; grows with the position (attention scores)
 
-    def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads, products_only=False):
-        """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`; block j writes cache layer j at
-        pos. cos, sin: (head_dim / 2,) fp32. products_only: the weight products alone, for timing (x and the cache
-        untouched)."""
-        if not 0 <= first <= last <= len(self.layers):
-            raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
+    def scratch_for(self, pos):
         need = self.lib.scratch_floats(ctypes.byref(self.dims), pos)
         if self.scratch.numel() < need:
             self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
+        return self.scratch.data_ptr()
+
+    def check_range(self, first, last):
+        if not 0 <= first <= last <= len(self.layers):
+            raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
+
+    # For measuring (bench.py's split of a step's time); the decode step itself is Decoder.step.
+    def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads):
+        """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`; block j writes cache layer j at
+        pos. cos, sin: (head_dim / 2,) fp32."""
+        self.check_range(first, last)
         self.lib.run_blocks(ctypes.byref(self.dims), self.layers, first, last, x.data_ptr(),
                             ctypes.byref(cache_of(k_cache, v_cache)), pos, cos.data_ptr(), sin.data_ptr(),
-                            self.scratch.data_ptr(), threads, int(products_only))
+                            self.scratch_for(pos), threads)
+
+    def run_products(self, first, last, threads):
+        """The weight products of blocks first..last-1 alone, as a step runs them, on whatever the scratch holds."""
+        self.check_range(first, last)
+        self.lib.run_products(ctypes.byref(self.dims), self.layers, first, last, self.scratch_for(0), threads)
 
 
 class Decoder:
     """A model's one-token decode step in one native call (river_step): embedding, backbone blocks with the exit
     rule, river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d) and head weight,
     RoPE frequencies (head_dim / 2,) float64, final norm (d,), and per block the dicts Stack takes. With a river,
-    the backbone may hold only its first blocks (a depth-capped River): every token leaves it after the last one."""
+    the backbone may hold only its first blocks (a depth-capped River): every rule must leave by then."""
 
     def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head):
         self.lib, self.dims = lib, dims
@@ -276,7 +288,7 @@ class Decoder:
         n_layers = len(river) if river is not None else len(backbone)
         if len(backbone) > n_layers:
             raise ValueError(f"{len(backbone)} backbone blocks but a river of {n_layers}")
-        self.model = Model(dims, n_layers, len(backbone), ctypes.addressof(self.backbone.layers),
+        self.model = Model(dims, n_layers, ctypes.addressof(self.backbone.layers),
                            ctypes.addressof(self.river.layers) if self.river is not None else None,
                            embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), bf16_mat(head))
         self.scratch = torch.empty(0)
@@ -284,10 +296,12 @@ class Decoder:
 
     def step(self, token, pos, k_cache, v_cache, rule, threads, similarity=None):
         """Logits (vocab,) fp32 of one token at `pos` and the backbone blocks it ran. rule: an Exit. similarity:
-        optional (n_layers,) fp32 tensor that gets s_l of every backbone block the rule (or a replay) checked."""
-        n_layers = self.model.n_layers
-        if self.river is None and (rule.start_in_river or rule.fixed_exit != n_layers - 1):
-            raise ValueError("this decoder has no river: only the whole backbone (fixed_exit = n_layers - 1) runs")
+        optional (n_layers,) fp32 tensor that gets s_l of every backbone block run, when the rule checks it."""
+        n_layers, held = self.model.n_layers, len(self.backbone.layers)
+        if self.river is None and (rule.checks or rule.max_depth < n_layers):
+            raise ValueError("this decoder has no river: only the whole backbone (no check, max_depth n_layers) runs")
+        if rule.max_depth > held:
+            raise ValueError(f"the rule may run {rule.max_depth} backbone blocks; this decoder holds {held}")
         need = self.lib.step_scratch_floats(ctypes.byref(self.dims), pos)
         if self.scratch.numel() < need:
             self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))

@@ -8,9 +8,10 @@ import dataclasses
 
 import torch
 
-from exit_policy import NeverExit
+import river
+from exit_policy import similarity
 from kv_cache import Writer
-from river import Engine, main as river_main
+from river import Engine
 
 
 class Strategy:
@@ -117,47 +118,61 @@ class Monotonic(Strategy):
         self.depth_cap = depth
 
 
-STRATEGIES = {"propagate": Propagate, "mask": Mask, "recompute": Recompute, "monotonic": Monotonic}
+STRATEGIES = (Propagate, Mask, Recompute, Monotonic)
 
 
 class BaselineEngine(Engine):
     """Token-level early exit without a river: the engine's generation loop, with a forward of its own that runs
-    the backbone until the exit rule says stop and lets the strategy named by `mode` do the rest."""
+    the backbone until the exit rule says leave and lets a strategy (one of STRATEGIES) do the rest."""
 
-    def __init__(self, model, compile=False):
-        super().__init__(model, river=None, compile=compile, native=False)  # its forward is its own
-        self.strategies = {name: kind(self.model) for name, kind in STRATEGIES.items()}  # self.model: compiled if asked
+    def __init__(self, model, strategy, compile=False):
+        super().__init__(model, river=None, native=False, compile=compile)  # its forward is its own
+        if not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
+            raise ValueError(f"strategy must be one of {[s.__name__ for s in STRATEGIES]}, got {strategy!r}")
+        self.strategy = strategy(model)
 
-    def check_mode(self, mode):
-        if mode not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {mode!r}")
+    @property
+    def path(self):
+        return f"{super().path}, {type(self.strategy).__name__.lower()}"
+
+    def check_rule(self, rule):
+        """Any rule that runs block 0: without a river, a token that leaves goes straight to the final norm and LM
+        head."""
+        if rule.max_depth == 0:
+            raise ValueError(f"{rule} runs no backbone block; a strategy without a river needs at least one")
 
     @torch.inference_mode()
-    def forward(self, tokens, start, cache, mode="propagate", policy=None, all_logits=False):
+    def forward(self, tokens, start, cache, rule, all_logits=False):
         """Like Engine.forward; returns (logits, blocks run), counting blocks recomputed for waiting tokens."""
-        self.check_mode(mode)
-        model, strategy = self.model, self.strategies[mode]
+        model, strategy = self.model, self.strategy
         if start == 0:
             strategy.new_sequence()
-        policy = policy or NeverExit()
         x = model.embed_tokens(tokens)
         pos = model.positions(start, tokens.shape[1], cache)
-        deepest, blocks_run = strategy.deepest_exit(), 0
+        self.check_rule(rule)
+        deepest = strategy.deepest_exit() if rule.max_depth is None else min(strategy.deepest_exit(), rule.max_depth)
+        blocks_run = 0
         for layer, block in enumerate(model.blocks):
             blocks_run += strategy.before_block(layer, cache)
-            h = block(x, strategy.positions(pos, layer, cache), cache)
+            h = self.run_block(block, x, strategy.positions(pos, layer, cache), cache)
             blocks_run += 1
-            exits = layer + 1 == deepest or (layer < model.cfg.n_layers - 1 and policy.should_exit(layer, x, h))
+            leaves = layer + 1 == deepest or (layer < model.cfg.n_layers - 1 and rule.leaves(layer, x, h))
             x = h
-            if exits:
+            if leaves:
                 break
         strategy.after_exit(x, layer + 1, pos, cache)
-        return model.head(x if all_logits else x[:, -1:]), blocks_run
+        return self.head(x if all_logits else x[:, -1:]), blocks_run
+
+
+def strategy_mode(strategy):
+    """The --mode that runs `strategy`: River's exit rule, no river."""
+    return river.Mode(lambda tau, cap: similarity(tau), river=False,
+                      engine=lambda model, _river, _native, compile: BaselineEngine(model, strategy, compile))
 
 
 def main(argv=None):
     """river.py's command line, with the strategies as modes beside River's."""
-    river_main(argv, {name: BaselineEngine for name in STRATEGIES})
+    river.main(argv, {**river.MODES, **{s.__name__.lower(): strategy_mode(s) for s in STRATEGIES}})
 
 
 if __name__ == "__main__":

