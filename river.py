@@ -1,7 +1,6 @@
 """The Exit River (a low-bit copy of every block, writing the backbone's KV cache slots) and the generation engine."""
 import argparse
 import copy
-import functools
 import json
 import math
 import sys
@@ -14,12 +13,13 @@ import torch
 import torch.nn as nn
 
 import kernels
+from compiled import compiled_function, streamed_head, streamed_step
 from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
                         check_top_p, sample, sync)
 from kv_cache import Writer
-from model import Block, Transformer, check_held
+from model import check_held
 from speculative import DRAFT_LENGTH, check_draft_length, check_speculative, generate_speculative
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
@@ -210,7 +210,7 @@ class Engine:
     def head(self, x):
         """The final norm and LM head, through torch.compile for one position when this engine compiles."""
         if self.compiled and x.shape[1] == 1:
-            return compiled_function(Transformer.head)(self.model, x)
+            return compiled_function(streamed_head)(self.model, x)
         return self.model.head(x)
 
     def run_block(self, block, x, pos, cache):
@@ -218,7 +218,8 @@ class Engine:
         if not (self.compiled and x.shape[1] == 1 and cache is not None):
             return block(x, pos, cache)
         k_cache, v_cache = cache.claim(block.layer, pos.start, 1, block.cache_writer)
-        return compiled_function(Block.step)(block, x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache, pos.start)
+        return compiled_function(streamed_step)(block, x, pos.cos, pos.sin, pos.attn_mask, k_cache, v_cache,
+                                                pos.start)
 
     def generate(self, prompt, max_new_tokens, rule, temperature=0.0, top_p=1.0, seed=None, stop_ids=(),
                  on_token=None):
@@ -255,15 +256,6 @@ class Engine:
             steps.append(time.perf_counter() - t0)
             on_token(out[-1])
         return Generation(out, depths, prefill_s, steps)
-
-
-@functools.cache
-def compiled_function(function):
-    """`function` through torch.compile with positions and sizes symbolic, made once and shared by every engine that
-    compiles: blocks of one kind (backbone, or a river of given bits) share a graph (a second torch.compile of the
-    same function would compile everything again). Per-op overhead, not arithmetic, dominates a one-token step of a
-    small model; fusing the norms, RoPE, residual adds, cache writes and SwiGLU removes much of it."""
-    return torch.compile(function, dynamic=True)
 
 
 class NativeDecoder:

@@ -22,6 +22,7 @@ from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transiti
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
+from compiled import streamed_attention, streamed_product
 from quantize import quantize_weight
 from river import Engine, ExitRiver, load_river
 
@@ -478,6 +479,7 @@ def test_compiled_decode_steps_equal_eager(monkeypatch):
     prompt = list(range(3, 10))
     rules = {"backbone": NEVER, "quantized": RIVER_ONLY, "river": after(1)}
     compiled_calls, compiled_function = set(), river_module.compiled_function
+    # (the streamed step is its own function: compiled.py, so the model holds nothing about compiling)
 
     def recorded(function):  # what ran through compiled code: the function and, for a block, who it writes as
         compiled = compiled_function(function)
@@ -501,7 +503,8 @@ def test_compiled_decode_steps_equal_eager(monkeypatch):
     engine = Engine(model, river, compile=True)
     compiled_tokens, compiled_logits, compiled_caches = run(engine)
     assert engine.path == "torch, compiled"
-    assert compiled_calls == {("Block.step", Writer.BACKBONE), ("Block.step", Writer.RIVER), ("Transformer.head", None)}
+    assert compiled_calls == {("streamed_step", Writer.BACKBONE), ("streamed_step", Writer.RIVER),
+                              ("streamed_head", None)}
     assert compiled_tokens == eager_tokens
     for mode in rules:
         tol = 1e-4 if mode == "backbone" else 1e-2
@@ -552,29 +555,30 @@ def test_a_compiled_engine_leaves_the_shared_model_eager(monkeypatch):
 
 
 def test_compiled_one_row_linear_is_the_matmul():
-    """Linear through torch.compile (as a compiled engine's one-token steps run it: one row) against an fp32 matmul,
-    in bf16 and fp32, one row and more."""
+    """The streamed product through torch.compile (as a compiled engine's one-token steps run it: one row) against an
+    fp32 matmul, in bf16 and fp32; more rows and low-bit layers keep their own forward."""
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         layer = Linear(96, 80).to(dtype)
-        compiled = torch.compile(layer.forward, dynamic=True)
+        compiled = torch.compile(streamed_product, dynamic=True)
         for rows in (1, 3):
             x = torch.randn(1, rows, 96, dtype=dtype)
-            y = compiled(x)
+            y = compiled(layer, x) if rows == 1 else streamed_product(layer, x)
             assert y.shape == (1, rows, 80) and y.dtype == dtype
             torch.testing.assert_close(y.float(), x.float() @ layer.weight.float().t(), rtol=tol, atol=tol)
 
 
 def test_compiled_one_token_attention_is_masked_softmax():
-    """attend through torch.compile (a compiled engine's one-token step: the G query rows of one token) against a
-    naive masked softmax, holes in the mask included."""
+    """The streamed attention through torch.compile (a compiled engine's one-token step: the G query rows of one
+    token) against a naive masked softmax, holes in the mask included, and against the model's own attend."""
     torch.manual_seed(0)
-    compiled = torch.compile(attend, dynamic=True)
+    compiled = torch.compile(streamed_attention, dynamic=True)
     q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
     mask = torch.rand(3, 9) < 0.6
     mask[:, 0] = True                                        # every query row sees at least one key
     scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(compiled(q, k, v, mask), torch.softmax(scores, -1) @ v)
+    torch.testing.assert_close(attend(q, k, v, mask), torch.softmax(scores, -1) @ v)
 
 
 # ---------------------------------------------------------------------------------------------------- the seams
@@ -586,7 +590,7 @@ BENCH = ("bench", "rows", "measure", "scaling", "plots")  # the measuring front 
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
               "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",
-                        "generation", "speculative"},
+                        "generation", "speculative", "compiled"}, "compiled": {"model"},
               "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
               "generation": set(), "speculative": {"generation", "exit_policy"}}
 
