@@ -29,7 +29,7 @@ enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
 static const int CHUNK = 64;       // tokens of a pass processed together through a block (a prompt's are chunked)
 static const int SHORT_PASS = 16;  // up to this many tokens, attention runs token by token as a decode step does
 static const int TILE = 64;        // positions per unit of a token's attention over the cache
-static const int QUERY_BLOCK = 16; // a long pass's attention: queries per unit
+static const int QUERY_BLOCK = 32; // a long pass's attention: queries per unit (each key block converted once for them all)
 static const int KEY_BLOCK = 64;   // ... and keys per step of its online softmax
 static const int MAX_HEAD_DIM = 128;
 
@@ -63,10 +63,21 @@ struct Cache {
 static inline f32x16 load16(const float* p) { f32x16 v; memcpy(&v, p, 64); return v; }
 static inline void store16(float* p, f32x16 v) { memcpy(p, &v, 64); }
 static inline f32x16 splat(float x) { return f32x16{} + x; }
+static const f32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+// The sum of 16 lanes as a tree (halves added, then quarters, then pairs): a few shuffles rather than 15 lane
+// extractions in a chain, which made each attention score cost tens of cycles.
 static inline float hsum16(f32x16 v) {
-    float s = 0;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
+    f32x8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char*)&v + 32, 32);
+    a += b;
+    f32x4 c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (const char*)&a + 16, 16);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 static inline float max16(f32x16 v) {
     float m = v[0];
@@ -518,18 +529,19 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         for (; j < n; j++) total += s[j] = expf(s[j] - mx);
         o[0] = mx;
         o[1] = total;
-        memset(o + 2, 0, sizeof(float) * hd);
     }
-    for (int p = p0; p < p1; p++) {  // each value converted once for the G heads
-        const uint16_t* vp = V + (int64_t)p * hd;
+    // each value converted once for up to 8 heads, whose sums stay in registers over the tile's positions
+    for (int g0 = 0; g0 < G; g0 += 8)
         for (int i = 0; i < hd; i += 16) {
-            f32x16 vv = bf16x16(vp + i);
-            for (int g = 0; g < G; g++) {
-                float* o = part + g * (hd + 2) + 2 + i;
-                store16(o, load16(o) + vv * scores[g * TILE + p - p0]);
+            const int gn = G - g0 < 8 ? G - g0 : 8;
+            f32x16 acc[8];
+            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
+            for (int p = p0; p < p1; p++) {
+                f32x16 vv = bf16x16(V + (int64_t)p * hd + i);
+                for (int g = 0; g < gn; g++) acc[g] += vv * scores[(g0 + g) * TILE + p - p0];
             }
+            for (int g = 0; g < gn; g++) store16(part + (g0 + g) * (hd + 2) + 2 + i, acc[g]);
         }
-    }
 }
 
 static inline int tiles_upto(int pos) { return pos / TILE + 1; }
@@ -614,15 +626,20 @@ static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, cons
                 for (int j = 0; j < KB / 16; j++) acc[j] += load16(Kt + (int64_t)c * KB + 16 * j) * q[c];
             for (int j = 0; j < KB / 16; j++) store16(srow + 16 * j, acc[j] * scale);
             const int valid = qpos - k0 + 1 < kn ? qpos - k0 + 1 : kn;  // keys up to the query's own position
-            float mx = m[r];
-            for (int j = 0; j < valid; j++) mx = fmaxf(mx, srow[j]);
-            const float rescale = expf(m[r] - mx);
-            float total = 0;
-            for (int j = 0; j < KB; j++) {
-                const float e = j < valid ? expf(srow[j] - mx) : 0.0f;
-                srow[j] = e;
-                total += e;
+            f32x16 vmax = splat(m[r]);
+            for (int j = 0; j < KB; j += 16) {  // keys at or past `valid` count as -inf
+                f32x16 v = load16(srow + j);
+                vmax = lanes + (float)j < (float)valid && v > vmax ? v : vmax;
             }
+            const float mx = max16(vmax), rescale = expf(m[r] - mx);
+            f32x16 vtotal = {};
+            for (int j = 0; j < KB; j += 16) {
+                f32x16 e = exp16(load16(srow + j) - mx);
+                e = lanes + (float)j < (float)valid ? e : splat(0.0f);
+                store16(srow + j, e);
+                vtotal += e;
+            }
+            const float total = hsum16(vtotal);
             l[r] = l[r] * rescale + total;
             m[r] = mx;
             float* o = O + (int64_t)r * hd;
