@@ -24,6 +24,8 @@ def streamed_product(linear, x):
     compiled step takes this form; low-bit layers keep their own kernels."""
     if type(linear) is not Linear or x.device.type != "cpu":
         return linear(x)
+    if linear.weight.dtype == torch.bfloat16:
+        x = x.to(torch.bfloat16).to(x.dtype)  # as Linear: fp32 activations rounded to bf16 for bf16 weights
     return (x.unsqueeze(-2).float() * linear.weight.float()).sum(-1).to(x.dtype)    # (1, 1, out)
 
 

@@ -193,6 +193,14 @@ def holding_first_blocks(model, depth):
     return capped.to(model.dtype).eval()
 
 
+def copy_of(cache, model):
+    """A fresh cache holding what `cache` holds, K/V and record."""
+    copy = model.new_cache(cache.capacity)
+    copy.k.copy_(cache.k), copy.v.copy_(cache.v)
+    copy.writer[:], copy.write_count[:] = cache.writer, cache.write_count
+    return copy
+
+
 def count_native_steps(engine):
     """A list that gets one entry per decode step `engine` runs through kernels.cpp (a spy on its native decoder's
     forward); stays empty for an engine without one."""

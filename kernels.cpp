@@ -1,7 +1,16 @@
-// One-token decode of a run of Llama blocks on the CPU: bf16 and 4-bit weight products (int16 activations), attention over
-// the shared bf16 KV cache, norms, RoPE, SwiGLU, all inside one thread team. Built twice by kernels.py, once per
-// instruction set (RIVER_AVX512: AVX-512 VNNI; otherwise AVX2 + FMA + F16C), and picked by the CPU's flags.
-// Activations and the residual stream stay fp32; K/V are stored as bf16, as the torch path stores them.
+// Llama blocks on the CPU for T tokens at once -- one for a decode step, a few for verifying drafted tokens, a prompt
+// for prefill: bf16 and low-bit weight products, attention over the shared bf16 KV cache, norms, RoPE, SwiGLU, all in
+// one thread team. Built twice by kernels.py, once per instruction set (RIVER_AVX512: AVX-512 with VNNI and BF16;
+// otherwise AVX2 + FMA + F16C) and picked by the CPU's flags.
+//
+// Arithmetic: the residual stream stays fp32. A bf16 product takes its activations rounded to bf16 and multiplies
+// pairs exactly, accumulating in fp32 (vdpbf16ps, or its FMA twin on AVX2); a low-bit product takes int16
+// activations per group and sums exact integer dot products. K/V are stored as bf16.
+//
+// A token's arithmetic does not depend on the other tokens of its call: each product row is computed by one thread,
+// over the inputs in a fixed order, whatever the rows and tokens around it; attention over the cache for up to
+// SHORT_PASS tokens is cut into fixed tiles of positions, merged in order. So k one-token steps equal one k-token pass
+// bit for bit. A longer pass (a prefill) runs its attention tile by tile over queries and keys instead.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -13,8 +22,16 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
 
 enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
+static const int CHUNK = 64;       // tokens of a pass processed together through a block (a prompt's are chunked)
+static const int SHORT_PASS = 16;  // up to this many tokens, attention runs token by token as a decode step does
+static const int TILE = 64;        // positions per unit of a token's attention over the cache
+static const int QUERY_BLOCK = 32; // a long pass's attention: queries per unit (each key block converted once for them all)
+static const int KEY_BLOCK = 64;   // ... and keys per step of its online softmax
+static const int MAX_HEAD_DIM = 128;
 
 // A weight matrix (n rows, k inputs). bf16: row-major. Q4 / Q8: for each block of 16 rows and each group of
 // `group` inputs, 64-byte chunks of codes (see rows_lowbit), then the 16 rows' fp16 scales and fp16 lows:
@@ -35,23 +52,38 @@ struct Dims {
     float eps;
 };
 
+// The whole cache (layers, 1, n_kv_heads, capacity, head_dim) bf16.
+struct Cache {
+    uint16_t *k, *v;
+    int64_t layer_stride, head_stride;
+};
+
 // ------------------------------------------------------------------------------------------------ helpers
 
 static inline f32x16 load16(const float* p) { f32x16 v; memcpy(&v, p, 64); return v; }
 static inline void store16(float* p, f32x16 v) { memcpy(p, &v, 64); }
-static inline float hsum16(f32x16 v) {
-    float s = 0;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
-}
-#ifndef RIVER_AVX512
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
 static inline f32x16 splat(float x) { return f32x16{} + x; }
+static const f32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+// The sum of 16 lanes as a tree (halves added, then quarters, then pairs): a few shuffles rather than 15 lane
+// extractions in a chain, which made each attention score cost tens of cycles.
+static inline float hsum16(f32x16 v) {
+    f32x8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char*)&v + 32, 32);
+    a += b;
+    f32x4 c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (const char*)&a + 16, 16);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+static inline float max16(f32x16 v) {
+    float m = v[0];
+    for (int i = 1; i < 16; i++) m = fmaxf(m, v[i]);
+    return m;
+}
 
 // 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
 static inline f32x16 bf16x16(const uint16_t* p) {
@@ -63,6 +95,13 @@ static inline f32x16 bf16x16(const uint16_t* p) {
     return f;
 }
 
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's conversion does
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -70,7 +109,7 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's 
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-// exp for 16 lanes: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]; relative error about 2e-7.
+// exp for 16 lanes: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]; relative error about 2e-7; -inf gives 0.
 static inline f32x16 exp16(f32x16 x) {
     x = x < -87.0f ? splat(-87.0f) : x;
     x = x > 88.0f ? splat(88.0f) : x;
@@ -96,15 +135,32 @@ static void rms_norm(const float* x, const float* w, float* out, int d, float ep
     for (int i = 0; i < d; i++) out[i] = x[i] * r * w[i];
 }
 
-// Activations for the low-bit products: integers in [-LEVELS, LEVELS] per group of `group` inputs (int16),
-// symmetric, with each group's step and its exact fp32 sum (the weights' lows multiply the sum, so it need not be
-// rounded). Each is also split as 256 * high + low with both halves int8, for the 4-bit products' int8 dot
-// products (vpdpbusd / pmaddubsw); LEVELS = 127 * 256 + 127 keeps the high half within int8.
+// This thread's share [*i0, *i1) of `count` items, cut at multiples of `unit` (the last thread takes the rest).
+static inline void my_share(int count, int unit, int* i0, int* i1) {
+    int t = omp_get_thread_num(), n = omp_get_num_threads(), units = count / unit;
+    *i0 = (int)((int64_t)units * t / n) * unit;
+    *i1 = t == n - 1 ? count : (int)((int64_t)units * (t + 1) / n) * unit;
+}
+
+// ------------------------------------------------------------------------------------------ activations
+
+// The inputs of one product for the tokens of a pass, each token's row `stride` elements apart.
+struct Acts {
+    uint16_t* xb;      // bf16 weights: the activations rounded to bf16
+    int16_t* q;        // low-bit weights: int16 activations per group,
+    int8_t *high, *low;  // split as 256 * high + low, both int8 (the 4-bit products' int8 dot products),
+    float *step, *sum; // each group's step and exact sum
+    int stride, group_stride;
+};
+
+// Activations for the low-bit products: integers in [-LEVELS, LEVELS] per group of `group` inputs (int16), symmetric,
+// with each group's step and its exact fp32 sum (the weights' lows multiply the sum, so it need not be rounded).
+// LEVELS = 127 * 256 + 127 keeps the high half of the split within int8.
 static const float LEVELS = 32639.0f;
 
-typedef int16_t i16x16 __attribute__((vector_size(32)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
-
+// No fused multiply-add here: x * inv is rounded to fp32 before rounding to an integer, as the torch twin does, so
+// both give the same codes (a fused x * inv + 1.5 * 2^23 rounds once, and differs from it at near-ties).
+__attribute__((optimize("fp-contract=off")))
 static void quantize_activations(const float* x, int k, int group, int16_t* q, int8_t* high, int8_t* low,
                                  float* step, float* sum) {
     for (int g = 0; g < k / group; g++) {  // group is a multiple of 32: whole vectors of 16
@@ -116,8 +172,7 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
             vmax = a > vmax ? a : vmax;
             vsum += v;
         }
-        float amax = 0;
-        for (int i = 0; i < 16; i++) amax = fmaxf(amax, vmax[i]);
+        const float amax = max16(vmax);
         const float inv = amax > 0 ? LEVELS / amax : 0.0f;
         for (int i = 0; i < group; i += 16) {
             f32x16 r = load16(xg + i) * inv + 12582912.0f;  // round half to even through the mantissa, |v| < 2^22
@@ -134,101 +189,115 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
     }
 }
 
-// What a product needs of its input: fp32 for bf16 weights, int16 groups for Q4.
-struct Input {
-    const float* x;
-    const float* xeo;  // bf16 weights: x in even_odd order
-    const int16_t* q;  // low-bit weights: the int16 activations,
-    const int8_t* high;  // their high and low int8 halves,
-    const int8_t* low;
-    const float* scale;  // each group's step
-    const float* sum;    // and exact sum
-};
+// Token t's inputs of a product with weights m, from x (m.k,).
+static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
+    if (m.kind == KIND_BF16) {
+        uint16_t* xb = a.xb + (int64_t)t * a.stride;
+        for (int i = 0; i < m.k; i++) xb[i] = to_bf16(x[i]);
+        return;
+    }
+    const int64_t o = (int64_t)t * a.stride, og = (int64_t)t * a.group_stride;
+    quantize_activations(x, m.k, m.group, a.q + o, a.high + o, a.low + o, a.step + og, a.sum + og);
+}
 
 // ------------------------------------------------------------------------------------------ weight products
 
-// x rearranged for bf16 products: per 32 inputs, the 16 even ones then the 16 odd ones. A bf16 pair read as one
-// 32-bit lane gives the even weight by a left shift and the odd one by masking the low half: no unpacking.
-static void even_odd(const float* x, int k, float* xeo) {
-    for (int c = 0; c + 32 <= k; c += 32)
-        for (int j = 0; j < 16; j++) {
-            xeo[c + j] = x[c + 2 * j];
-            xeo[c + 16 + j] = x[c + 2 * j + 1];
-        }
-}
-
-static inline float bf16_value(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-// y[r] = W[r] . x for rows r0..r1 of a bf16 matrix, four rows at a time sharing each load of x.
-static void rows_bf16(const Mat& m, const float* x, const float* xeo, float* y, int r0, int r1) {
-    const uint16_t* w = (const uint16_t*)m.w;
-    const int k = m.k, k32 = k & ~31;
-    int r = r0;
+// bf16 rows: y[t][r] = W[r] . x[t] over rows [r, r + R) and tokens [t, t + TT), R * TT independent sums; each pair of
+// inputs multiplied exactly and added to one fp32 lane, odd then even (vdpbf16ps), the lanes summed at the end, then
+// the inputs past the last multiple of 32 in order.
+template <int R, int TT>
+static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys) {
+    const int k32 = k & ~31;
+    float s[R][TT];
 #ifdef RIVER_AVX512
-    const __m512i odd = _mm512_set1_epi32((int)0xffff0000);
-#define BF16_DOT(acc_e, acc_o, p)                                                                          \
-    {                                                                                                      \
-        __m512i v = _mm512_loadu_si512(p);                                                                 \
-        acc_e = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, acc_e);                 \
-        acc_o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), xo, acc_o);                 \
-    }
-    for (; r + 4 <= r1; r += 4) {
-        const uint16_t* w0 = w + (int64_t)r * k;
-        __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
-        for (int i = 0; i < k32; i += 32) {
-            __m512 xe = _mm512_loadu_ps(xeo + i), xo = _mm512_loadu_ps(xeo + i + 16);
-            BF16_DOT(e0, o0, w0 + i);
-            BF16_DOT(e1, o1, w0 + k + i);
-            BF16_DOT(e2, o2, w0 + 2 * k + i);
-            BF16_DOT(e3, o3, w0 + 3 * k + i);
+    __m512 acc[R][TT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int c = 0; c < k32; c += 32) {
+        __m512i wv[R];
+        for (int i = 0; i < R; i++) wv[i] = _mm512_loadu_si512(w + (int64_t)i * k + c);
+        for (int j = 0; j < TT; j++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (int64_t)j * xs + c);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[i], xv);
         }
-        float s[4] = {_mm512_reduce_add_ps(_mm512_add_ps(e0, o0)), _mm512_reduce_add_ps(_mm512_add_ps(e1, o1)),
-                      _mm512_reduce_add_ps(_mm512_add_ps(e2, o2)), _mm512_reduce_add_ps(_mm512_add_ps(e3, o3))};
-#undef BF16_DOT
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) s[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 #else
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
-#define BF16_DOT(acc_e, acc_o, p)                                                                          \
-    {                                                                                                      \
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p));                                               \
-        acc_e = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc_e);                 \
-        acc_o = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, acc_o);                 \
-    }
-    for (; r + 4 <= r1; r += 4) {
-        const uint16_t* w0 = w + (int64_t)r * k;
-        __m256 e0 = _mm256_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
-        for (int i = 0; i < k32; i += 16) {  // 16 inputs: the even/odd halves of a 32-input chunk, 8 pairs each
-            const int c = i & ~31, half = (i & 16) / 2;
-            __m256 xe = _mm256_loadu_ps(xeo + c + half), xo = _mm256_loadu_ps(xeo + c + 16 + half);
-            BF16_DOT(e0, o0, w0 + i);
-            BF16_DOT(e1, o1, w0 + k + i);
-            BF16_DOT(e2, o2, w0 + 2 * k + i);
-            BF16_DOT(e3, o3, w0 + 3 * k + i);
+    __m256 acc[R][TT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int c = 0; c < k32; c += 16) {  // 8 pairs a step: the even input by a shift, the odd one by a mask
+        __m256 we[R], wo[R];
+        for (int i = 0; i < R; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(w + (int64_t)i * k + c));
+            we[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            wo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
         }
-        float s[4] = {hsum8(_mm256_add_ps(e0, o0)), hsum8(_mm256_add_ps(e1, o1)), hsum8(_mm256_add_ps(e2, o2)),
-                      hsum8(_mm256_add_ps(e3, o3))};
-#undef BF16_DOT
+        for (int j = 0; j < TT; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(xb + (int64_t)j * xs + c));
+            __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            for (int i = 0; i < R; i++) acc[i][j] = _mm256_fmadd_ps(we[i], xe, _mm256_fmadd_ps(wo[i], xo, acc[i][j]));
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            s[i][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
 #endif
-        for (int j = 0; j < 4; j++) {
-            for (int i = k32; i < k; i++) s[j] += bf16_value(w0[j * k + i]) * x[i];
-            y[r + j] = s[j];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) {
+            for (int c = k32; c < k; c++) s[i][j] += bf16_value(w[(int64_t)i * k + c]) * bf16_value(xb[(int64_t)j * xs + c]);
+            y[(int64_t)j * ys + i] = s[i][j];
         }
-    }
-    for (; r < r1; r++) {
-        const uint16_t* wr = w + (int64_t)r * k;
-        float s = 0;
-        for (int i = 0; i < k; i++) s += bf16_value(wr[i]) * x[i];
-        y[r] = s;
+}
+
+#ifdef RIVER_AVX512
+static const int BF16_ROWS = 4, BF16_TOKENS = 4;
+#else
+static const int BF16_ROWS = 2, BF16_TOKENS = 2;
+#endif
+
+template <int R>
+static inline void tile_bf16_tokens(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys, int tt) {
+    switch (tt) {
+        case 1: tile_bf16<R, 1>(w, k, xb, xs, y, ys); break;
+        case 2: tile_bf16<R, 2>(w, k, xb, xs, y, ys); break;
+#ifdef RIVER_AVX512
+        case 3: tile_bf16<R, 3>(w, k, xb, xs, y, ys); break;
+        case 4: tile_bf16<R, 4>(w, k, xb, xs, y, ys); break;
+#endif
     }
 }
 
-// y for row blocks b0..b1 (16 rows each) of a 4- or 8-bit matrix: per group, exact integer dot products of the
-// codes with the int16 activations (16 rows side by side, one 32-bit lane each), then
-// y += scale * x_step * dot + low * x_sum. A 64-byte chunk holds 8 codes of each row (4 bits) or 4 (8 bits):
+// Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r].
+static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int r0, int r1) {
+    const uint16_t* w = (const uint16_t*)m.w;
+    // one token (a decode step): more rows at a time, to keep enough sums in flight
+    const int R = T == 1 ? 4 : BF16_ROWS;
+    int r = r0;
+    for (; r + R <= r1; r += R)
+        for (int t = 0; t < T; t += BF16_TOKENS) {
+            const int tt = T - t < BF16_TOKENS ? T - t : BF16_TOKENS;
+            if (R == 4)
+                tile_bf16_tokens<4>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,
+                                    y + (int64_t)t * ys + r, ys, tt);
+            else
+                tile_bf16_tokens<BF16_ROWS>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,
+                                            y + (int64_t)t * ys + r, ys, tt);
+        }
+    for (; r < r1; r++)
+        for (int t = 0; t < T; t++)
+            tile_bf16<1, 1>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,
+                            y + (int64_t)t * ys + r, ys);
+}
+
+// Low-bit rows, 16 side by side in the packed layout (one 32-bit lane each): per group, exact integer dot products of
+// the codes with the int16 activations, then y += scale * x_step * dot + low * x_sum, groups in order. A 64-byte
+// chunk holds 8 codes of each row (4 bits) or 4 (8 bits):
 //   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one; a mask or a shift gives
 //           4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd / pmaddubsw) and
 //           combined as 256 * high + low;
@@ -243,155 +312,373 @@ static inline int32_t four(const int8_t* p) {
 #ifdef RIVER_AVX512
 typedef __m512i Dots;  // one int32 dot product per row of a 16-row block
 #define ROW_VECTORS 1  // vectors of 16 rows
+static const int LOWBIT_TOKENS = 4;
 #else
 typedef __m256i Dots;  // 8 rows: a 16-row block is two of them
 #define ROW_VECTORS 2
+static const int LOWBIT_TOKENS = 2;
 #endif
 
-// The exact integer dot products of one group for rows h*8.. (AVX2) or all 16 (AVX-512): codes at p, chunks of 64
-// bytes, activations from input index k0.
-template <int BITS>
-static inline Dots group_dot(const uint8_t* p, int chunks, const Input& in, int k0, int h) {
+// The exact integer dot products of one group for TT tokens, rows h*8.. (AVX2) or all 16 (AVX-512): codes at p,
+// `chunks` chunks of 64 bytes, activations of token j at offset j * xs from input k0.
+template <int BITS, int TT>
+static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64_t k0, int xs, int h, Dots* out) {
 #ifdef RIVER_AVX512
     (void)h;
-    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+    __m512i d0[TT], d1[TT];
+    for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm512_setzero_si512();
     if (BITS == 4) {  // d0: against the high halves, d1: the low halves
         const __m512i nib = _mm512_set1_epi8(0x0f);
-        const int8_t *xh = in.high + k0, *xl = in.low + k0;
         for (int c = 0; c < chunks; c++) {
             __m512i v = _mm512_loadu_si512(p + c * 64);
             __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-            d0 = _mm512_dpbusd_epi32(d0, lo, _mm512_set1_epi32(four(xh + c * 8)));
-            d1 = _mm512_dpbusd_epi32(d1, lo, _mm512_set1_epi32(four(xl + c * 8)));
-            d0 = _mm512_dpbusd_epi32(d0, hi, _mm512_set1_epi32(four(xh + c * 8 + 4)));
-            d1 = _mm512_dpbusd_epi32(d1, hi, _mm512_set1_epi32(four(xl + c * 8 + 4)));
+            for (int j = 0; j < TT; j++) {
+                const int8_t *xh = a.high + k0 + (int64_t)j * xs + c * 8, *xl = a.low + k0 + (int64_t)j * xs + c * 8;
+                d0[j] = _mm512_dpbusd_epi32(d0[j], lo, _mm512_set1_epi32(four(xh)));
+                d1[j] = _mm512_dpbusd_epi32(d1[j], lo, _mm512_set1_epi32(four(xl)));
+                d0[j] = _mm512_dpbusd_epi32(d0[j], hi, _mm512_set1_epi32(four(xh + 4)));
+                d1[j] = _mm512_dpbusd_epi32(d1[j], hi, _mm512_set1_epi32(four(xl + 4)));
+            }
         }
-        return _mm512_add_epi32(_mm512_slli_epi32(d0, 8), d1);
+        for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
+        return;
     }
     const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
     for (int c = 0; c < chunks; c++) {  // d0, d1: the pairs (k, k+1) and (k+2, k+3)
         __m512i v = _mm512_loadu_si512(p + c * 64);
-        int32_t xp[2];
-        memcpy(xp, in.q + k0 + c * 4, 8);
-        d0 = _mm512_dpwssd_epi32(d0, _mm512_and_si512(v, bytes), _mm512_set1_epi32(xp[0]));
-        d1 = _mm512_dpwssd_epi32(d1, _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes), _mm512_set1_epi32(xp[1]));
+        __m512i even = _mm512_and_si512(v, bytes), odd = _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes);
+        for (int j = 0; j < TT; j++) {
+            int32_t xp[2];
+            memcpy(xp, a.q + k0 + (int64_t)j * xs + c * 4, 8);
+            d0[j] = _mm512_dpwssd_epi32(d0[j], even, _mm512_set1_epi32(xp[0]));
+            d1[j] = _mm512_dpwssd_epi32(d1[j], odd, _mm512_set1_epi32(xp[1]));
+        }
     }
-    return _mm512_add_epi32(d0, d1);
+    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(d0[j], d1[j]);
 #else
-    __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+    __m256i d0[TT], d1[TT];
+    for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm256_setzero_si256();
     if (BITS == 4) {
         const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-        const int8_t *xh = in.high + k0, *xl = in.low + k0;
         for (int c = 0; c < chunks; c++) {
             __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
             __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-            // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
-            __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh + c * 8))),
-                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + c * 8 + 4))));
-            __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl + c * 8))),
-                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + c * 8 + 4))));
-            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(ph, ones));
-            d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(pl, ones));
+            for (int j = 0; j < TT; j++) {
+                const int8_t *xh = a.high + k0 + (int64_t)j * xs + c * 8, *xl = a.low + k0 + (int64_t)j * xs + c * 8;
+                // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
+                __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh))),
+                                              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + 4))));
+                __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl))),
+                                              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + 4))));
+                d0[j] = _mm256_add_epi32(d0[j], _mm256_madd_epi16(ph, ones));
+                d1[j] = _mm256_add_epi32(d1[j], _mm256_madd_epi16(pl, ones));
+            }
         }
-        return _mm256_add_epi32(_mm256_slli_epi32(d0, 8), d1);
+        for (int j = 0; j < TT; j++) out[j] = _mm256_add_epi32(_mm256_slli_epi32(d0[j], 8), d1[j]);
+        return;
     }
     const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
     for (int c = 0; c < chunks; c++) {
         __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-        int32_t xp[2];
-        memcpy(xp, in.q + k0 + c * 4, 8);
-        d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_and_si256(v, bytes), _mm256_set1_epi32(xp[0])));
-        d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 8), bytes),
-                                                    _mm256_set1_epi32(xp[1])));
+        __m256i even = _mm256_and_si256(v, bytes), odd = _mm256_and_si256(_mm256_srli_epi32(v, 8), bytes);
+        for (int j = 0; j < TT; j++) {
+            int32_t xp[2];
+            memcpy(xp, a.q + k0 + (int64_t)j * xs + c * 4, 8);
+            d0[j] = _mm256_add_epi32(d0[j], _mm256_madd_epi16(even, _mm256_set1_epi32(xp[0])));
+            d1[j] = _mm256_add_epi32(d1[j], _mm256_madd_epi16(odd, _mm256_set1_epi32(xp[1])));
+        }
     }
-    return _mm256_add_epi32(d0, d1);
+    for (int j = 0; j < TT; j++) out[j] = _mm256_add_epi32(d0[j], d1[j]);
 #endif
+}
+
+// Row block b (16 rows) for tokens [t, t + TT): y[(t + j) * ys + 16 b ..].
+template <int BITS, int TT>
+static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, int ys, int b) {
+    const int groups = m.k / m.group, chunks = m.group / (BITS == 4 ? 8 : 4);
+    const int64_t group_bytes = (int64_t)chunks * 64 + 64;
+    const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
+    const int64_t xt = (int64_t)t * a.stride, st = (int64_t)t * a.group_stride;
+    for (int h = 0; h < ROW_VECTORS; h++) {
+#ifdef RIVER_AVX512
+        __m512 acc[TT];
+        for (int j = 0; j < TT; j++) acc[j] = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            const uint8_t* sl = p + g * group_bytes + chunks * 64;
+            Dots dot[TT];
+            group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, h, dot);
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
+            __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
+            for (int j = 0; j < TT; j++) {
+                const float* step = a.step + st + (int64_t)j * a.group_stride;
+                const float* sum = a.sum + st + (int64_t)j * a.group_stride;
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), _mm512_mul_ps(scale, _mm512_set1_ps(step[g])),
+                                         acc[j]);
+                acc[j] = _mm512_fmadd_ps(low, _mm512_set1_ps(sum[g]), acc[j]);
+            }
+        }
+        for (int j = 0; j < TT; j++) _mm512_storeu_ps(y + (int64_t)(t + j) * ys + b * 16, acc[j]);
+#else
+        __m256 acc[TT];
+        for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            const uint8_t* sl = p + g * group_bytes + chunks * 64;
+            Dots dot[TT];
+            group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, h, dot);
+            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
+            __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
+            for (int j = 0; j < TT; j++) {
+                const float* step = a.step + st + (int64_t)j * a.group_stride;
+                const float* sum = a.sum + st + (int64_t)j * a.group_stride;
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
+                                         acc[j]);
+                acc[j] = _mm256_fmadd_ps(low, _mm256_set1_ps(sum[g]), acc[j]);
+            }
+        }
+        for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)(t + j) * ys + b * 16 + h * 8, acc[j]);
+#endif
+    }
 }
 
 template <int BITS>
-static void rows_lowbit(const Mat& m, const Input& in, float* y, int b0, int b1) {
-    const int groups = m.k / m.group, chunks = m.group / (BITS == 4 ? 8 : 4);
-    const int64_t group_bytes = (int64_t)chunks * 64 + 64;
-    for (int b = b0; b < b1; b++) {
-        const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
-        for (int h = 0; h < ROW_VECTORS; h++) {
+static void rows_lowbit(const Mat& m, const Acts& a, int T, float* y, int ys, int b0, int b1) {
+    for (int b = b0; b < b1; b++)
+        for (int t = 0; t < T; t += LOWBIT_TOKENS) {
+            switch (T - t < LOWBIT_TOKENS ? T - t : LOWBIT_TOKENS) {
+                case 1: block_lowbit<BITS, 1>(m, a, t, y, ys, b); break;
+                case 2: block_lowbit<BITS, 2>(m, a, t, y, ys, b); break;
 #ifdef RIVER_AVX512
-            __m512 acc = _mm512_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                const uint8_t* sl = p + g * group_bytes + chunks * 64;
-                __m512 dot = _mm512_cvtepi32_ps(group_dot<BITS>(p + g * group_bytes, chunks, in, g * m.group, h));
-                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
-                __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
-                acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(in.scale[g])), acc);
-                acc = _mm512_fmadd_ps(low, _mm512_set1_ps(in.sum[g]), acc);
-            }
-            _mm512_storeu_ps(y + b * 16, acc);
-#else
-            __m256 acc = _mm256_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                const uint8_t* sl = p + g * group_bytes + chunks * 64;
-                __m256 dot = _mm256_cvtepi32_ps(group_dot<BITS>(p + g * group_bytes, chunks, in, g * m.group, h));
-                __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
-                __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
-                acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(in.scale[g])), acc);
-                acc = _mm256_fmadd_ps(low, _mm256_set1_ps(in.sum[g]), acc);
-            }
-            _mm256_storeu_ps(y + b * 16 + h * 8, acc);
+                case 3: block_lowbit<BITS, 3>(m, a, t, y, ys, b); break;
+                case 4: block_lowbit<BITS, 4>(m, a, t, y, ys, b); break;
 #endif
+            }
         }
-    }
-}
-
-// This thread's rows [*r0, *r1) of `count`, cut at multiples of `unit` (the last thread takes the rest).
-static inline void my_rows(int count, int unit, int* r0, int* r1) {
-    int t = omp_get_thread_num(), n = omp_get_num_threads(), units = count / unit;
-    *r0 = (int)((int64_t)units * t / n) * unit;
-    *r1 = t == n - 1 ? count : (int)((int64_t)units * (t + 1) / n) * unit;
 }
 
 static inline int row_unit(const Mat& m) { return m.kind == KIND_BF16 ? 4 : 16; }
 
-// This thread's rows of y = W x, rows first..first+count-1 of W going to y[0..count).
-static void product(const Mat& m, const Input& in, float* y, int first, int count) {
+// This thread's rows of y = W x for T tokens, rows first..first+count-1 of W going to y[t * ys + 0..count).
+static void product(const Mat& m, const Acts& a, int T, float* y, int ys, int first, int count) {
     int r0, r1;
-    my_rows(count, row_unit(m), &r0, &r1);
+    my_share(count, row_unit(m), &r0, &r1);
     Mat sub = m;
     if (m.kind == KIND_BF16) {
         sub.w = m.w + (int64_t)first * m.k * 2;
-        rows_bf16(sub, in.x, in.xeo, y, r0, r1);
+        rows_bf16(sub, a, T, y, ys, r0, r1);
         return;
     }
     const int per_lane = m.kind == KIND_Q4 ? 8 : 4;
     sub.w = m.w + (int64_t)(first / 16) * (m.k / m.group) * ((m.group / per_lane) * 64 + 64);
     if (m.kind == KIND_Q4)
-        rows_lowbit<4>(sub, in, y, r0 / 16, r1 / 16);
+        rows_lowbit<4>(sub, a, T, y, ys, r0 / 16, r1 / 16);
     else
-        rows_lowbit<8>(sub, in, y, r0 / 16, r1 / 16);
+        rows_lowbit<8>(sub, a, T, y, ys, r0 / 16, r1 / 16);
 }
 
-// x[r] += y[r] for this thread's rows of a product of `count` rows (the partition `product` used).
-static void add_my_rows(const Mat& m, const float* y, float* x, int count) {
+// x[t][r] += y[t][r] for this thread's rows of a product of `count` rows (the partition `product` used).
+static void add_my_rows(const Mat& m, const float* y, int ys, float* x, int xs, int T, int count) {
     int r0, r1;
-    my_rows(count, row_unit(m), &r0, &r1);
-    for (int r = r0; r < r1; r++) x[r] += y[r];
+    my_share(count, row_unit(m), &r0, &r1);
+    for (int t = 0; t < T; t++)
+        for (int r = r0; r < r1; r++) x[(int64_t)t * xs + r] += y[(int64_t)t * ys + r];
 }
 
-// --------------------------------------------------------------------------------------------------- a block
+// ----------------------------------------------------------------------------------------------- attention
 
+// Where a pass's intermediates live (river_scratch_floats sizes them; carve cuts them).
 struct Scratch {
-    float *xn, *xeo, *qkv, *att, *y, *hidden, *gate, *up, *scores, *xs, *xsum;
-    int16_t* xq;
+    float *xn, *qkv, *att, *y, *gate, *up, *hidden;  // per token of a chunk
+    Acts acts;
+    float* partial;  // a short pass's attention: per token, query head and tile, (max, sum, output)
+    float* work;     // each thread's attention work area
+    int64_t work_stride;
+    int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
-static Input prepare(const Mat& m, const float* x, float* xeo, int16_t* xq, float* xs, float* xsum) {
-    int8_t* high = (int8_t*)(xq + m.k);  // the int16 area holds both halves after the int16 values
-    int8_t* low = high + m.k;
-    if (m.kind != KIND_BF16)
-        quantize_activations(x, m.k, m.group, xq, high, low, xs, xsum);
-    else
-        even_odd(x, m.k, xeo);
-    return Input{x, xeo, xq, high, low, xs, xsum};
+// One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
+// positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
+// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). scores: G * TILE floats.
+static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
+                        float* scores, float* part) {
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
+    const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int g0 = 0; g0 < G; g0 += 8)  // each key converted once for up to 8 heads that share it
+        for (int p = p0; p < p1; p++) {
+            const uint16_t* kp = K + (int64_t)p * hd;
+            const int gn = G - g0 < 8 ? G - g0 : 8;
+            f32x16 acc[8];
+            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
+            for (int i = 0; i < hd; i += 16) {
+                f32x16 kv = bf16x16(kp + i);
+                for (int g = 0; g < gn; g++) acc[g] += kv * load16(q + (g0 + g) * hd + i);
+            }
+            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + p - p0] = hsum16(acc[g]) * scale;
+        }
+    for (int g = 0; g < G; g++) {
+        float* s = scores + g * TILE;
+        float* o = part + g * (hd + 2);
+        float mx = -INFINITY, total = 0;
+        for (int j = 0; j < n; j++) mx = fmaxf(mx, s[j]);
+        int j = 0;
+        for (; j + 16 <= n; j += 16) {
+            f32x16 e = exp16(load16(s + j) - mx);
+            store16(s + j, e);
+            total += hsum16(e);
+        }
+        for (; j < n; j++) total += s[j] = expf(s[j] - mx);
+        o[0] = mx;
+        o[1] = total;
+    }
+    // each value converted once for up to 8 heads, whose sums stay in registers over the tile's positions
+    for (int g0 = 0; g0 < G; g0 += 8)
+        for (int i = 0; i < hd; i += 16) {
+            const int gn = G - g0 < 8 ? G - g0 : 8;
+            f32x16 acc[8];
+            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
+            for (int p = p0; p < p1; p++) {
+                f32x16 vv = bf16x16(V + (int64_t)p * hd + i);
+                for (int g = 0; g < gn; g++) acc[g] += vv * scores[(g0 + g) * TILE + p - p0];
+            }
+            for (int g = 0; g < gn; g++) store16(part + (g0 + g) * (hd + 2) + 2 + i, acc[g]);
+        }
 }
+
+static inline int tiles_upto(int pos) { return pos / TILE + 1; }
+
+// Attention of a short pass (T <= SHORT_PASS tokens at positions pos0..pos0+T-1, each over the cache up to itself):
+// units of (token, KV head, tile of positions) shared out among the threads, then each (token, head) merged over its
+// tiles in order: out = sum_tiles e^(max_tile - max) out_tile / sum_tiles e^(max_tile - max) sum_tile. The units and
+// the merge do not depend on T or on the thread count.
+static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* kl, const uint16_t* vl,
+                         int64_t head_stride, int pos0, int T, const Scratch& s, float* att, int att_stride) {
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, max_tiles = tiles_upto(pos0 + T - 1);
+    const int64_t part_head = (int64_t)max_tiles * (hd + 2);  // floats per (token, query head)
+    int units = 0;
+    for (int t = 0; t < T; t++) units += D.n_kv_heads * tiles_upto(pos0 + t);
+    int u0, u1;
+    my_share(units, 1, &u0, &u1);
+    float* scores = s.work + (int64_t)omp_get_thread_num() * s.work_stride;
+    float* unit_out = scores + G * TILE;
+    for (int u = 0, t = 0; t < T; t++) {
+        const int n_tiles = tiles_upto(pos0 + t);
+        for (int kv = 0; kv < D.n_kv_heads; kv++)
+            for (int tile = 0; tile < n_tiles; tile++, u++) {
+                if (u < u0 || u >= u1) continue;
+                attend_tile(D, qkv + (int64_t)t * qkv_stride + kv * G * hd, kl + kv * head_stride,
+                            vl + kv * head_stride, pos0 + t, tile, scores, unit_out);
+                for (int g = 0; g < G; g++)
+                    memcpy(s.partial + ((int64_t)t * D.n_heads + kv * G + g) * part_head + (int64_t)tile * (hd + 2),
+                           unit_out + g * (hd + 2), sizeof(float) * (hd + 2));
+            }
+    }
+#pragma omp barrier
+    int h0, h1;
+    my_share(T * D.n_heads, 1, &h0, &h1);
+    for (int th = h0; th < h1; th++) {
+        const int t = th / D.n_heads, h = th % D.n_heads, n_tiles = tiles_upto(pos0 + t);
+        const float* part = s.partial + (int64_t)th * part_head;
+        float mx = -INFINITY, total = 0;
+        for (int i = 0; i < n_tiles; i++) mx = fmaxf(mx, part[(int64_t)i * (hd + 2)]);
+        float* out = att + (int64_t)t * att_stride + h * hd;
+        memset(out, 0, sizeof(float) * hd);
+        for (int i = 0; i < n_tiles; i++) {
+            const float* p = part + (int64_t)i * (hd + 2);
+            const float w = expf(p[0] - mx);
+            total += w * p[1];
+            for (int j = 0; j < hd; j += 16) store16(out + j, load16(out + j) + load16(p + 2 + j) * w);
+        }
+        const float inv = 1.0f / total;
+        for (int j = 0; j < hd; j += 16) store16(out + j, load16(out + j) * inv);
+    }
+}
+
+// One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
+// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax: per query row a running max m, sum
+// l and output o, rescaled by e^(m_old - m_new) as each block raises the max; blocks past a query masked for it.
+// Scores vectorized over 16 keys of a block transposed once (Kt: hd x KEY_BLOCK), outputs over 16 of hd.
+static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* K, const uint16_t* V,
+                           int pos0, int q0, int q1, float* work, float* att, int att_stride) {
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, rows = G * (q1 - q0), KB = KEY_BLOCK;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float* Kt = work;                     // (hd, KB)
+    float* Vf = Kt + (int64_t)hd * KB;    // (KB, hd)
+    float* S = Vf + (int64_t)KB * hd;     // (rows, KB)
+    float* O = S + (int64_t)rows * KB;    // (rows, hd)
+    float* m = O + (int64_t)rows * hd;    // (rows,)
+    float* l = m + rows;                  // (rows,)
+    for (int r = 0; r < rows; r++) m[r] = -INFINITY, l[r] = 0;
+    memset(O, 0, sizeof(float) * rows * hd);
+    const int last = pos0 + q1 - 1;  // the last position any query here reads
+    for (int k0 = 0; k0 <= last; k0 += KB) {
+        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB;
+        for (int j = 0; j < KB; j++)
+            for (int c = 0; c < hd; c++) Kt[(int64_t)c * KB + j] = j < kn ? bf16_value(K[(int64_t)(k0 + j) * hd + c]) : 0;
+        for (int j = 0; j < kn; j++)
+            for (int c = 0; c < hd; c += 16) store16(Vf + (int64_t)j * hd + c, bf16x16(V + (int64_t)(k0 + j) * hd + c));
+        for (int r = 0; r < rows; r++) {  // row r: query q0 + r / G, head r % G
+            const int qpos = pos0 + q0 + r / G;
+            const float* q = qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd;
+            float* srow = S + (int64_t)r * KB;
+            if (qpos < k0) continue;  // this whole block is in its future
+            f32x16 acc[KEY_BLOCK / 16] = {};
+            for (int c = 0; c < hd; c++)
+                for (int j = 0; j < KB / 16; j++) acc[j] += load16(Kt + (int64_t)c * KB + 16 * j) * q[c];
+            for (int j = 0; j < KB / 16; j++) store16(srow + 16 * j, acc[j] * scale);
+            const int valid = qpos - k0 + 1 < kn ? qpos - k0 + 1 : kn;  // keys up to the query's own position
+            f32x16 vmax = splat(m[r]);
+            for (int j = 0; j < KB; j += 16) {  // keys at or past `valid` count as -inf
+                f32x16 v = load16(srow + j);
+                vmax = lanes + (float)j < (float)valid && v > vmax ? v : vmax;
+            }
+            const float mx = max16(vmax), rescale = expf(m[r] - mx);
+            f32x16 vtotal = {};
+            for (int j = 0; j < KB; j += 16) {
+                f32x16 e = exp16(load16(srow + j) - mx);
+                e = lanes + (float)j < (float)valid ? e : splat(0.0f);
+                store16(srow + j, e);
+                vtotal += e;
+            }
+            const float total = hsum16(vtotal);
+            l[r] = l[r] * rescale + total;
+            m[r] = mx;
+            float* o = O + (int64_t)r * hd;
+            f32x16 out[MAX_HEAD_DIM / 16];
+            for (int c = 0; c < hd / 16; c++) out[c] = load16(o + 16 * c) * rescale;
+            for (int j = 0; j < valid; j++)
+                for (int c = 0; c < hd / 16; c++) out[c] += load16(Vf + (int64_t)j * hd + 16 * c) * srow[j];
+            for (int c = 0; c < hd / 16; c++) store16(o + 16 * c, out[c]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float* out = att + (int64_t)(q0 + r / G) * att_stride + (r % G) * hd;
+        const float inv = 1.0f / l[r];
+        for (int c = 0; c < hd; c += 16) store16(out + c, load16(O + (int64_t)r * hd + c) * inv);
+    }
+}
+
+// Attention of a long pass: units of (KV head, block of QUERY_BLOCK queries) shared out among the threads.
+static void attend_long(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* kl, const uint16_t* vl,
+                        int64_t head_stride, int pos0, int T, const Scratch& s, float* att, int att_stride) {
+    const int blocks = (T + QUERY_BLOCK - 1) / QUERY_BLOCK, G = D.n_heads / D.n_kv_heads, hd = D.head_dim;
+    int u0, u1;
+    my_share(blocks * D.n_kv_heads, 1, &u0, &u1);
+    float* work = s.work + (int64_t)omp_get_thread_num() * s.work_stride;
+    for (int u = u0; u < u1; u++) {
+        const int kv = u / blocks, qb = u % blocks;
+        const int q0 = qb * QUERY_BLOCK, q1 = q0 + QUERY_BLOCK < T ? q0 + QUERY_BLOCK : T;
+        attend_queries(D, qkv + kv * G * hd, qkv_stride, kl + kv * head_stride, vl + kv * head_stride, pos0, q0, q1,
+                       work, att + kv * G * hd, att_stride);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------- a block
+
+// Each token's RoPE angles, computed once per pass: cos and sin (half,) of token t at cos + t * half.
+struct Rope {
+    const float *cos, *sin;
+    int half;
+};
 
 static void rope(float* v, const float* cos, const float* sin, int half) {
     for (int i = 0; i < half; i++) {
@@ -411,186 +698,166 @@ static void silu_times(const float* gate, const float* up, float* hidden, int i0
     for (; i < i1; i++) hidden[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-// Softmax attention of query head h over cache positions 0..pos of its KV head.
-static void attend(const Dims& D, int h, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                   int64_t head_stride, int pos, float* scores, float* out) {
-    const int hd = D.head_dim, kv = h / (D.n_heads / D.n_kv_heads);
-    const uint16_t* K = k_cache + kv * head_stride;
-    const uint16_t* V = v_cache + kv * head_stride;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float mx = -INFINITY;
-    for (int p = 0; p <= pos; p++) {
-        const uint16_t* kp = K + (int64_t)p * hd;
-        f32x16 a = {};
-        int i = 0;
-        for (; i + 16 <= hd; i += 16) a += bf16x16(kp + i) * load16(q + i);
-        float s = hsum16(a);
-        for (; i < hd; i++) {
-            uint32_t u = (uint32_t)kp[i] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            s += f * q[i];
-        }
-        scores[p] = s * scale;
-        mx = fmaxf(mx, scores[p]);
-    }
-    float total = 0;
-    int p = 0;
-    for (; p + 16 <= pos + 1; p += 16) {
-        f32x16 e = exp16(load16(scores + p) - mx);
-        store16(scores + p, e);
-        total += hsum16(e);
-    }
-    for (; p <= pos; p++) {
-        scores[p] = expf(scores[p] - mx);
-        total += scores[p];
-    }
-    for (int i = 0; i < hd; i++) out[i] = 0;
-    for (int p2 = 0; p2 <= pos; p2++) {
-        const uint16_t* vp = V + (int64_t)p2 * hd;
-        const float w = scores[p2] / total;
-        int i = 0;
-        for (; i + 16 <= hd; i += 16) store16(out + i, load16(out + i) + bf16x16(vp + i) * w);
-        for (; i < hd; i++) {
-            uint32_t u = (uint32_t)vp[i] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            out[i] += f * w;
+// q and k of this thread's tokens rotated, their K/V stored as bf16 in cache layer l at their positions.
+static void rotate_and_store(const Dims& D, float* qkv, int qkv_stride, const Cache& c, int l, int pos0, int T,
+                             const Rope& r) {
+    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
+    int t0, t1;
+    my_share(T, 1, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        float* row = qkv + (int64_t)t * qkv_stride;
+        const float *cos = r.cos + (int64_t)t * r.half, *sin = r.sin + (int64_t)t * r.half;
+        for (int h = 0; h < D.n_heads + D.n_kv_heads; h++) rope(row + h * hd, cos, sin, r.half);  // q heads, then k
+        for (int h = 0; h < D.n_kv_heads; h++) {
+            uint16_t* kd = c.k + l * c.layer_stride + h * c.head_stride + (int64_t)(pos0 + t) * hd;
+            uint16_t* vd = c.v + l * c.layer_stride + h * c.head_stride + (int64_t)(pos0 + t) * hd;
+            for (int i = 0; i < hd; i++) {
+                kd[i] = to_bf16(row[q_dim + h * hd + i]);
+                vd[i] = to_bf16(row[q_dim + kv_dim + h * hd + i]);
+            }
         }
     }
 }
 
-// The widest input of a block's products: the size of each scratch vector.
+// For this thread's tokens: in = norm(x) (or x itself, norm null), prepared for the product with m.
+static void prepare_tokens(const Mat& m, const float* x, int xs, const float* norm, float eps, float* xn,
+                           const Acts& a, int T) {
+    int t0, t1;
+    my_share(T, 1, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        const float* in = x + (int64_t)t * xs;
+        if (norm) {
+            rms_norm(in, norm, xn + (int64_t)t * m.k, m.k, eps);
+            in = xn + (int64_t)t * m.k;
+        }
+        prepare(m, in, a, t);
+    }
+}
+
+// Block layer `l` on the T tokens of a chunk at positions pos0.., x (T, d) in place, attending over cache layer l
+// (which the block writes at their positions first). Called by every thread of the team.
+static void team_block(const Dims& D, const Layer& L, int l, float* x, int pos0, int T, const Cache& c, const Rope& r,
+                       const Scratch& s) {
+    const int hd = D.head_dim, q_dim = D.n_heads * hd, qkv_dim = q_dim + 2 * D.n_kv_heads * hd, d = D.d;
+    const uint16_t* kl = c.k + l * c.layer_stride;
+    const uint16_t* vl = c.v + l * c.layer_stride;
+    prepare_tokens(L.qkv, x, d, L.attn_norm, D.eps, s.xn, s.acts, T);
+#pragma omp barrier
+    product(L.qkv, s.acts, T, s.qkv, qkv_dim, 0, L.qkv.n);
+#pragma omp barrier
+    rotate_and_store(D, s.qkv, qkv_dim, c, l, pos0, T, r);
+#pragma omp barrier
+    if (s.short_pass)
+        attend_short(D, s.qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
+    else
+        attend_long(D, s.qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
+#pragma omp barrier
+    prepare_tokens(L.o, s.att, q_dim, nullptr, 0, nullptr, s.acts, T);
+#pragma omp barrier
+    product(L.o, s.acts, T, s.y, d, 0, d);
+    add_my_rows(L.o, s.y, d, x, d, T, d);  // the residual, each thread its own rows
+#pragma omp barrier
+    prepare_tokens(L.gate_up, x, d, L.mlp_norm, D.eps, s.xn, s.acts, T);
+#pragma omp barrier
+    // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no barrier between them
+    product(L.gate_up, s.acts, T, s.gate, D.ffn, 0, D.ffn);
+    product(L.gate_up, s.acts, T, s.up, D.ffn, D.ffn, D.ffn);
+    int i0, i1;
+    my_share(D.ffn, row_unit(L.gate_up), &i0, &i1);
+    for (int t = 0; t < T; t++)
+        silu_times(s.gate + (int64_t)t * D.ffn, s.up + (int64_t)t * D.ffn, s.hidden + (int64_t)t * D.ffn, i0, i1);
+#pragma omp barrier
+    prepare_tokens(L.down, s.hidden, D.ffn, nullptr, 0, nullptr, s.acts, T);
+#pragma omp barrier
+    product(L.down, s.acts, T, s.y, d, 0, d);
+    add_my_rows(L.down, s.y, d, x, d, T, d);
+#pragma omp barrier
+}
+
+// Blocks first..last-1 of `layers` on a pass of T tokens at pos0.., x (T, d) in place, CHUNK tokens at a time.
+static void team_blocks(const Dims& D, const Layer* layers, int first, int last, float* x, int pos0, int T,
+                        const Cache& c, const Rope& r, const Scratch& s) {
+    for (int l = first; l < last; l++)
+        for (int t = 0; t < T; t += CHUNK) {
+            const int n = T - t < CHUNK ? T - t : CHUNK;
+            const Rope chunk{r.cos + (int64_t)t * r.half, r.sin + (int64_t)t * r.half, r.half};
+            team_block(D, layers[l], l, x + (int64_t)t * D.d, pos0 + t, n, c, chunk, s);
+        }
+}
+
+// ----------------------------------------------------------------------------------------------- scratch
+
 static int widest_input(const Dims& D) {
     const int q_dim = D.n_heads * D.head_dim;
-    return D.ffn > q_dim ? (D.ffn > D.d ? D.ffn : D.d) : (q_dim > D.d ? q_dim : D.d);
+    int w = D.d > q_dim ? D.d : q_dim;
+    return D.ffn > w ? D.ffn : w;
 }
 
-// Floats of scratch memory a block run needs for a token at position pos.
-extern "C" int64_t river_scratch_floats(const Dims* dims, int pos) {
-    const Dims D = *dims;
-    return (int64_t)widest_input(D) * 10 + (D.n_heads + 2 * D.n_kv_heads) * D.head_dim + (int64_t)D.n_heads * (pos + 16);
+static inline int64_t floats_of_bytes(int64_t bytes) { return (bytes + 63) / 64 * 16; }  // whole 64-byte lines
+
+// Floats of a pass's intermediates: a chunk's per-token buffers, the activations of one product, a short pass's
+// attention partials at positions up to last_pos, and each thread's attention work area.
+static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int64_t* work_stride) {
+    const int n = T < CHUNK ? T : CHUNK, hd = D.head_dim, G = D.n_heads / D.n_kv_heads, w = widest_input(D);
+    const int qkv = (D.n_heads + 2 * D.n_kv_heads) * hd;
+    const int64_t partial = n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (hd + 2) : 0;
+    const int64_t rows = (int64_t)G * QUERY_BLOCK;
+    const int64_t short_work = (int64_t)G * TILE + G * (hd + 2);
+    const int64_t long_work = 2 * (int64_t)hd * KEY_BLOCK + rows * (KEY_BLOCK + hd + 2);
+    *work_stride = (short_work > long_work ? short_work : long_work) + 16;
+    const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
+    return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
+           threads * *work_stride + 64;
 }
 
-static Scratch carve(const Dims& D, float* scratch) {
-    const int q_dim = D.n_heads * D.head_dim, kv_dim = D.n_kv_heads * D.head_dim, widest = widest_input(D);
+static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) {
+    const int n = T < CHUNK ? T : CHUNK, w = widest_input(D);
     Scratch s;
-    s.xn = scratch;
-    s.xeo = s.xn + widest;
-    s.att = s.xeo + widest;
-    s.y = s.att + widest;
-    s.hidden = s.y + widest;
-    s.gate = s.hidden + widest;
-    s.up = s.gate + widest;
-    s.xs = s.up + widest;
-    s.xsum = s.xs + widest;
-    s.qkv = s.xsum + widest;
-    s.xq = (int16_t*)(s.qkv + q_dim + 2 * kv_dim);
-    s.scores = s.qkv + q_dim + 2 * kv_dim + widest;  // scores per query head, so heads run in parallel
+    chunk_floats(D, T, last_pos, threads, &s.work_stride);
+    s.xn = p;                     p += (int64_t)n * w;
+    s.qkv = p;                    p += (int64_t)n * (D.n_heads + 2 * D.n_kv_heads) * D.head_dim;
+    s.att = p;                    p += (int64_t)n * D.n_heads * D.head_dim;
+    s.y = p;                      p += (int64_t)n * D.d;
+    s.gate = p;                   p += (int64_t)n * D.ffn;
+    s.up = p;                     p += (int64_t)n * D.ffn;
+    s.hidden = p;                 p += (int64_t)n * D.ffn + D.d;
+    s.acts.stride = w;
+    s.acts.group_stride = w / 32 + 1;
+    s.acts.xb = (uint16_t*)p;     p += floats_of_bytes((int64_t)n * w * 2);
+    s.acts.q = (int16_t*)p;       p += floats_of_bytes((int64_t)n * w * 2);
+    s.acts.high = (int8_t*)p;
+    s.acts.low = s.acts.high + (int64_t)n * w;
+    p += floats_of_bytes((int64_t)n * w * 2);
+    s.acts.step = p;              p += (int64_t)n * s.acts.group_stride;
+    s.acts.sum = p;               p += (int64_t)n * s.acts.group_stride + 64;
+    s.partial = p;                p += n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (D.head_dim + 2) : 0;
+    s.work = p;
+    s.short_pass = T <= SHORT_PASS;
     return s;
 }
 
-// Where a token's K/V go: the whole cache (layers, 1, n_kv_heads, capacity, head_dim) bf16.
-struct Cache {
-    uint16_t *k, *v;
-    int64_t layer_stride, head_stride;
+// ------------------------------------------------------------------------------------------------ a pass
+
+// A model as the native path holds it.
+struct Model {
+    Dims dims;
+    int32_t n_layers;
+    const Layer* backbone;   // the blocks held, the first ones (every rule leaves by then: kernels.Decoder checks)
+    const Layer* river;      // (n_layers,), or null without a river
+    const uint16_t* embed;   // (vocab, d) bf16
+    const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
+    const float* norm;       // (d,) final norm
+    Mat head;                // (vocab, d): bf16 or low-bit
 };
 
-// Blocks first..last-1 on x (d,), in place, for one token at `pos`; block j reads and writes cache layer j. Called by
-// every thread of an enclosing parallel region; `in` is shared among them.
-static void team_blocks(const Dims& D, const Layer* layers, int first, int last, float* x, const Cache& c, int pos,
-                        const float* cos, const float* sin, const Scratch& s, Input& in) {
-    const int hd = D.head_dim, q_dim = D.n_heads * hd, kv_dim = D.n_kv_heads * hd;
-    for (int l = first; l < last; l++) {
-        const Layer& L = layers[l];
-        uint16_t* kl = c.k + (int64_t)l * c.layer_stride;
-        uint16_t* vl = c.v + (int64_t)l * c.layer_stride;
-        int lo, hi;
-        // attention: q, k, v of the normed state; K/V into this layer's slots at pos; heads in parallel
-#pragma omp single
-        {
-            rms_norm(x, L.attn_norm, s.xn, D.d, D.eps);
-            in = prepare(L.qkv, s.xn, s.xeo, s.xq, s.xs, s.xsum);
-        }
-        product(L.qkv, in, s.qkv, 0, L.qkv.n);
-#pragma omp barrier
-#pragma omp single
-        {
-            for (int h = 0; h < D.n_heads; h++) rope(s.qkv + h * hd, cos, sin, hd / 2);
-            for (int h = 0; h < D.n_kv_heads; h++) {
-                float* k = s.qkv + q_dim + h * hd;
-                const float* v = s.qkv + q_dim + kv_dim + h * hd;
-                rope(k, cos, sin, hd / 2);
-                uint16_t* kd = kl + h * c.head_stride + (int64_t)pos * hd;
-                uint16_t* vd = vl + h * c.head_stride + (int64_t)pos * hd;
-                for (int i = 0; i < hd; i++) {
-                    kd[i] = to_bf16(k[i]);
-                    vd[i] = to_bf16(v[i]);
-                }
-            }
-        }
-        my_rows(D.n_heads, 1, &lo, &hi);
-        for (int h = lo; h < hi; h++)
-            attend(D, h, s.qkv + h * hd, kl, vl, c.head_stride, pos, s.scores + (int64_t)h * (pos + 16),
-                   s.att + h * hd);
-#pragma omp barrier
-#pragma omp single
-        in = prepare(L.o, s.att, s.xeo, s.xq, s.xs, s.xsum);
-        product(L.o, in, s.y, 0, D.d);
-        add_my_rows(L.o, s.y, x, D.d);  // the residual, each thread its own rows
-#pragma omp barrier
-#pragma omp single
-        {
-            rms_norm(x, L.mlp_norm, s.xn, D.d, D.eps);
-            in = prepare(L.gate_up, s.xn, s.xeo, s.xq, s.xs, s.xsum);
-        }
-        // MLP: gate and up rows of the same units go to the same thread, so SwiGLU needs no extra barrier
-        product(L.gate_up, in, s.gate, 0, D.ffn);
-        product(L.gate_up, in, s.up, D.ffn, D.ffn);
-        my_rows(D.ffn, row_unit(L.gate_up), &lo, &hi);
-        silu_times(s.gate, s.up, s.hidden, lo, hi);
-#pragma omp barrier
-#pragma omp single
-        in = prepare(L.down, s.hidden, s.xeo, s.xq, s.xs, s.xsum);
-        product(L.down, in, s.y, 0, D.d);
-        add_my_rows(L.down, s.y, x, D.d);
-#pragma omp barrier
-    }
-}
-
-// ------------------------------------------------------------------------------------- for measuring (bench.py)
-
-// Blocks first..last-1 of `layers` for one token (see team_blocks), in one thread team: a block's whole time.
-extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int first, int last, float* x,
-                                 const Cache* cache, int pos, const float* cos, const float* sin, float* scratch,
-                                 int threads) {
-    const Scratch s = carve(*dims, scratch);
-    Input in;
-#pragma omp parallel num_threads(threads)
-    team_blocks(*dims, layers, first, last, x, *cache, pos, cos, sin, s, in);
-}
-
-// The four weight products of blocks first..last-1 alone, as team_blocks runs them (inputs prepared by one thread,
-// rows split among the team, a barrier after each), on whatever the scratch holds: the products' share of a block.
-extern "C" void river_run_products(const Dims* dims, const Layer* layers, int first, int last, float* scratch,
-                                   int threads) {
-    const Dims D = *dims;
-    const Scratch s = carve(D, scratch);
-    Input in;
-#pragma omp parallel num_threads(threads)
-    for (int l = first; l < last; l++) {
-        const Layer& L = layers[l];
-        const Mat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
-        const float* inputs[4] = {s.xn, s.att, s.xn, s.hidden};
-        float* outputs[4] = {s.qkv, s.y, s.gate, s.y};
-        for (int i = 0; i < 4; i++) {
-#pragma omp single
-            in = prepare(*mats[i], inputs[i], s.xeo, s.xq, s.xs, s.xsum);
-            product(*mats[i], in, outputs[i], 0, mats[i]->n);
-#pragma omp barrier
-        }
-    }
-}
+// exit_policy.ExitRule as the pass reads it (river.native_exit fills it): after backbone block l, leave when
+// checks and l >= min_layer and s_l = cos(h_l, h_{l+1}), at its minimum over the pass's tokens, exceeds tau, or once
+// max_depth blocks have run (0: every block a river copy); never after the last block.
+struct Exit {
+    int32_t checks;
+    float tau;
+    int32_t min_layer, max_depth;
+};
 
 // s = cos(a, b) in double, each norm kept away from zero as torch's cosine_similarity does.
 static double cosine(const float* a, const float* b, int d) {
@@ -603,87 +870,135 @@ static double cosine(const float* a, const float* b, int d) {
     return dot / (fmax(sqrt(aa), 1e-8) * fmax(sqrt(bb), 1e-8));
 }
 
-// A model's decode step as the native path holds it.
-struct Model {
-    Dims dims;
-    int32_t n_layers;
-    const Layer* backbone;   // the blocks held, the first ones (every rule leaves by then: kernels.Decoder checks)
-    const Layer* river;      // (n_layers,), or null without a river
-    const uint16_t* embed;   // (vocab, d) bf16
-    const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
-    const float* norm;       // (d,) final norm
-    Mat head;                // (vocab, d) bf16
-};
+// Floats of scratch memory river_forward needs for T tokens at pos.. with `threads` threads.
+extern "C" int64_t river_forward_scratch_floats(const Dims* dims, int T, int pos, int threads) {
+    int64_t ws;
+    const Dims D = *dims;
+    return chunk_floats(D, T, pos + T - 1, threads, &ws) + (int64_t)T * (3 * D.d + D.head_dim + 2) + 64;
+}
 
-// exit_policy.ExitRule as the step reads it (river.native_exit fills it): after backbone block l, leave when
-// checks and l >= min_layer and s_l = cos(h_l, h_{l+1}) > tau, or once max_depth blocks have run (0: every block a
-// river copy); never after the last block. With checks, s_l is computed after every block run.
-struct Exit {
-    int32_t checks;
-    float tau;
-    int32_t min_layer, max_depth;
-};
-
-// One token through the whole model: embedding, backbone blocks until the exit rule says leave, river copies of
-// the rest, final norm and LM head into logits (vocab,); one thread team, no return to Python between blocks.
-// Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of every backbone block run, when
-// the rule checks it.
-extern "C" int river_step(const Model* m, int token, int pos, const Cache* cache, const Exit* rule, float* scratch,
-                          float* logits, float* similarity, int threads) {
+// T tokens at positions pos..pos+T-1 through the model: embedding, backbone blocks until the exit rule says leave
+// (one depth for the pass: the minimum similarity over its tokens), river copies of the rest, final norm and LM head
+// into logits (the last token's (vocab,), or every token's (T, vocab) with all_logits); one thread team, no return
+// to Python between blocks. Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of
+// every backbone block run (its minimum over the tokens), when the rule checks it.
+extern "C" int river_forward(const Model* m, const int32_t* tokens, int T, int pos, const Cache* cache,
+                             const Exit* rule, float* scratch, float* logits, int all_logits, float* similarity,
+                             int threads) {
     const Dims D = m->dims;
-    const int n = m->n_layers, half = D.head_dim / 2;
-    const Scratch s = carve(D, scratch);
-    // x, the previous state and the RoPE tables sit past the block scratch (river_step_scratch_floats)
-    float* x = scratch + river_scratch_floats(&m->dims, pos);
-    float* prev = x + D.d;
-    float* cos = prev + D.d;
-    float* sin = cos + half;
-    for (int i = 0; i < D.d; i++) x[i] = bf16_value(m->embed[(int64_t)token * D.d + i]);
-    for (int i = 0; i < half; i++) {
-        cos[i] = (float)::cos(pos * m->inv_freq[i]);
-        sin[i] = (float)::sin(pos * m->inv_freq[i]);
+    const int n = m->n_layers, half = D.head_dim / 2, d = D.d;
+    int64_t ws;
+    float* x = scratch + chunk_floats(D, T, pos + T - 1, threads, &ws);  // (T, d): the residual stream
+    float* prev = x + (int64_t)T * d;                                     // (T, d): its state before a block
+    float* cos = prev + (int64_t)T * d;                                   // (T, half) each
+    float* sin = cos + (int64_t)T * half;
+    double* cosines = (double*)(sin + (int64_t)T * half);                 // (T,)
+    float* xn = (float*)(cosines + T);                                    // (T, d): final norm
+    const Scratch s = carve(D, T, pos + T - 1, threads, scratch);
+    const Rope r{cos, sin, half};
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < d; i++) x[(int64_t)t * d + i] = bf16_value(m->embed[(int64_t)tokens[t] * d + i]);
+        for (int i = 0; i < half; i++) {
+            cos[(int64_t)t * half + i] = (float)::cos((pos + t) * m->inv_freq[i]);
+            sin[(int64_t)t * half + i] = (float)::sin((pos + t) * m->inv_freq[i]);
+        }
     }
     int depth = 0, leave = rule->max_depth == 0;
-    Input in;
+    const int first_out = all_logits ? 0 : T - 1;
 #pragma omp parallel num_threads(threads)
     {
         while (!leave) {
-#pragma omp single
-            memcpy(prev, x, sizeof(float) * D.d);
-            team_blocks(D, m->backbone, depth, depth + 1, x, *cache, pos, cos, sin, s, in);
+            int t0, t1;
+            my_share(T, 1, &t0, &t1);
+            memcpy(prev + (int64_t)t0 * d, x + (int64_t)t0 * d, sizeof(float) * (t1 - t0) * d);
+#pragma omp barrier
+            team_blocks(D, m->backbone, depth, depth + 1, x, pos, T, *cache, r, s);
+            if (rule->checks)
+                for (int t = t0; t < t1; t++) cosines[t] = cosine(prev + (int64_t)t * d, x + (int64_t)t * d, d);
+#pragma omp barrier
 #pragma omp single
             {
                 const int l = depth++;
                 double sim = 0;
-                if (rule->checks) similarity[l] = (float)(sim = cosine(prev, x, D.d));
+                if (rule->checks) {
+                    sim = cosines[0];
+                    for (int t = 1; t < T; t++) sim = fmin(sim, cosines[t]);
+                    similarity[l] = (float)sim;
+                }
                 leave = depth == n || depth >= rule->max_depth || (rule->checks && l >= rule->min_layer && sim > rule->tau);
             }
         }
-        if (depth < n) team_blocks(D, m->river, depth, n, x, *cache, pos, cos, sin, s, in);
-#pragma omp single
-        {
-            rms_norm(x, m->norm, s.xn, D.d, D.eps);
-            in = prepare(m->head, s.xn, s.xeo, s.xq, s.xs, s.xsum);
+        if (depth < n) team_blocks(D, m->river, depth, n, x, pos, T, *cache, r, s);
+        for (int t = first_out; t < T; t += CHUNK) {  // the activations hold a chunk's tokens
+            const int chunk = T - t < CHUNK ? T - t : CHUNK;
+            prepare_tokens(m->head, x + (int64_t)t * d, d, m->norm, D.eps, xn, s.acts, chunk);
+#pragma omp barrier
+            product(m->head, s.acts, chunk, logits + (int64_t)(t - first_out) * m->head.n, m->head.n, 0, m->head.n);
+#pragma omp barrier
         }
-        product(m->head, in, logits, 0, m->head.n);
     }
     return depth;
 }
 
-// Floats of scratch memory river_step needs.
-extern "C" int64_t river_step_scratch_floats(const Dims* dims, int pos) {
-    return river_scratch_floats(dims, pos) + 2 * dims->d + dims->head_dim;
-}
+// ------------------------------------------------------------------------------------- for tests and bench.py
 
-// One product y = W x, for tests and for callers outside a block run.
-extern "C" void river_product(const Mat* m, const float* x, float* y, int threads) {
-    const int groups = m->k / m->group + 1;
-    float* xeo = (float*)malloc(sizeof(float) * (m->k + 2 * groups));
-    int16_t* xq = (int16_t*)malloc(4 * m->k);  // int16 values, then their int8 halves
-    Input in = prepare(*m, x, xeo, xq, xeo + m->k, xeo + m->k + groups);
+// One product y (T, n) = x (T, k) W^T on its own.
+extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int threads) {
+    const int groups = m->k / 32 + 1;
+    Acts a;
+    a.stride = m->k;
+    a.group_stride = groups;
+    a.xb = (uint16_t*)malloc(sizeof(uint16_t) * T * m->k);
+    a.q = (int16_t*)malloc(sizeof(int16_t) * T * m->k);
+    a.high = (int8_t*)malloc(2 * T * m->k);
+    a.low = a.high + T * m->k;
+    a.step = (float*)malloc(sizeof(float) * 2 * T * groups);
+    a.sum = a.step + T * groups;
 #pragma omp parallel num_threads(threads)
-    product(*m, in, y, 0, m->n);
-    free(xq);
-    free(xeo);
+    {
+        prepare_tokens(*m, x, m->k, nullptr, 0, nullptr, a, T);
+#pragma omp barrier
+        product(*m, a, T, y, m->n, 0, m->n);
+    }
+    free(a.xb);
+    free(a.q);
+    free(a.high);
+    free(a.step);
 }
 
+// Floats of scratch memory a one-token run of blocks at position pos needs (river_run_blocks, river_run_products).
+extern "C" int64_t river_blocks_scratch_floats(const Dims* dims, int pos, int threads) {
+    int64_t ws;
+    return chunk_floats(*dims, 1, pos, threads, &ws);
+}
+
+// Blocks first..last-1 of `layers` for one token at `pos`, x (d,) in place: a block's whole time.
+extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int first, int last, float* x,
+                                 const Cache* cache, int pos, const float* cos, const float* sin, float* scratch,
+                                 int threads) {
+    const Scratch s = carve(*dims, 1, pos, threads, scratch);
+    const Rope r{cos, sin, dims->head_dim / 2};
+#pragma omp parallel num_threads(threads)
+    team_blocks(*dims, layers, first, last, x, pos, 1, *cache, r, s);
+}
+
+// The four weight products of blocks first..last-1 alone, as a one-token pass runs them (inputs prepared, rows
+// shared out among the team, a barrier after each), on whatever the scratch holds: the products' share of a block.
+extern "C" void river_run_products(const Dims* dims, const Layer* layers, int first, int last, float* scratch,
+                                   int threads) {
+    const Dims D = *dims;
+    const Scratch s = carve(D, 1, 0, threads, scratch);
+#pragma omp parallel num_threads(threads)
+    for (int l = first; l < last; l++) {
+        const Layer& L = layers[l];
+        const Mat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
+        const float* inputs[4] = {s.xn, s.att, s.xn, s.hidden};
+        float* outputs[4] = {s.qkv, s.y, s.gate, s.y};
+        for (int i = 0; i < 4; i++) {
+            prepare_tokens(*mats[i], inputs[i], mats[i]->k, nullptr, 0, nullptr, s.acts, 1);
+#pragma omp barrier
+            product(*mats[i], s.acts, 1, outputs[i], mats[i]->n, 0, mats[i]->n);
+#pragma omp barrier
+        }
+    }
+}

@@ -1,4 +1,5 @@
-"""Native CPU decode kernels (kernels.cpp): built on first use for this CPU's instruction set, loaded with ctypes."""
+"""Native CPU kernels (kernels.cpp): a pass of T tokens through the model, built on first use for this CPU's
+instruction set, loaded with ctypes."""
 import ctypes
 import hashlib
 import os
@@ -12,11 +13,13 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 CACHE_ENV = "RIVER_CACHE_DIR"
 KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2
 BLOCK_ROWS = 16  # rows side by side in the packed low-bit layout: one 512-bit register holds a lane of each
+MAX_HEAD_DIM = 128  # kernels.cpp's attention keeps a head's output in registers
 
 # Each instruction set the source is built for: the /proc/cpuinfo flags it needs and the compiler flags.
 ISAS = {
-    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"},
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-DRIVER_AVX512"]),
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma", "f16c"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c",
+                "-DRIVER_AVX512"]),
     "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
 }
 
@@ -82,23 +85,25 @@ class Kernels:
         self.isa, self.path = isa, path
         lib = ctypes.CDLL(path)
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        self.forward = lib.river_forward
+        self.forward.argtypes = [ptr, ptr, i32, i32, ptr, ptr, ptr, ptr, i32, ptr, i32]
+        self.forward.restype = i32
+        self.forward_scratch_floats = lib.river_forward_scratch_floats
+        self.forward_scratch_floats.argtypes = [ptr, i32, i32, i32]
+        self.forward_scratch_floats.restype = i64
+        self.product = lib.river_product
+        self.product.argtypes = [ptr, ptr, i32, ptr, i32]
+        self.product.restype = None
+        # for measuring: blocks and products alone
         self.run_blocks = lib.river_run_blocks
         self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, i32, ptr, ptr, ptr, i32]
         self.run_blocks.restype = None
         self.run_products = lib.river_run_products
         self.run_products.argtypes = [ptr, ptr, i32, i32, ptr, i32]
         self.run_products.restype = None
-        self.step = lib.river_step
-        self.step.argtypes = [ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
-        self.step.restype = i32
-        self.scratch_floats = lib.river_scratch_floats
-        self.step_scratch_floats = lib.river_step_scratch_floats
-        for fn in (self.scratch_floats, self.step_scratch_floats):
-            fn.argtypes = [ptr, i32]
-            fn.restype = i64
-        self.product = lib.river_product
-        self.product.argtypes = [ptr, ptr, ptr, i32]
-        self.product.restype = None
+        self.blocks_scratch_floats = lib.river_blocks_scratch_floats
+        self.blocks_scratch_floats.argtypes = [ptr, i32, i32]
+        self.blocks_scratch_floats.restype = i64
 
 
 def build(isa):
@@ -233,7 +238,7 @@ def cache_of(k_cache, v_cache):
 
 
 class Stack:
-    """A stack of blocks as kernels.cpp runs them: any run of consecutive blocks in one native call.
+    """A stack of blocks as kernels.cpp runs them.
 
     layers: per block a dict of attn_norm and mlp_norm (d,) and the matrices qkv, o, gate_up, down (each bf16 or
     a low-bit tuple, see `matrix`)."""
@@ -245,68 +250,78 @@ class Stack:
         self.layers = (Layer * len(layers))(*[
             Layer(a.data_ptr(), m.data_ptr(), *(matrix(l[name], self.keep) for name in ("qkv", "o", "gate_up", "down")))
             for (a, m), l in zip(norms, layers)])
-        self.scratch = torch.empty(0)  # intermediates of a block; grows with the position (attention scores)
+        self.scratch = torch.empty(0)
 
-    def scratch_for(self, pos):
-        need = self.lib.scratch_floats(ctypes.byref(self.dims), pos)
-        if self.scratch.numel() < need:
-            self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
-        return self.scratch.data_ptr()
+    def __len__(self):
+        return len(self.layers)
 
-    def check_range(self, first, last):
-        if not 0 <= first <= last <= len(self.layers):
-            raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
-
-    # For measuring (bench.py's split of a step's time); the decode step itself is Decoder.step.
+    # For measuring (bench.py's split of a step's time); a pass itself is Decoder.forward.
     def run(self, x, k_cache, v_cache, first, last, pos, cos, sin, threads):
         """Blocks first..last-1 on x (d,) fp32, in place, for one token at `pos`; block j writes cache layer j at
         pos. cos, sin: (head_dim / 2,) fp32."""
         self.check_range(first, last)
         self.lib.run_blocks(ctypes.byref(self.dims), self.layers, first, last, x.data_ptr(),
                             ctypes.byref(cache_of(k_cache, v_cache)), pos, cos.data_ptr(), sin.data_ptr(),
-                            self.scratch_for(pos), threads)
+                            self.scratch_for(pos, threads), threads)
 
     def run_products(self, first, last, threads):
         """The weight products of blocks first..last-1 alone, as a step runs them, on whatever the scratch holds."""
         self.check_range(first, last)
-        self.lib.run_products(ctypes.byref(self.dims), self.layers, first, last, self.scratch_for(0), threads)
+        self.lib.run_products(ctypes.byref(self.dims), self.layers, first, last, self.scratch_for(0, threads), threads)
+
+    def scratch_for(self, pos, threads):
+        self.scratch = grown(self.scratch, self.lib.blocks_scratch_floats(ctypes.byref(self.dims), pos, threads))
+        return self.scratch.data_ptr()
+
+    def check_range(self, first, last):
+        if not 0 <= first <= last <= len(self.layers):
+            raise IndexError(f"blocks {first}..{last - 1} are outside this stack of {len(self.layers)}")
+
+
+def grown(buffer, floats):
+    """`buffer`, or a zeroed one of at least `floats` floats (twice the old size at least) where it is smaller."""
+    return buffer if buffer.numel() >= floats else torch.zeros(max(floats, 2 * buffer.numel()))
 
 
 class Decoder:
-    """A model's one-token decode step in one native call (river_step): embedding, backbone blocks with the exit
-    rule, river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d) and head weight,
-    RoPE frequencies (head_dim / 2,) float64, final norm (d,), and per block the dicts Stack takes. With a river,
-    the backbone may hold only its first blocks (a depth-capped River): every rule must leave by then."""
+    """A model's pass of T tokens in one native call (river_forward): embedding, backbone blocks with the exit rule,
+    river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d), RoPE frequencies
+    (head_dim / 2,) float64, final norm (d,), the LM head (bf16, or a low-bit tuple: see `matrix`), and per block the
+    dicts Stack takes. With a river, the backbone may hold only its first blocks (a depth-capped River): every rule
+    must leave by then."""
 
     def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head):
         self.lib, self.dims = lib, dims
         self.backbone = Stack(lib, dims, backbone)
         self.river = Stack(lib, dims, river) if river is not None else None
         self.keep = [embed.contiguous(), torch.as_tensor(inv_freq, dtype=torch.float64).contiguous(),
-                     norm.float().contiguous(), head.contiguous()]
-        embed, inv_freq, norm, head = self.keep
+                     norm.float().contiguous()]
+        embed, inv_freq, norm = self.keep
         n_layers = len(river) if river is not None else len(backbone)
         if len(backbone) > n_layers:
             raise ValueError(f"{len(backbone)} backbone blocks but a river of {n_layers}")
+        self.head = matrix(head, self.keep)
         self.model = Model(dims, n_layers, ctypes.addressof(self.backbone.layers),
                            ctypes.addressof(self.river.layers) if self.river is not None else None,
-                           embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), bf16_mat(head))
+                           embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), self.head)
         self.scratch = torch.empty(0)
-        self.similarity = torch.empty(n_layers)  # where a step's similarities go when the caller wants none
+        self.similarity = torch.empty(n_layers)  # where a pass's similarities go when the caller wants none
 
-    def step(self, token, pos, k_cache, v_cache, rule, threads, similarity=None):
-        """Logits (vocab,) fp32 of one token at `pos` and the backbone blocks it ran. rule: an Exit. similarity:
-        optional (n_layers,) fp32 tensor that gets s_l of every backbone block run, when the rule checks it."""
-        n_layers, held = self.model.n_layers, len(self.backbone.layers)
+    def forward(self, tokens, pos, k_cache, v_cache, rule, threads, all_logits=False, similarity=None):
+        """tokens: T ids at positions pos..pos+T-1 -> (logits, backbone blocks run): the last token's (vocab,) fp32,
+        or with all_logits every token's (T, vocab). rule: an Exit. similarity: optional (n_layers,) fp32 tensor that
+        gets s_l (its minimum over the tokens) of every backbone block run, when the rule checks it."""
+        n_layers, held = self.model.n_layers, len(self.backbone)
         if self.river is None and (rule.checks or rule.max_depth < n_layers):
             raise ValueError("this decoder has no river: only the whole backbone (no check, max_depth n_layers) runs")
         if rule.max_depth > held:
             raise ValueError(f"the rule may run {rule.max_depth} backbone blocks; this decoder holds {held}")
-        need = self.lib.step_scratch_floats(ctypes.byref(self.dims), pos)
-        if self.scratch.numel() < need:
-            self.scratch = torch.zeros(max(need, 2 * self.scratch.numel()))
-        logits = torch.empty(self.keep[3].shape[0])
-        depth = self.lib.step(ctypes.byref(self.model), token, pos, ctypes.byref(cache_of(k_cache, v_cache)),
-                              ctypes.byref(rule), self.scratch.data_ptr(), logits.data_ptr(),
-                              (self.similarity if similarity is None else similarity).data_ptr(), threads)
-        return logits, depth
+        ids = torch.as_tensor(tokens, dtype=torch.int32).contiguous()
+        T = ids.numel()
+        self.scratch = grown(self.scratch, self.lib.forward_scratch_floats(ctypes.byref(self.dims), T, pos, threads))
+        logits = torch.empty((T if all_logits else 1, self.head.n))
+        depth = self.lib.forward(ctypes.byref(self.model), ids.data_ptr(), T, pos,
+                                 ctypes.byref(cache_of(k_cache, v_cache)), ctypes.byref(rule), self.scratch.data_ptr(),
+                                 logits.data_ptr(), int(all_logits),
+                                 (self.similarity if similarity is None else similarity).data_ptr(), threads)
+        return (logits if all_logits else logits[0]), depth

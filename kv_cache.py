@@ -56,6 +56,12 @@ class KVCache:
         k_layer[:, :, start:start + k.shape[2]] = k
         v_layer[:, :, start:start + k.shape[2]] = v
 
+    def drop(self, start):
+        """Forget every layer's positions from `start` on (a speculative round's rejected drafts): their slots count as
+        never written, and the next token at `start` writes its own."""
+        self.writer[:, start:] = Writer.EMPTY
+        self.write_count[:, start:] = 0
+
     def causal_mask(self, start, length):
         """(length, capacity) bool: query at position start+i may read key positions 0..start+i."""
         query = torch.arange(start, start + length, device=self.k.device)[:, None]

@@ -139,7 +139,9 @@ UPCAST_ROWS = 4096  # rows of a bf16 weight Linear upcasts at a time for fp32 ac
 
 
 class Linear(nn.Linear):
-    """Bias-free nn.Linear; fp32 activations on bf16 weights upcast the weight a slice of rows at a time."""
+    """Bias-free nn.Linear. fp32 activations on bf16 weights (the CPU's backbone) are rounded to bf16 first, so every
+    product of a weight and an input is exact and only the sums round, in fp32: the arithmetic of kernels.cpp's bf16
+    products (and of llama.cpp's BF16). The weight is upcast a slice of rows at a time."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -147,6 +149,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if self.weight.dtype == x.dtype:
             return F.linear(x, self.weight)
+        x = x.to(self.weight.dtype).to(x.dtype)
         # the LM head whole in fp32 would be a transient twice its size: 113 MB on the bundled model
         return torch.cat([F.linear(x, rows.to(x.dtype)) for rows in self.weight.split(UPCAST_ROWS)], dim=-1)
 

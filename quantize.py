@@ -86,7 +86,9 @@ def quantize_activations(x, group_size):
     M, K = x.shape
     groups = x.float().view(M, K // group_size, group_size)
     amax = groups.abs().amax(-1)                                            # (M, G)
-    inverse = torch.where(amax > 0, ACTIVATION_LEVELS / amax, torch.zeros_like(amax))
+    # a true division, as kernels.cpp's (a number over a tensor is a reciprocal times the number in torch, which
+    # rounds differently and would move a near-tie to the other integer)
+    inverse = torch.where(amax > 0, torch.full_like(amax, ACTIVATION_LEVELS).div(amax), torch.zeros_like(amax))
     return torch.round(groups * inverse[..., None]), amax / ACTIVATION_LEVELS, groups.sum(-1)
 
 

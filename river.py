@@ -3,7 +3,6 @@ import argparse
 import copy
 import json
 import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -17,8 +16,11 @@ import kernels
 from compiled import compiled_function, streamed_head, streamed_step
 from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
+from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
+                        check_top_p, sample, sync)
 from kv_cache import Writer
 from model import check_held
+from speculative import DRAFT_LENGTH, check_draft_length, check_speculative, generate_speculative
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau, in steps of 0.01, whose NLL
@@ -134,44 +136,6 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
 
 # ------------------------------------------------------------------------------------------------ engine
 
-@dataclass
-class Generation:
-    tokens: list             # generated ids
-    depths: list             # backbone blocks run by the forward pass that produced each token (its exit depth)
-    prefill_s: float
-    step_s: list             # wall time of each decode step (every generated token after the first)
-
-    @property
-    def decode_tokens_per_s(self):
-        """None when there was no decode step (one token generated): no rate to report."""
-        return len(self.step_s) / sum(self.step_s) if self.step_s else None
-
-
-def check_max_new_tokens(max_new_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-
-
-def check_fits_context(n_prompt, max_new_tokens, context):
-    if n_prompt + max_new_tokens > context:
-        raise ValueError(f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                         f"context of {context}")
-
-
-def check_temperature(temperature):
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-
-
-def check_top_p(top_p):
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):  # NaN fails the comparison too
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def check_seed(seed):
-    if seed is not None and not (isinstance(seed, int) and -2**63 <= seed < 2**64):
-        raise ValueError(f"seed must be None or an int in [-2**63, 2**64) (what torch takes), got {seed!r}")
-
 
 class Engine:
     """Generation on one model and its river: each step runs the backbone until the exit rule says leave, the river
@@ -227,8 +191,8 @@ class Engine:
         the last token, or (B, T, vocab) with all_logits: a prefill only needs the last. A prefill (T > 1) leaves at
         one depth for all its tokens: the rule sees the minimum over them."""
         self.check_rule(rule)
-        if self.native is not None and tokens.shape == (1, 1) and cache is not None:
-            return self.native.forward(tokens, start, cache, rule)
+        if self.native is not None and tokens.shape[0] == 1 and cache is not None:
+            return self.native.forward(tokens, start, cache, rule, all_logits)
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
@@ -295,10 +259,10 @@ class Engine:
 
 
 class NativeDecoder:
-    """One-token decode steps on CPU through kernels.cpp: the whole step (embedding, backbone blocks with the exit
-    rule, river copies, final norm and LM head) in one native call, one thread team. Same arithmetic as the torch
-    path of Engine.forward (fp32 activations, bf16 K/V, int16-activation river products), same cache, same
-    record of who wrote each slot."""
+    """Passes of a batch of one on CPU through kernels.cpp, a decode step's one token or a prompt's many: the whole
+    pass (embedding, backbone blocks with the exit rule, river copies, final norm and LM head) in one native call, one
+    thread team. The torch path of Engine.forward is its twin (fp32 residual stream, bf16 K/V, int16-activation river
+    products); the same cache, the same record of who wrote each slot."""
 
     def __init__(self, lib, model, river):
         cfg = model.cfg
@@ -316,18 +280,23 @@ class NativeDecoder:
             return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
         if cfg.d_model % kernels.BLOCK_ROWS or cfg.ffn_dim % kernels.BLOCK_ROWS or cfg.head_dim % 16:
             return f"d_model {cfg.d_model}, ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
+        if cfg.head_dim > kernels.MAX_HEAD_DIM:
+            return f"head_dim {cfg.head_dim} is above the kernels' {kernels.MAX_HEAD_DIM}"
         if river is not None and river.activations != "int16":
             return f"the native river takes int16 activations, not {river.activations}"
         return None
 
-    def forward(self, tokens, start, cache, rule, similarity=None):
-        """Engine.forward for one token of a batch of one. similarity: see kernels.Decoder.step."""
-        cache.check_range(start, 1)  # before the kernel writes
-        logits, depth = self.decoder.step(int(tokens[0, 0]), start, cache.k, cache.v, native_exit(rule, self.model),
-                                          torch.get_num_threads(), similarity)
-        cache.record(slice(0, depth), start, 1, Writer.BACKBONE)
-        cache.record(slice(depth, None), start, 1, Writer.RIVER)
-        return logits.view(1, 1, -1), depth
+    def forward(self, tokens, start, cache, rule, all_logits=False, similarity=None):
+        """Engine.forward for a batch of one, tokens (1, T). similarity: see kernels.Decoder.forward."""
+        T = tokens.shape[1]
+        if T == 0:
+            raise ValueError("a pass needs at least one token")
+        cache.check_range(start, T)  # before the kernel writes
+        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
+                                             torch.get_num_threads(), all_logits, similarity)
+        cache.record(slice(0, depth), start, T, Writer.BACKBONE)
+        cache.record(slice(depth, None), start, T, Writer.RIVER)
+        return logits.view(1, -1, logits.shape[-1]), depth
 
 
 def native_exit(rule, model):
@@ -348,22 +317,6 @@ def block_weights(block):
             "down": matrix(block.mlp.w_down)}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def sample(logits, temperature, top_p, generator):
-    """Next id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p        # the smallest prefix holding top_p of the mass
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
-
 
 # ------------------------------------------------------------------------------------------ command line
 
@@ -383,6 +336,10 @@ MODES = {
     "quantized": Mode(lambda tau, cap: RIVER_ONLY, holds_backbone=False),
     "river": Mode(lambda tau, cap: similarity(tau) if cap is None else similarity(tau).capped(cap), calibrates=True),
 }
+
+
+# The exit rules speculative generation may draft with (--drafter), from River's tau.
+DRAFTERS = {"quantized": lambda tau: RIVER_ONLY, "river": similarity}
 
 
 def parser_for(modes):
@@ -418,6 +375,14 @@ def parser_for(modes):
     parser.add_argument("--eight-bit-layers", type=int, nargs="*", default=None, metavar="LAYER",
                         help="river blocks kept at 8 bits (negative counts from the end; default with int16 "
                              f"activations: {' '.join(map(str, DEFAULT_EIGHT_BIT_LAYERS))}, the last block)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="--mode river: lossless generation, River drafting and the whole backbone checking the "
+                             "drafts in one pass; the output is the backbone's (greedy: token for token)")
+    parser.add_argument("--draft-length", type=option(int, check_draft_length), default=DRAFT_LENGTH, metavar="K",
+                        help="--speculative: most tokens drafted per check (it adapts to recent acceptance below that)")
+    parser.add_argument("--drafter", choices=tuple(DRAFTERS), default="quantized",
+                        help="--speculative: the exit rule that drafts: every block a river copy (quantized, the "
+                             "fastest on HumanEval's calibration split) or River's similarity rule at --tau")
     parser.add_argument("--no-native", action="store_true",
                         help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
@@ -439,11 +404,18 @@ def parse_arguments(argv, modes):
     parser = parser_for(modes)
     args = parser.parse_args(argv)
     mode = modes[args.mode]
+    args.drafter = DRAFTERS[args.drafter]  # the name mapped once to its rule
     if not args.prompt:
         parser.error("argument --prompt: the prompt is empty")
     if args.max_backbone_depth is not None and not mode.river:
         parser.error(f"argument --max-backbone-depth: caps River's backbone (--mode river); --mode {args.mode} runs "
                      "every backbone block")
+    if args.speculative and not (mode.river and mode.holds_backbone):
+        parser.error(f"argument --speculative: River drafts and the backbone checks (--mode river); --mode {args.mode} "
+                     "has no drafter")
+    if args.speculative and args.max_backbone_depth is not None:
+        parser.error("argument --speculative: the backbone checks every draft with all its blocks; "
+                     "--max-backbone-depth would drop them")
     if args.quality_budget is not None and not mode.calibrates:
         parser.error(f"argument --quality-budget: picks River's tau (--mode river); --mode {args.mode} has none")
     device = check_argument(parser, "--device", resolve_device, args.device)
@@ -535,8 +507,18 @@ def main(argv=None, modes=MODES):
     if args.compile:  # compile outside the timed run
         engine.generate(prompt, min(3, args.max_new_tokens), rule)
     stream = None if args.json else TextStream(tokenizer)
-    result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
-                             on_token=stream)
+    if args.speculative:
+        try:
+            check_speculative(engine, args.drafter(tau), args.draft_length)
+        except ValueError as err:
+            fail(f"--speculative: {err}")
+        rule = args.drafter(tau)
+        result = generate_speculative(engine, prompt, args.max_new_tokens, rule, args.draft_length,
+                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop,
+                                      on_token=stream)
+    else:
+        result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
+                                 on_token=stream)
     if args.json:
         print(json.dumps({"text": tokenizer.decode(result.tokens), "tokens": result.tokens, "depths": result.depths,
                           "decode_tokens_per_s": result.decode_tokens_per_s, "prefill_s": result.prefill_s,
@@ -545,12 +527,21 @@ def main(argv=None, modes=MODES):
                           "calibration": None if calibration is None else calibration_json(calibration),
                           "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
                           "bits": args.bits, "activations": args.activations, "eight_bit_layers": list(eight_bit),
-                          "path": engine.path}, allow_nan=False))
+                          "path": engine.path, "speculative": speculation_json(result) if args.speculative else None},
+                         allow_nan=False))
         return
     stream.close()
     rate = result.decode_tokens_per_s
-    print(f"[{args.mode}] " + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
-          + f", mean backbone blocks per token {sum(result.depths) / len(result.depths):.2f} of {cfg.n_layers}")
+    print(f"[{args.mode}{' speculative' if args.speculative else ''}] "
+          + ("no decode step" if rate is None else f"decode {rate:.1f} tok/s")
+          + (f", {result.acceptance:.2f} of drafts accepted, {result.tokens_per_verification:.2f} tokens per check"
+             if args.speculative and result.verified else
+             f", mean backbone blocks per token {sum(result.depths) / len(result.depths):.2f} of {cfg.n_layers}"))
+
+
+def speculation_json(result):
+    return {"drafted": result.drafted, "accepted": result.accepted, "verified": result.verified,
+            "acceptance": result.acceptance, "tokens_per_verification": result.tokens_per_verification}
 
 
 def calibration_json(calibration):

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import calibrate
 import kernels
-from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
+from conftest import (copy_of, ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
                       each_isa_here, expected_writer, holding_first_blocks, step_similarities, tiny_configs,
                       tiny_model)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
@@ -122,15 +122,17 @@ PRODUCT_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (3072, 2048)
 
 
 def native_product(lib, weight, x):
-    """y = W x through kernels.cpp for a bf16 weight or a low-bit (codes, scale, low, bits) tuple."""
+    """Y = X W^T through kernels.cpp for a bf16 weight or a low-bit (codes, scale, low, bits) tuple; x is one input
+    (K,) or T of them (T, K)."""
     keep = []
     if not isinstance(weight, torch.Tensor):
         codes, scale, low, bits = weight
         N, K = codes.shape
         weight = (kernels.pack_lowbit(codes, scale, low, bits), N, K, K // scale.shape[1], bits)
     mat = kernels.matrix(weight, keep)
-    y = torch.empty(mat.n)
-    lib.product(ctypes.byref(mat), x.contiguous().data_ptr(), y.data_ptr(), 2)
+    T = 1 if x.dim() == 1 else x.shape[0]
+    y = torch.empty((T, mat.n) if x.dim() > 1 else (mat.n,))
+    lib.product(ctypes.byref(mat), x.contiguous().data_ptr(), T, y.data_ptr(), 2)
     return y
 
 
@@ -145,14 +147,16 @@ def test_native_lowbit_product_equals_its_twin_and_the_dequantized_matmul(isa, b
         codes = torch.randint(0, 2 ** bits, (N, K), generator=g).to(torch.uint8)
         scale = (torch.rand(N, K // group, generator=g) * 0.3 / 2 ** bits).half().float()
         low = (-scale * 2 ** (bits - 1) * (1 + 0.1 * torch.randn(N, K // group, generator=g))).half().float()
-        x = torch.randn(K, generator=g) * 3
-        x[::97] *= 40  # a few outliers, as real activations have
-        y = native_product(lib, (codes, scale, low, bits), x)
         qw = QuantizedWeight(codes.int(), scale, low, bits, group)
-        twin = QuantizedLinear(qw, "cpu", "int16")(x[None])[0]
-        torch.testing.assert_close(y, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
         w = dequantized_fp16(qw)
-        assert ((y - w @ x).abs() <= int16_bound(x[None], w, group)[0]).all(), (N, K)
+        for T in (1, 5):  # one token, and a pass of several reading each weight once
+            x = torch.randn(T, K, generator=g) * 3
+            x[:, ::97] *= 40  # a few outliers, as real activations have
+            y = native_product(lib, (codes, scale, low, bits), x)
+            twin = QuantizedLinear(qw, "cpu", "int16")(x)
+            # the same int16 codes; only the fp32 order of summing the groups' partial sums may differ
+            assert ((y - twin).abs() <= 1e-5 * (x.abs() @ w.abs().T) + 1e-6).all(), (N, K, T)
+            assert ((y - x @ w.T).abs() <= int16_bound(x, w, group)).all(), (N, K, T)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
@@ -171,14 +175,18 @@ def test_unpacking_the_kernels_layout_gives_back_every_code_scale_and_low(bits, 
 
 
 @each_isa_here
-def test_native_bf16_product_is_the_fp32_matmul(isa):
+def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
+    """The bf16 product rounds its activations to bf16 (vdpbf16ps takes bf16 pairs; the AVX2 path rounds the same
+    way), then sums in fp32: against an fp32 matmul of the rounded inputs, one token and several, with row and input
+    tails."""
     lib = kernels.native(isa)
     g = torch.Generator().manual_seed(0)
     for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16)]:  # the LM head; row and input tails
         w = torch.randn(N, K, generator=g).bfloat16()
-        x = torch.randn(K, generator=g)
-        expected = w.float() @ x
-        torch.testing.assert_close(native_product(lib, w, x), expected, rtol=1e-5, atol=1e-5 * K ** 0.5)
+        for T in (1, 3, 17):
+            x = torch.randn(T, K, generator=g)
+            expected = x.bfloat16().float() @ w.float().T
+            torch.testing.assert_close(native_product(lib, w, x), expected, rtol=1e-5, atol=1e-5 * K ** 0.5)
 
 
 @each_isa_here
@@ -186,8 +194,10 @@ def test_native_bf16_product_is_the_fp32_matmul(isa):
 @given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 5),
        exits=st.lists(st.integers(-1, 4), min_size=1, max_size=6), seed=st.integers(0, 99))
 def test_native_decode_equals_the_torch_path_under_any_exit_schedule(isa, cfg, n_prompt, exits, seed):
-    """bf16 tiny models: every decode step through kernels.cpp, backbone blocks up to the schedule's exit and
-    river blocks (4-bit, the last 8-bit) after, against the same steps in plain torch: logits, K/V, the record."""
+    """bf16 tiny models: the prompt and every decode step through kernels.cpp, backbone blocks up to the schedule's
+    exit and river blocks (4-bit, the last 8-bit) after, against the same passes in plain torch: logits (to bf16
+    resolution: both round the activations of bf16 products to bf16, and an fp32 sum in another order can move one
+    across a rounding boundary), K/V, the record."""
     model = tiny_model(cfg, seed, torch.bfloat16)
     river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,))
     fast, plain = Engine(model, river, native=isa), Engine(model, river, native=False)
@@ -204,9 +214,8 @@ def test_native_decode_equals_the_torch_path_under_any_exit_schedule(isa, cfg, n
         (got, depth), (expected, expected_depth) = (engine.forward(step, n_prompt + i, cache, rule)
                                                     for engine, cache in zip((fast, plain), caches))
         assert depth == expected_depth == e + 1
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
-    one_token_prefill = n_prompt == 1  # a one-token prompt is a one-token step: native too
-    assert fast.native is not None and len(native_steps) == len(exits) + one_token_prefill and plain.native is None
+        assert_close_bf16(got, expected)
+    assert fast.native is not None and len(native_steps) == len(exits) + 1 and plain.native is None
     for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
     assert (caches[0].writer == caches[1].writer).all() and (caches[0].write_count == 1).all()
@@ -302,23 +311,15 @@ def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n
             (got, got_depth), (expected, expected_depth) = (engine.forward(tokens[:, t:t + 1], t, cache, rule)
                                                             for engine, cache in zip((fast, plain), caches))
             assert got_depth == expected_depth == depth
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+            assert_close_bf16(got, expected)
         assert len(fast.native.decoder.backbone.layers) == D and plain.native is None
-        assert len(native_steps) == n_steps + (n_prompt == 1)
+        assert len(native_steps) == n_steps + 1  # the prompt prefills natively too
         for cache in caches:
             assert (cache.writer[D:] == Writer.RIVER).all(), "a layer past the cap written by the backbone"
             np.testing.assert_array_equal(cache.writer, expected_writer([depth] * S, L))
             assert (cache.write_count == 1).all()
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
-
-
-def copy_of(cache, model):
-    """A fresh cache holding what `cache` holds, K/V and record."""
-    copy = model.new_cache(cache.capacity)
-    copy.k.copy_(cache.k), copy.v.copy_(cache.v)
-    copy.writer[:], copy.write_count[:] = cache.writer, cache.write_count
-    return copy
 
 
 @each_isa_here
@@ -360,7 +361,7 @@ def test_native_and_torch_steps_leave_where_each_kind_of_rule_says(isa, seed):
         (got, depth), (expected, expected_depth) = (engine.forward(tokens[:, n_prompt:], n_prompt, cache, rule)
                                                     for engine, cache in zip((fast, plain), caches))
         assert depth == expected_depth and depth in allowed, (rule, depth, expected_depth, allowed)
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+        assert_close_bf16(got, expected)
         for cache in caches:
             assert cache.writer[:, n_prompt].tolist() == [Writer.BACKBONE] * depth + [Writer.RIVER] * (L - depth)
             assert (cache.write_count[:, n_prompt] == 1).all()
@@ -391,8 +392,10 @@ def test_the_native_decoder_refuses_a_rule_deeper_than_its_blocks(isa):
 
 
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
-    """Teacher-forced over two HumanEval prompts, River at the default tau: logits within bf16 resolution of the
-    same arithmetic in plain torch at every position, and the same exit depth at >= 99% of positions."""
+    """Teacher-forced over two HumanEval prompts (each prefilled by one native pass), River at the default tau:
+    logits within a few bf16 units of the same arithmetic in plain torch at every position, and the same exit depth
+    at >= 99% of positions. Both paths round a bf16 product's activations to bf16; a sum taken in another order can
+    move one across a rounding boundary, and 30 blocks and a bf16 cache carry such flips on (measured: 2.3 units)."""
     if not ISAS_HERE:
         pytest.skip("this CPU runs none of the native kernels' instruction sets")
     model, tokenizer = load_model(dtype=torch.bfloat16)
@@ -410,7 +413,7 @@ def test_native_decode_equals_the_torch_path_on_the_bundled_model():
         ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().amax(-1))) - 7)
         worst = max(worst, ((got - expected).abs().amax(-1) / ulp).max().item())
         depths += [a == b for a, b in zip(got_depths, expected_depths)]
-    assert len(native_steps) == len(depths) and worst <= 1, worst
+    assert len(native_steps) == len(depths) + 2 and worst <= 4, worst  # + the 2 prompts' passes
     assert sum(depths) >= 0.99 * len(depths)
 
 

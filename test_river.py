@@ -590,8 +590,9 @@ BENCH = ("bench", "rows", "measure", "scaling", "plots")  # the measuring front 
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
               "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",
-                        "compiled"}, "compiled": {"model"},
-              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"}}
+                        "generation", "speculative", "compiled"}, "compiled": {"model"},
+              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
+              "generation": set(), "speculative": {"generation", "exit_policy"}}
 
 
 def test_imports_flow_one_way():

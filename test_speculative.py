@@ -1,0 +1,196 @@
+"""Lossless River (speculative.py): River drafts, the backbone checks; greedy output is the backbone's token for
+token, the cache ends as the backbone's, and sampling keeps the backbone's distribution."""
+import math
+
+import pytest
+import torch
+
+import calibrate
+import kernels
+from conftest import copy_of, each_isa_here, tiny_model
+from exit_policy import NEVER, RIVER_ONLY, similarity
+from generation import nucleus
+from kv_cache import Writer
+from load_weights import chat_prompt, load_model, stop_token_ids
+from model import LlamaConfig
+from river import DEFAULT_TAU, Engine, ExitRiver
+from speculative import MAX_DRAFT, Chooser, Speculation, check_speculative, generate_speculative, speculation_round
+
+CFG = LlamaConfig(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                  max_seq_len=256)
+
+
+def engine_for(isa, seed=0, bits=4):
+    model = tiny_model(CFG, seed, torch.bfloat16)
+    return Engine(model, ExitRiver(model, bits, 32, eight_bit_layers=(-1,)), native=isa)
+
+
+@each_isa_here
+def test_the_check_pass_is_bit_equal_to_one_token_backbone_steps_at_every_draft_length(isa):
+    """The check of k drafts (k + 1 tokens through the whole backbone in one pass) against k + 1 one-token backbone
+    steps from the same cache: logits and every layer's K/V identical, for every k a check may take."""
+    engine = engine_for(isa)
+    model = engine.model
+    tokens = torch.randint(0, CFG.vocab_size, (1, 40 + MAX_DRAFT + 1), generator=torch.Generator().manual_seed(1))
+    prefilled = model.new_cache(tokens.shape[1])
+    engine.forward(tokens[:, :40], 0, prefilled, NEVER)
+    for k in range(1, MAX_DRAFT + 1):
+        steps, one = copy_of(prefilled, model), copy_of(prefilled, model)
+        stepped = torch.stack([engine.forward(tokens[:, 40 + i:41 + i], 40 + i, steps, NEVER)[0][0, -1]
+                               for i in range(k + 1)])
+        checked, depth = engine.forward(tokens[:, 40:41 + k], 40, one, NEVER, all_logits=True)
+        assert depth == CFG.n_layers and torch.equal(stepped, checked[0]), k
+        assert torch.equal(steps.k, one.k) and torch.equal(steps.v, one.v), k
+
+
+class Scripted(Chooser):
+    """A greedy chooser whose drafts are scripted (a stand-in for a drafter that errs where the test says), so every
+    acceptance point of a round can be reached; the check stays the real one."""
+
+    def __init__(self, script):
+        super().__init__(0.0, 1.0, None)
+        self.script = list(script)
+
+    def draft(self, logits):
+        return self.script.pop(0), None
+
+
+@each_isa_here
+def test_after_a_rejection_the_cache_is_the_backbones_and_no_dropped_slot_survives(isa):
+    """A round whose drafts are the backbone's own choices up to point j and wrong after it, for every j: the kept
+    tokens are those j drafts and the backbone's next; every kept slot holds the K/V one-token backbone steps give,
+    written by the backbone in every layer and counted twice where the drafter wrote it first (the check overwrites
+it), once where only the check did (the last draft's); every slot
+    past them is empty again, and the next round writes them afresh."""
+    engine = engine_for(isa, seed=2)
+    model = engine.model
+    prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    k, pos = 6, 19
+    # the backbone's own greedy continuation from the prompt, by one-token steps: what a perfect drafter drafts
+    reference = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, reference, NEVER)
+    greedy, last = [], int(prompt[0, -1])
+    for i in range(k + 1):
+        last = int(engine.forward(torch.tensor([[last]]), pos + i, reference, NEVER)[0][0, -1].argmax())
+        greedy.append(last)
+    prefilled = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
+    for j in range(k + 1):
+        script = greedy[:j] + [(t + 1) % CFG.vocab_size for t in greedy[j:k]]
+        cache, result = copy_of(prefilled, model), Speculation([], [], 0.0, [])
+        kept = speculation_round(engine, cache, pos, int(prompt[0, -1]), similarity(DEFAULT_TAU), Scripted(script), k,
+                                 (), result)
+        assert kept == greedy[:j + 1] and result.accepted == j and result.drafted == k
+        end = pos + j + 1  # the last kept token's own slot is written by the next round
+        assert torch.equal(cache.k[:, :, :, :end], reference.k[:, :, :, :end])
+        assert torch.equal(cache.v[:, :, :, :end], reference.v[:, :, :, :end])
+        assert (cache.writer[:, :end] == Writer.BACKBONE).all()
+        drafted_end = min(end, pos + k)  # the drafter ran the last kept token and every draft but the last
+        assert (cache.write_count[:, pos:drafted_end] == 2).all() and (cache.write_count[:, :pos] == 1).all()
+        assert (cache.write_count[:, drafted_end:end] == 1).all()
+        assert (cache.writer[:, end:] == Writer.EMPTY).all() and (cache.write_count[:, end:] == 0).all()
+
+
+@each_isa_here
+@pytest.mark.parametrize("drafter", ["river", "quantized", "river_8bit"])
+def test_greedy_speculative_output_is_the_backbones_token_for_token(isa, drafter):
+    """Random prompts, drafts of every length up to MAX_DRAFT, a drafter that agrees often (8-bit copies), sometimes
+    (River at the default tau) or rarely (the whole model low-bit): always the backbone's greedy tokens, and stops at
+    max_new_tokens and at a stop id as generate does."""
+    engine = engine_for(isa, seed=4, bits=8 if drafter == "river_8bit" else 4)
+    rule = RIVER_ONLY if drafter == "quantized" else similarity(DEFAULT_TAU)
+    g = torch.Generator().manual_seed(4)
+    for draft_length in (1, 2, 5, MAX_DRAFT):
+        prompt = torch.randint(0, CFG.vocab_size, (int(torch.randint(1, 30, (), generator=g)),), generator=g).tolist()
+        expected = engine.generate(prompt, 40, NEVER).tokens
+        got = generate_speculative(engine, prompt, 40, rule, draft_length)
+        assert got.tokens == expected, (draft_length, got.tokens, expected)
+        assert got.verified >= 1 and 0 <= got.accepted <= got.drafted
+        stop = expected[17]
+        stopped = generate_speculative(engine, prompt, 40, rule, draft_length, stop_ids=(stop,)).tokens
+        assert stopped == engine.generate(prompt, 40, NEVER, stop_ids=(stop,)).tokens
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_the_acceptance_rule_keeps_the_backbones_distribution(top_p):
+    """The standard rule on a vocabulary of 6: a draft drawn from q, kept with probability min(1, p/q), else a draw
+    from max(0, p - q) normalized. 40,000 seeded rounds: the token that comes out is distributed as p (nucleus cut at
+    top_p), by a chi-square test at p-value 1e-4, while q alone is far from it."""
+    p_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    q_logits = torch.tensor([0.0, 2.0, 0.5, 1.0, 0.0, -2.0])
+    chooser = Chooser(1.0, top_p, torch.Generator().manual_seed(0))
+    p, q = chooser.distribution(p_logits), chooser.distribution(q_logits)
+    n, counts = 40_000, torch.zeros(6)
+    for _ in range(n):
+        draft = int(torch.multinomial(q, 1, generator=chooser.generator))
+        counts[chooser.verify(torch.stack([p_logits, p_logits]), [draft], [q])[0]] += 1
+    support = p > 0
+    chi2 = (((counts - n * p) ** 2)[support] / (n * p[support])).sum().item()
+    assert counts[~support].sum() == 0
+    assert chi2 < chi_square_quantile(int(support.sum()) - 1), (chi2, counts / n, p)
+    q_only = (((n * q - n * p) ** 2)[support] / (n * p[support])).sum().item()
+    assert q_only > 100 * chi_square_quantile(int(support.sum()) - 1)  # the test can tell q from p
+
+
+def chi_square_quantile(df, tail=1e-4):
+    """Wilson-Hilferty: the chi-square value with `tail` of the mass above it."""
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_nucleus_is_the_distribution_sampling_draws_from():
+    probs = torch.tensor([0.5, 0.1, 0.3, 0.1])
+    assert torch.allclose(nucleus(probs, 0.7), torch.tensor([0.5, 0.0, 0.3, 0.0]) / 0.8)
+    assert torch.equal(nucleus(probs, 1.0), probs / probs.sum())
+
+
+@each_isa_here
+def test_speculative_generation_refuses_what_it_cannot_run_exactly(isa):
+    """The torch path (its batched products round differently from one-token steps), a depth-capped model (no backbone
+    to check with), a draft length outside 1..MAX_DRAFT: refused with a message naming the reason."""
+    engine = engine_for(isa)
+    plain = Engine(engine.model, engine.river, native=False)
+    with pytest.raises(ValueError, match="needs the native path"):
+        check_speculative(plain, similarity(0.9), 4)
+    for bad in (0, MAX_DRAFT + 1, 2.0, True):
+        with pytest.raises(ValueError, match="draft_length"):
+            check_speculative(engine, similarity(0.9), bad)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate_speculative(engine, [1] * 250, 10, similarity(0.9))
+
+
+def test_greedy_speculative_output_is_the_backbones_on_the_bundled_model():
+    """Two HumanEval prompts and a chat prompt, 48 new tokens each: River (tau 0.95, 4-bit copies) drafts, the output
+    is the backbone's greedy output token for token (bench.py checks the 12 scored prompts at 96 tokens)."""
+    model, tokenizer = load_model(dtype=torch.bfloat16)
+    engine = Engine(model, ExitRiver(model, 4, 64, eight_bit_layers=(-1,)))
+    if engine.native is None:
+        pytest.skip("speculative generation needs the native kernels, which this CPU cannot run")
+    stop = stop_token_ids(tokenizer, None)
+    prompts = [p for p, _ in calibrate.humaneval_problems()[:2]] + [chat_prompt("Name three prime numbers.", None)]
+    for text in prompts:
+        prompt = tokenizer.encode(text).ids
+        expected = engine.generate(prompt, 48, NEVER, stop_ids=stop).tokens
+        got = generate_speculative(engine, prompt, 48, similarity(DEFAULT_TAU), stop_ids=stop)
+        assert got.tokens == expected
+        assert got.acceptance > 0.3
+
+
+@pytest.mark.parametrize("drafter", ["quantized", "river"])
+def test_river_py_speculative_prints_the_backbones_tokens(capsys, drafter):
+    """Through the command line: --speculative (either drafter) prints the tokens --mode backbone prints, with the
+    drafting figures in its JSON; --speculative where there is no drafter or no whole backbone is a usage error."""
+    import json
+    import river as river_module
+    if not kernels.usable_isas():
+        pytest.skip("speculative generation needs the native kernels, which this CPU cannot run")
+    base = ["--prompt", "def fizzbuzz(n):", "--max-new-tokens", "32", "--json"]
+    river_module.main(base + ["--mode", "backbone"])
+    expected = json.loads(capsys.readouterr().out)["tokens"]
+    river_module.main(base + ["--speculative", "--drafter", drafter])
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == expected and got["speculative"]["verified"] >= 1
+    for bad in (["--mode", "backbone"], ["--max-backbone-depth", "8"]):
+        with pytest.raises(SystemExit) as raised:
+            river_module.main(base + ["--speculative"] + bad)
+        assert raised.value.code == 2 and "--speculative" in capsys.readouterr().err
