@@ -94,10 +94,13 @@ class ExitRiver(nn.Module):
     blocks: the backbone blocks to copy, in layer order (default model.blocks). An iterator that reads each from the
     checkpoint when asked (load_weights.load_blocks) builds the river of a depth-capped model, whose deep blocks are
     never loaded: each is copied and dropped.
+    head_bits: 4 or 8 for a low-bit copy of the LM head, which every pass that may leave the backbone ends at (the
+    deployment's head: a departure from the paper, which keeps the original head); None keeps the model's bf16 head.
+    The backbone's own pass (exit_policy.NEVER) always ends at the model's head.
     """
 
     def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10,
-                 blocks=None):
+                 blocks=None, head_bits=None):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -114,10 +117,23 @@ class ExitRiver(nn.Module):
         if [b.layer for b in self.blocks] != list(range(n_layers)):
             raise ValueError(f"a river copies every one of the model's {n_layers} blocks in order; got blocks "
                              f"{[b.layer for b in self.blocks]} (a model holding only its first blocks needs blocks=)")
+        self.head = None
+        if head_bits is not None:
+            check_head_bits(head_bits, group_size)
+            qw = quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps)
+            self.head = QuantizedLinear(qw, model.device, "int16")
+
+
+def check_head_bits(head_bits, group_size):
+    """The river's LM head: 4 or 8 bits, int16 activations whatever the blocks' (its product is the kernels' or
+    their twin's)."""
+    if isinstance(head_bits, bool) or head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8 (None: the model's bf16 head), got {head_bits!r}")
+    check_quant_args(head_bits, group_size, "int16")
 
 
 def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
-               eight_bit_layers=None, dtype=torch.bfloat16):
+               eight_bit_layers=None, dtype=torch.bfloat16, head_bits=None):
     """(model holding its first `held` backbone blocks (default all), ExitRiver of every block, tokenizer), read in the
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
     block dropped; then the backbone blocks kept. held 0: a river alone (the whole-model low-bit mode).
@@ -129,7 +145,7 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
     if eight_bit_layers is None:
         eight_bit_layers = default_eight_bit_layers(bits, activations, held, model.cfg.n_layers)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
-                      blocks=load_blocks(path, None, model.device, dtype))
+                      blocks=load_blocks(path, None, model.device, dtype), head_bits=head_bits)
     model.blocks.extend(load_blocks(path, range(held), model.device, dtype))
     return model, river, tokenizer
 
@@ -205,10 +221,13 @@ class Engine:
                 break
         for block in self.river.blocks[depth:] if depth < n_layers else ():
             x = self.run_block(block, x, pos, cache)  # river block j writes layer j: the cache stays whole
-        return self.head(x if all_logits else x[:, -1:]), depth
+        return self.head(x if all_logits else x[:, -1:], rule), depth
 
-    def head(self, x):
-        """The final norm and LM head, through torch.compile for one position when this engine compiles."""
+    def head(self, x, rule=NEVER):
+        """The final norm and LM head: the river's low-bit head where the river holds one and the rule may leave the
+        backbone; else the model's, through torch.compile for one position when this engine compiles."""
+        if self.river is not None and self.river.head is not None and not rule.whole_backbone:
+            return self.river.head(self.model.norm(x))
         if self.compiled and x.shape[1] == 1:
             return compiled_function(streamed_head)(self.model, x)
         return self.model.head(x)
@@ -268,9 +287,15 @@ class NativeDecoder:
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks],
-                                       None if river is None else [block_weights(b) for b in river.blocks],
-                                       model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
+        backbone = [block_weights(b) for b in model.blocks]
+        blocks = None if river is None else [block_weights(b) for b in river.blocks]
+
+        def decoder(head):  # the weights are shared, not copied: a second decoder costs only its tables
+            return kernels.Decoder(lib, dims, backbone, blocks, model.embed.weight, model.inv_freq, model.norm.weight,
+                                   head)
+        self.decoder = decoder(model.lm_head.weight)
+        # the river's head, for passes that may leave the backbone (Engine.head)
+        self.river_decoder = self.decoder if river is None or river.head is None else decoder(matrix_of(river.head))
 
     @staticmethod
     def unsupported(model, river):
@@ -292,8 +317,9 @@ class NativeDecoder:
         if T == 0:
             raise ValueError("a pass needs at least one token")
         cache.check_range(start, T)  # before the kernel writes
-        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
-                                             torch.get_num_threads(), all_logits, similarity)
+        decoder = self.decoder if rule.whole_backbone else self.river_decoder
+        logits, depth = decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
+                                        torch.get_num_threads(), all_logits, similarity)
         cache.record(slice(0, depth), start, T, Writer.BACKBONE)
         cache.record(slice(depth, None), start, T, Writer.RIVER)
         return logits.view(1, -1, logits.shape[-1]), depth
@@ -306,15 +332,18 @@ def native_exit(rule, model):
                         max_depth)
 
 
+def matrix_of(linear):
+    """A linear layer's weight as the kernels take it: bf16, or (packed, N, K, group size, bits)."""
+    if isinstance(linear, QuantizedLinear):
+        return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
+    return linear.weight
+
+
 def block_weights(block):
-    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or (packed, N, K, group size, bits)."""
-    def matrix(linear):
-        if isinstance(linear, QuantizedLinear):
-            return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
-        return linear.weight
+    """A block's norms and matrices as kernels.Stack takes them."""
     return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
-            "qkv": matrix(block.attn.wqkv), "o": matrix(block.attn.wo), "gate_up": matrix(block.mlp.w_gate_up),
-            "down": matrix(block.mlp.w_down)}
+            "qkv": matrix_of(block.attn.wqkv), "o": matrix_of(block.attn.wo),
+            "gate_up": matrix_of(block.mlp.w_gate_up), "down": matrix_of(block.mlp.w_down)}
 
 
 
