@@ -127,7 +127,7 @@ class ExitRiver(nn.Module):
 def check_head_bits(head_bits, group_size):
     """The river's LM head: 4 or 8 bits, int16 activations whatever the blocks' (its product is the kernels' or
     their twin's)."""
-    if isinstance(head_bits, bool) or head_bits not in (4, 8):
+    if isinstance(head_bits, bool) or not isinstance(head_bits, int) or head_bits not in (4, 8):
         raise ValueError(f"head_bits must be 4 or 8 (None: the model's bf16 head), got {head_bits!r}")
     check_quant_args(head_bits, group_size, "int16")
 
