@@ -6,6 +6,7 @@ the result, report it (the table, --json, --plot). --shape and --context measure
 import argparse
 import importlib.util
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -152,6 +153,7 @@ class Measured:
     memory: dict
     split: dict | None
     copy_gb_per_s: float
+    speculation: dict | None
 
 
 def measure(comparison, args, sizes, inputs):
@@ -170,7 +172,32 @@ def measure(comparison, args, sizes, inputs):
     memory = measure_memory(rows, {
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
-    return Measured(speed, quality, memory, split, bandwidth)
+    return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs))
+
+
+SPECULATION_TOKENS = 96  # new tokens per scored prompt in the lossless row's identity check
+
+
+def measure_speculation(comparison, inputs):
+    """Lossless River on each scored prompt: its greedy tokens against the backbone's (identical n of N), its decode
+    speed over the backbone's there (the mean of the per-prompt ratios), acceptance and tokens kept per check."""
+    row = comparison.speculative
+    if row is None:
+        return None
+    log(f"lossless River: {len(inputs.scored)} scored prompts x {SPECULATION_TOKENS} greedy tokens against the backbone")
+    identical, ratios, drafted, accepted, kept, checks = 0, [], 0, 0, 0, 0
+    for context, _ in inputs.scored:
+        base = comparison.backbone.generate(context, SPECULATION_TOKENS)
+        spec = row.generate(context, SPECULATION_TOKENS)
+        identical += spec.tokens == base.tokens
+        if spec.decode_tokens_per_s and base.decode_tokens_per_s:
+            ratios.append(spec.decode_tokens_per_s / base.decode_tokens_per_s)
+        drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
+        kept, checks = kept + len(spec.tokens) - 1, checks + spec.verified
+    return {"identical": identical, "prompts": len(inputs.scored), "new_tokens": SPECULATION_TOKENS,
+            "mean_ratio_to_backbone": statistics.mean(ratios) if ratios else None,
+            "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_verification": kept / checks if checks else None}
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -258,7 +285,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
             "backbone_bandwidth": bandwidth_entry(comparison.backbone.engine.model,
                                                   modes[comparison.backbone.name]["decode_tokens_per_s"],
                                                   measured.copy_gb_per_s),
-            "seconds": time.perf_counter() - t_start}
+            "speculation": measured.speculation, "seconds": time.perf_counter() - t_start}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -266,7 +293,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
 def print_table(result, rows, backbone):
     modes = result["modes"]
     base = modes[backbone.name]
-    header = (f"{'mode':<16}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
+    header = (f"{'mode':<18}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
               f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'RSS MB':>7}  path")
     print(header)
     print("-" * len(header))
@@ -274,7 +301,7 @@ def print_table(result, rows, backbone):
         m = modes[row.name]
         tau = f"{row.tau:g}" if row.tau is not None else "-"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
-        print(f"{row.name:<16}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
+        print(f"{row.name:<18}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
               f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['weight_mb']:>7.0f}{m['peak_rss_mb']:>7.0f}  {m['path']}")
@@ -297,8 +324,8 @@ def print_summary(result, comparison):
     if split:
         bb, rv = split["backbone_block"], split["river_block"]
         print(f"per block (us): backbone {bb['whole']:.0f} = products {bb['products']:.0f} + rest {bb['rest']:.0f}; "
-              f"river {rv['whole']:.0f} = products {rv['products']:.0f} + rest {rv['rest']:.0f}; final norm + "
-              f"LM head {split['lm_head']:.0f}; River's ceiling from products alone at "
+              f"river {rv['whole']:.0f} = products {rv['products']:.0f} + rest {rv['rest']:.0f}; LM head "
+              f"{split['lm_head']:.0f} (the river's {split['river_lm_head']:.0f}); River's ceiling from products alone at "
               f"{river['generation_mean_backbone_blocks']:.1f} backbone blocks: {split['speedup_ceiling_products']:.2f}x")
     bw = result["backbone_bandwidth"]
     print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
@@ -317,6 +344,13 @@ def print_summary(result, comparison):
         print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
               f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
+    if result["speculation"] is not None:
+        sp, row = result["speculation"], modes[comparison.speculative.name]
+        print(f"lossless River (8-bit whole-model drafts, the backbone checks): {row['decode_tokens_per_s']:.1f} tok/s "
+              f"= {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
+              f"{sp['mean_ratio_to_backbone']:.2f}x over the {sp['prompts']} scored prompts; acceptance "
+              f"{sp['acceptance']:.3f}, {sp['tokens_per_verification']:.2f} tokens per check; greedy tokens identical "
+              f"to the backbone's on {sp['identical']}/{sp['prompts']} prompts ({sp['new_tokens']} new tokens each)")
     print(f"finished in {result['seconds']:.0f} s")
 
 

@@ -145,7 +145,7 @@ def median_us(fn, per, repeats):
 def block_split_us(engine, context, repeats=20):
     """Microseconds of one decode step's parts on the native path, at position `context`: a backbone block and a
     river block, whole and their weight products alone (everything else a block does -- norms, RoPE, the cache
-    write, attention, SwiGLU, thread barriers -- is the rest), and the final norm + LM head. Each stack runs all
+    write, attention, SwiGLU, thread barriers -- is the rest), and the LM head: the model's and the river's. Each stack runs all
     its blocks in one call, as a step does; medians over repeats."""
     decoder, model = engine.native.decoder, engine.model
     n_layers, cache = model.cfg.n_layers, model.new_cache(context + 1)
@@ -158,10 +158,10 @@ def block_split_us(engine, context, repeats=20):
                           repeats)
         products = median_us(lambda: stack.run_products(0, n_layers, threads), n_layers, repeats)
         out[name] = {"whole": whole, "products": products, "rest": whole - products}
-    keep, logits = [], torch.empty(model.cfg.vocab_size)
-    head = kernels.matrix(model.lm_head.weight, keep)
-    out["lm_head"] = median_us(lambda: decoder.lib.product(ctypes.byref(head), x.data_ptr(), logits.data_ptr(),
-                                                           threads), 1, repeats)
+    logits = torch.empty(model.cfg.vocab_size)
+    for name, head in (("lm_head", decoder.head), ("river_lm_head", engine.native.river_decoder.head)):
+        out[name] = median_us(lambda: decoder.lib.product(ctypes.byref(head), x.data_ptr(), 1, logits.data_ptr(),
+                                                          threads), 1, repeats)
     return out
 
 
@@ -173,7 +173,7 @@ def time_split(engine, context, depth):
     split, n_layers = block_split_us(engine, context), engine.model.cfg.n_layers
     backbone, river = split["backbone_block"]["products"], split["river_block"]["products"]
     backbone_step = n_layers * backbone + split["lm_head"]
-    river_step = depth * backbone + (n_layers - depth) * river + split["lm_head"]
+    river_step = depth * backbone + (n_layers - depth) * river + split["river_lm_head"]
     split["speedup_ceiling_products"] = backbone_step / river_step
     return split
 

@@ -23,6 +23,8 @@ class Speculation(Generation):
     accepted: int = 0
     verified: int = 0
     draft_lengths: list = field(default_factory=list)
+    draft_depths: list = field(default_factory=list)  # backbone blocks each draft step ran (depths: every kept token
+                                                      # is the backbone's, from a pass through all its blocks)
 
     @property
     def acceptance(self):
@@ -109,6 +111,7 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=DRAF
             out.append(token)
             on_token(token)
         result.step_s.append(time.perf_counter() - t0)
+    result.depths = [model.cfg.n_layers] * len(out)
     return result
 
 
@@ -123,7 +126,7 @@ def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, 
         token, probs = choose.draft(logits[0, -1])
         drafted.append(token)
         q.append(probs)
-        result.depths.append(depth)
+        result.draft_depths.append(depth)
         if token in stop_ids:
             break
     logits, _ = engine.forward(torch.tensor([[last] + drafted], device=model.device), pos, cache, NEVER,
