@@ -92,7 +92,7 @@ def measure_quality(reference, rows, sequences, n_layers):
             if row is not reference:
                 logits, depths, cache = row.score(context, target)
                 logp, nll = scored(logits, target)
-                cos = kv_cosines(cache, base_cache, len(context) + len(target))
+                cos = [] if cache is None else kv_cosines(cache, base_cache, len(context) + len(target))
                 tallies[row.name].add(logp, nll, base_logp, depths, cos)
     return {name: tally.summary(n_layers) for name, tally in tallies.items()}
 
@@ -245,6 +245,8 @@ def measure_memory(rows, common):
     idle = least_peak(common)["peak_rss_mb"]
     probes, row_probe = {}, {}
     for row in rows:
+        if row.deployment is None:  # a peer's row (llama.cpp): nothing of this project's to load
+            continue
         name = row.deployment.name
         if name not in probes:
             log(f"  memory: {name}")

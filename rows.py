@@ -1,7 +1,7 @@
 """The rows of the bench's comparison as values: what a row runs (an engine and an exit rule), what a fresh process
 loads to run it alone (its deployment), how the table and plot show it; and the rows of the default comparison
 (bench.py), built with River's engines and a tau calibrated on the calibration split."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -180,6 +180,7 @@ class Comparison:
     capped: Row
     calibrated: Row | None
     speculative: Row | None
+    peers: list = field(default_factory=list)  # llama.cpp's rows (bench.py adds them where llama_cpp imports)
 
 
 def strategy_rows(model, args):
