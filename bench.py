@@ -6,7 +6,6 @@ the result, report it (the table, --json, --plot). --shape and --context measure
 import argparse
 import importlib.util
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,8 +22,8 @@ from calibrate import (CALIBRATION_MAX_TARGET, CALIBRATION_PROBLEMS, CALIBRATION
 from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
-from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality, measure_speed,
-                     tensor_bytes, time_split)
+from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality,
+                     measure_speculation, measure_speed, tensor_bytes, time_split)
 from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
@@ -179,31 +178,6 @@ def measure(comparison, args, sizes, inputs):
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
     return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs))
-
-
-SPECULATION_TOKENS = 96  # new tokens per scored prompt in the lossless row's identity check
-
-
-def measure_speculation(comparison, inputs):
-    """Lossless River on each scored prompt: its greedy tokens against the backbone's (identical n of N), its decode
-    speed over the backbone's there (the mean of the per-prompt ratios), acceptance and tokens kept per check."""
-    row = comparison.speculative
-    if row is None:
-        return None
-    log(f"lossless River: {len(inputs.scored)} scored prompts x {SPECULATION_TOKENS} greedy tokens against the backbone")
-    identical, ratios, drafted, accepted, kept, checks = 0, [], 0, 0, 0, 0
-    for context, _ in inputs.scored:
-        base = comparison.backbone.generate(context, SPECULATION_TOKENS)
-        spec = row.generate(context, SPECULATION_TOKENS)
-        identical += spec.tokens == base.tokens
-        if spec.decode_tokens_per_s and base.decode_tokens_per_s:
-            ratios.append(spec.decode_tokens_per_s / base.decode_tokens_per_s)
-        drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
-        kept, checks = kept + len(spec.tokens) - 1, checks + spec.verified
-    return {"identical": identical, "prompts": len(inputs.scored), "new_tokens": SPECULATION_TOKENS,
-            "mean_ratio_to_backbone": statistics.mean(ratios) if ratios else None,
-            "acceptance": accepted / drafted if drafted else None,
-            "tokens_per_verification": kept / checks if checks else None}
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -413,7 +387,7 @@ def main(argv=None):
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
     model = scaling.load_backbone(args.model, device, args.dtype)
     comparison, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
-    if not args.no_llamacpp and model.device.type == "cpu":
+    if not (args.no_llamacpp or args.model or args.text) and model.device.type == "cpu":  # the bundled model's peer
         comparison.peers = llamacpp.peer_rows(args.llamacpp_types, kernels.cache_dir() / "llamacpp",
                                               model.cfg.n_layers, log)
         comparison.rows += comparison.peers
