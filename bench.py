@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import kernels
+import llamacpp
 import plots
 import scaling
 from calibrate import (CALIBRATION_MAX_TARGET, CALIBRATION_PROBLEMS, CALIBRATION_TAUS, CAP_SHARE,
@@ -21,8 +22,8 @@ from calibrate import (CALIBRATION_MAX_TARGET, CALIBRATION_PROBLEMS, CALIBRATION
 from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
-from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality, measure_speed,
-                     tensor_bytes, time_split)
+from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality,
+                     measure_speculation, measure_speed, tensor_bytes, time_split)
 from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
@@ -56,6 +57,11 @@ def check_threads(threads):
 
 def argument_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llamacpp-types", nargs="+", choices=tuple(llamacpp.FTYPES),
+                        default=list(llamacpp.DEFAULT_TYPES), metavar="TYPE",
+                        help=f"llama.cpp's types compared, where llama_cpp is importable (default: "
+                             f"{' '.join(llamacpp.DEFAULT_TYPES)}; of {' '.join(llamacpp.FTYPES)})")
+    parser.add_argument("--no-llamacpp", action="store_true", help="no llama.cpp rows")
     parser.add_argument("--quick", action="store_true", help="a smaller run for smoke checks")
     parser.add_argument("--model", default=None, help="HF Llama folder (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -152,6 +158,7 @@ class Measured:
     memory: dict
     split: dict | None
     copy_gb_per_s: float
+    speculation: dict | None
 
 
 def measure(comparison, args, sizes, inputs):
@@ -170,7 +177,7 @@ def measure(comparison, args, sizes, inputs):
     memory = measure_memory(rows, {
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
-    return Measured(speed, quality, memory, split, bandwidth)
+    return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs))
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -178,11 +185,12 @@ def measure(comparison, args, sizes, inputs):
 def mode_entry(row, measured):
     """One row's figures: speed, quality, its weights, its rule's tau, the code that ran it, its memory alone."""
     weights, bits, activations = row.description()
-    probe = measured.memory["row_probe"][row.name]
+    probe = measured.memory["row_probe"].get(row.name)
+    memory = measured.memory["probes"][probe] if probe else {}
     return {**measured.speed[row.name], **measured.quality[row.name], "weights": weights, "bits_per_block": bits,
             "activations": activations, "tau": row.tau, "path": row.path,
-            "peak_rss_mb": measured.memory["probes"][probe]["peak_rss_mb_over_idle"],
-            "weight_mb": measured.memory["probes"][probe]["weight_mb"], "memory_probe": probe}
+            "peak_rss_mb": memory.get("peak_rss_mb_over_idle"), "weight_mb": memory.get("weight_mb"),
+            "memory_probe": probe}
 
 
 def cap_entry(comparison, modes, calibrated, args, depth_cap):
@@ -258,7 +266,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
             "backbone_bandwidth": bandwidth_entry(comparison.backbone.engine.model,
                                                   modes[comparison.backbone.name]["decode_tokens_per_s"],
                                                   measured.copy_gb_per_s),
-            "seconds": time.perf_counter() - t_start}
+            "speculation": measured.speculation, "seconds": time.perf_counter() - t_start}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -266,7 +274,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
 def print_table(result, rows, backbone):
     modes = result["modes"]
     base = modes[backbone.name]
-    header = (f"{'mode':<16}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
+    header = (f"{'mode':<18}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
               f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'RSS MB':>7}  path")
     print(header)
     print("-" * len(header))
@@ -274,10 +282,11 @@ def print_table(result, rows, backbone):
         m = modes[row.name]
         tau = f"{row.tau:g}" if row.tau is not None else "-"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
-        print(f"{row.name:<16}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
+        wts, rss = (f"{m[k]:.0f}" if m[k] is not None else "-" for k in ("weight_mb", "peak_rss_mb"))
+        print(f"{row.name:<18}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
-              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{m['weight_mb']:>7.0f}{m['peak_rss_mb']:>7.0f}  {m['path']}")
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{rss:>7}  {m['path']}")
 
 
 def print_header(result, sizes, prompt_tokens):
@@ -297,8 +306,8 @@ def print_summary(result, comparison):
     if split:
         bb, rv = split["backbone_block"], split["river_block"]
         print(f"per block (us): backbone {bb['whole']:.0f} = products {bb['products']:.0f} + rest {bb['rest']:.0f}; "
-              f"river {rv['whole']:.0f} = products {rv['products']:.0f} + rest {rv['rest']:.0f}; final norm + "
-              f"LM head {split['lm_head']:.0f}; River's ceiling from products alone at "
+              f"river {rv['whole']:.0f} = products {rv['products']:.0f} + rest {rv['rest']:.0f}; LM head "
+              f"{split['lm_head']:.0f} (the river's {split['river_lm_head']:.0f}); River's ceiling from products alone at "
               f"{river['generation_mean_backbone_blocks']:.1f} backbone blocks: {split['speedup_ceiling_products']:.2f}x")
     bw = result["backbone_bandwidth"]
     print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
@@ -317,7 +326,44 @@ def print_summary(result, comparison):
         print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
               f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
+    print_peers(result, comparison)
+    if result["speculation"] is not None:
+        sp, row = result["speculation"], modes[comparison.speculative.name]
+        print(f"lossless River (8-bit whole-model drafts, the backbone checks): {row['decode_tokens_per_s']:.1f} tok/s "
+              f"= {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
+              f"{sp['mean_ratio_to_backbone']:.2f}x over the {sp['prompts']} scored prompts; acceptance "
+              f"{sp['acceptance']:.3f}, {sp['tokens_per_verification']:.2f} tokens per check; greedy tokens identical "
+              f"to the backbone's on {sp['identical']}/{sp['prompts']} prompts ({sp['new_tokens']} new tokens each)")
     print(f"finished in {result['seconds']:.0f} s")
+
+
+def print_peers(result, comparison):
+    """This project's rows against llama.cpp's types: for Q8_0 and Q4_K_M the fastest row at or below its NLL (bar:
+    1.2x its tok/s), for Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
+    modes = result["modes"]
+    peers = {row.kind: modes[row.name] for row in comparison.peers}
+    ours = {row.name: modes[row.name] for row in comparison.rows if row not in comparison.peers}
+    base = modes[comparison.backbone.name]
+    for kind in ("Q8_0", "Q4_K_M"):
+        if kind in peers:
+            p = peers[kind]
+            fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
+            tps, name = max(fit) if fit else (None, None)
+            print(f"llama.cpp {kind}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+                  + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
+                     f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
+    if "Q4_0" in peers:
+        p = peers["Q4_0"]
+        fit = [(m["nll"], name) for name, m in ours.items() if m["decode_tokens_per_s"] >= p["decode_tokens_per_s"]]
+        nll, name = min(fit) if fit else (None, None)
+        print(f"llama.cpp Q4_0: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+              + (f"lowest-NLL row at least as fast: {name} NLL {nll - base['nll']:+.4f}, "
+                 f"{ours[name]['decode_tokens_per_s']:.1f} tok/s" if fit else "no row as fast"))
+    if "BF16" in peers:
+        p = peers["BF16"]
+        print(f"backbone {base['decode_tokens_per_s']:.1f} tok/s = {base['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x"
+              f" llama.cpp BF16 ({p['decode_tokens_per_s']:.1f}); BF16's NLL minus the backbone's "
+              f"{p['nll'] - base['nll']:+.4f}")
 
 
 def report(result, comparison, args, sizes, prompt_tokens):
@@ -341,6 +387,10 @@ def main(argv=None):
     log(f"river bench on {machine_info(device)}, torch {torch.__version__}")
     model = scaling.load_backbone(args.model, device, args.dtype)
     comparison, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
+    if not (args.no_llamacpp or args.model or args.text) and model.device.type == "cpu":  # the bundled model's peer
+        comparison.peers = llamacpp.peer_rows(args.llamacpp_types, kernels.cache_dir() / "llamacpp",
+                                              model.cfg.n_layers, log)
+        comparison.rows += comparison.peers
     measured = measure(comparison, args, sizes, inputs)
     result = assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t_start)
     report(result, comparison, args, sizes, len(inputs.prompt))

@@ -92,7 +92,7 @@ def measure_quality(reference, rows, sequences, n_layers):
             if row is not reference:
                 logits, depths, cache = row.score(context, target)
                 logp, nll = scored(logits, target)
-                cos = kv_cosines(cache, base_cache, len(context) + len(target))
+                cos = [] if cache is None else kv_cosines(cache, base_cache, len(context) + len(target))
                 tallies[row.name].add(logp, nll, base_logp, depths, cos)
     return {name: tally.summary(n_layers) for name, tally in tallies.items()}
 
@@ -122,6 +122,31 @@ def measure_speed(rows, prompt, new_tokens, repeats):
                        "generation_mean_backbone_blocks": statistics.mean(blocks[row.name])} for row in rows}
 
 
+SPECULATION_TOKENS = 96  # new tokens per scored prompt in the lossless row's identity check
+
+
+def measure_speculation(comparison, inputs):
+    """Lossless River on each scored prompt: its greedy tokens against the backbone's (identical n of N), its decode
+    speed over the backbone's there (the mean of the per-prompt ratios), acceptance and tokens kept per check."""
+    row = comparison.speculative
+    if row is None:
+        return None
+    log(f"lossless River: {len(inputs.scored)} scored prompts x {SPECULATION_TOKENS} greedy tokens against the backbone")
+    identical, ratios, drafted, accepted, kept, checks = 0, [], 0, 0, 0, 0
+    for context, _ in inputs.scored:
+        base = comparison.backbone.generate(context, SPECULATION_TOKENS)
+        spec = row.generate(context, SPECULATION_TOKENS)
+        identical += spec.tokens == base.tokens
+        if spec.decode_tokens_per_s and base.decode_tokens_per_s:
+            ratios.append(spec.decode_tokens_per_s / base.decode_tokens_per_s)
+        drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
+        kept, checks = kept + len(spec.tokens) - 1, checks + spec.verified
+    return {"identical": identical, "prompts": len(inputs.scored), "new_tokens": SPECULATION_TOKENS,
+            "mean_ratio_to_backbone": statistics.mean(ratios) if ratios else None,
+            "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_verification": kept / checks if checks else None}
+
+
 def seconds(fn, device):
     """Wall time of one call of fn, the device synchronised before and after."""
     sync(device)
@@ -145,7 +170,7 @@ def median_us(fn, per, repeats):
 def block_split_us(engine, context, repeats=20):
     """Microseconds of one decode step's parts on the native path, at position `context`: a backbone block and a
     river block, whole and their weight products alone (everything else a block does -- norms, RoPE, the cache
-    write, attention, SwiGLU, thread barriers -- is the rest), and the final norm + LM head. Each stack runs all
+    write, attention, SwiGLU, thread barriers -- is the rest), and the LM head: the model's and the river's. Each stack runs all
     its blocks in one call, as a step does; medians over repeats."""
     decoder, model = engine.native.decoder, engine.model
     n_layers, cache = model.cfg.n_layers, model.new_cache(context + 1)
@@ -158,10 +183,10 @@ def block_split_us(engine, context, repeats=20):
                           repeats)
         products = median_us(lambda: stack.run_products(0, n_layers, threads), n_layers, repeats)
         out[name] = {"whole": whole, "products": products, "rest": whole - products}
-    keep, logits = [], torch.empty(model.cfg.vocab_size)
-    head = kernels.matrix(model.lm_head.weight, keep)
-    out["lm_head"] = median_us(lambda: decoder.lib.product(ctypes.byref(head), x.data_ptr(), logits.data_ptr(),
-                                                           threads), 1, repeats)
+    logits = torch.empty(model.cfg.vocab_size)
+    for name, head in (("lm_head", decoder.head), ("river_lm_head", engine.native.river_decoder.head)):
+        out[name] = median_us(lambda: decoder.lib.product(ctypes.byref(head), x.data_ptr(), 1, logits.data_ptr(),
+                                                          threads), 1, repeats)
     return out
 
 
@@ -173,7 +198,7 @@ def time_split(engine, context, depth):
     split, n_layers = block_split_us(engine, context), engine.model.cfg.n_layers
     backbone, river = split["backbone_block"]["products"], split["river_block"]["products"]
     backbone_step = n_layers * backbone + split["lm_head"]
-    river_step = depth * backbone + (n_layers - depth) * river + split["lm_head"]
+    river_step = depth * backbone + (n_layers - depth) * river + split["river_lm_head"]
     split["speedup_ceiling_products"] = backbone_step / river_step
     return split
 
@@ -245,6 +270,8 @@ def measure_memory(rows, common):
     idle = least_peak(common)["peak_rss_mb"]
     probes, row_probe = {}, {}
     for row in rows:
+        if row.deployment is None:  # a peer's row (llama.cpp): nothing of this project's to load
+            continue
         name = row.deployment.name
         if name not in probes:
             log(f"  memory: {name}")

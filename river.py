@@ -30,6 +30,9 @@ DEFAULT_GROUP_SIZE = 64
 # The last block turns the residual state the most (its transition similarity is the lowest, 0.3 to 0.75 on the
 # bundled model): its 4-bit copy cost the most NLL of any single block, so the river keeps it at 8 bits (README).
 DEFAULT_EIGHT_BIT_LAYERS = (-1,)
+# The river's LM head at 8 bits: on HumanEval's calibration split River's NLL increase at tau 0.95 went +0.0266 ->
+# +0.0254 and its decode 137 -> 213 tok/s (the bf16 head was 43% of its step); 4 bits cost +0.07 more (README).
+DEFAULT_HEAD_BITS = 8
 
 
 # ---------------------------------------------------------------------------------------------- the river
@@ -94,10 +97,13 @@ class ExitRiver(nn.Module):
     blocks: the backbone blocks to copy, in layer order (default model.blocks). An iterator that reads each from the
     checkpoint when asked (load_weights.load_blocks) builds the river of a depth-capped model, whose deep blocks are
     never loaded: each is copied and dropped.
+    head_bits: 4 or 8 for a low-bit copy of the LM head, which every pass that may leave the backbone ends at (the
+    deployment's head: a departure from the paper, which keeps the original head); None keeps the model's bf16 head.
+    The backbone's own pass (exit_policy.NEVER) always ends at the model's head.
     """
 
     def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10,
-                 blocks=None):
+                 blocks=None, head_bits=None):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -114,10 +120,23 @@ class ExitRiver(nn.Module):
         if [b.layer for b in self.blocks] != list(range(n_layers)):
             raise ValueError(f"a river copies every one of the model's {n_layers} blocks in order; got blocks "
                              f"{[b.layer for b in self.blocks]} (a model holding only its first blocks needs blocks=)")
+        self.head = None
+        if head_bits is not None:
+            check_head_bits(head_bits, group_size)
+            qw = quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps)
+            self.head = QuantizedLinear(qw, model.device, "int16")
+
+
+def check_head_bits(head_bits, group_size):
+    """The river's LM head: 4 or 8 bits, int16 activations whatever the blocks' (its product is the kernels' or
+    their twin's)."""
+    if isinstance(head_bits, bool) or not isinstance(head_bits, int) or head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8 (None: the model's bf16 head), got {head_bits!r}")
+    check_quant_args(head_bits, group_size, "int16")
 
 
 def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
-               eight_bit_layers=None, dtype=torch.bfloat16):
+               eight_bit_layers=None, dtype=torch.bfloat16, head_bits=None):
     """(model holding its first `held` backbone blocks (default all), ExitRiver of every block, tokenizer), read in the
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
     block dropped; then the backbone blocks kept. held 0: a river alone (the whole-model low-bit mode).
@@ -129,7 +148,7 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
     if eight_bit_layers is None:
         eight_bit_layers = default_eight_bit_layers(bits, activations, held, model.cfg.n_layers)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
-                      blocks=load_blocks(path, None, model.device, dtype))
+                      blocks=load_blocks(path, None, model.device, dtype), head_bits=head_bits)
     model.blocks.extend(load_blocks(path, range(held), model.device, dtype))
     return model, river, tokenizer
 
@@ -205,10 +224,13 @@ class Engine:
                 break
         for block in self.river.blocks[depth:] if depth < n_layers else ():
             x = self.run_block(block, x, pos, cache)  # river block j writes layer j: the cache stays whole
-        return self.head(x if all_logits else x[:, -1:]), depth
+        return self.head(x if all_logits else x[:, -1:], rule), depth
 
-    def head(self, x):
-        """The final norm and LM head, through torch.compile for one position when this engine compiles."""
+    def head(self, x, rule=NEVER):
+        """The final norm and LM head: the river's low-bit head where the river holds one and the rule may leave the
+        backbone; else the model's, through torch.compile for one position when this engine compiles."""
+        if self.river is not None and self.river.head is not None and not rule.whole_backbone:
+            return self.river.head(self.model.norm(x))
         if self.compiled and x.shape[1] == 1:
             return compiled_function(streamed_head)(self.model, x)
         return self.model.head(x)
@@ -268,9 +290,15 @@ class NativeDecoder:
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
-        self.decoder = kernels.Decoder(lib, dims, [block_weights(b) for b in model.blocks],
-                                       None if river is None else [block_weights(b) for b in river.blocks],
-                                       model.embed.weight, model.inv_freq, model.norm.weight, model.lm_head.weight)
+        backbone = [block_weights(b) for b in model.blocks]
+        blocks = None if river is None else [block_weights(b) for b in river.blocks]
+
+        def decoder(head):  # the weights are shared, not copied: a second decoder costs only its tables
+            return kernels.Decoder(lib, dims, backbone, blocks, model.embed.weight, model.inv_freq, model.norm.weight,
+                                   head)
+        self.decoder = decoder(model.lm_head.weight)
+        # the river's head, for passes that may leave the backbone (Engine.head)
+        self.river_decoder = self.decoder if river is None or river.head is None else decoder(matrix_of(river.head))
 
     @staticmethod
     def unsupported(model, river):
@@ -292,8 +320,9 @@ class NativeDecoder:
         if T == 0:
             raise ValueError("a pass needs at least one token")
         cache.check_range(start, T)  # before the kernel writes
-        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
-                                             torch.get_num_threads(), all_logits, similarity)
+        decoder = self.decoder if rule.whole_backbone else self.river_decoder
+        logits, depth = decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
+                                        torch.get_num_threads(), all_logits, similarity)
         cache.record(slice(0, depth), start, T, Writer.BACKBONE)
         cache.record(slice(depth, None), start, T, Writer.RIVER)
         return logits.view(1, -1, logits.shape[-1]), depth
@@ -306,15 +335,18 @@ def native_exit(rule, model):
                         max_depth)
 
 
+def matrix_of(linear):
+    """A linear layer's weight as the kernels take it: bf16, or (packed, N, K, group size, bits)."""
+    if isinstance(linear, QuantizedLinear):
+        return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
+    return linear.weight
+
+
 def block_weights(block):
-    """A block's norms and matrices as kernels.Stack takes them: bf16 weights, or (packed, N, K, group size, bits)."""
-    def matrix(linear):
-        if isinstance(linear, QuantizedLinear):
-            return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
-        return linear.weight
+    """A block's norms and matrices as kernels.Stack takes them."""
     return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
-            "qkv": matrix(block.attn.wqkv), "o": matrix(block.attn.wo), "gate_up": matrix(block.mlp.w_gate_up),
-            "down": matrix(block.mlp.w_down)}
+            "qkv": matrix_of(block.attn.wqkv), "o": matrix_of(block.attn.wo),
+            "gate_up": matrix_of(block.mlp.w_gate_up), "down": matrix_of(block.mlp.w_down)}
 
 
 
@@ -367,7 +399,11 @@ def parser_for(modes):
                              "backbone's blocks from D on are never loaded (their river copies are made one block at "
                              "a time as the checkpoint is read; with --quality-budget all are loaded, to calibrate "
                              "on); 0 to the model's layer count (default: all)")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="river weights")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                        help="river weights (default 4; 8 with --speculative, whose drafts then almost always hold)")
+    parser.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
+                        help="the river's LM head, which every token that may leave the backbone ends at (16: the "
+                             "model's own bf16 head; the backbone mode always uses it)")
     parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
                         help="river activations: int16 per group (default on CPU: integer dot products in the native "
@@ -381,8 +417,9 @@ def parser_for(modes):
     parser.add_argument("--draft-length", type=option(int, check_draft_length), default=DRAFT_LENGTH, metavar="K",
                         help="--speculative: most tokens drafted per check (it adapts to recent acceptance below that)")
     parser.add_argument("--drafter", choices=tuple(DRAFTERS), default="quantized",
-                        help="--speculative: the exit rule that drafts: every block a river copy (quantized, the "
-                             "fastest on HumanEval's calibration split) or River's similarity rule at --tau")
+                        help="--speculative: the exit rule that drafts: every block a river copy (quantized: with "
+                             "the default 8-bit river and head, 1.9-2.2x the backbone on HumanEval's calibration "
+                             "split) or River's similarity rule at --tau")
     parser.add_argument("--no-native", action="store_true",
                         help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
@@ -405,6 +442,7 @@ def parse_arguments(argv, modes):
     args = parser.parse_args(argv)
     mode = modes[args.mode]
     args.drafter = DRAFTERS[args.drafter]  # the name mapped once to its rule
+    args.bits = args.bits or (8 if args.speculative else 4)
     if not args.prompt:
         parser.error("argument --prompt: the prompt is empty")
     if args.max_backbone_depth is not None and not mode.river:
@@ -448,8 +486,9 @@ def load_weights_of(mode, args, device, eight_bit):
     if not mode.river:
         return reading_files(load_model, args.model, device, torch.bfloat16)[0], None
     held = 0 if not mode.holds_backbone else None if args.quality_budget is not None else args.max_backbone_depth
+    head_bits = None if args.head_bits == 16 else args.head_bits
     model, river, _ = reading_files(load_river, args.model, device, held, args.bits, args.group_size,
-                                    args.activations, eight_bit, torch.bfloat16)
+                                    args.activations, eight_bit, torch.bfloat16, head_bits)
     return model, river
 
 
@@ -526,7 +565,8 @@ def main(argv=None, modes=MODES):
                           "quality_budget": args.quality_budget,
                           "calibration": None if calibration is None else calibration_json(calibration),
                           "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
-                          "bits": args.bits, "activations": args.activations, "eight_bit_layers": list(eight_bit),
+                          "bits": args.bits, "head_bits": args.head_bits, "activations": args.activations,
+                          "eight_bit_layers": list(eight_bit),
                           "path": engine.path, "speculative": speculation_json(result) if args.speculative else None},
                          allow_nan=False))
         return

@@ -1,7 +1,7 @@
 """The rows of the bench's comparison as values: what a row runs (an engine and an exit rule), what a fresh process
 loads to run it alone (its deployment), how the table and plot show it; and the rows of the default comparison
 (bench.py), built with River's engines and a tau calibrated on the calibration split."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,7 +10,8 @@ from cli import fail
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_strategies import STRATEGIES, BaselineEngine
 from measure import log
-from river import Engine, ExitRiver, default_activations, default_eight_bit_layers
+from river import DEFAULT_HEAD_BITS, Engine, ExitRiver, default_activations, default_eight_bit_layers
+from speculative import generate_speculative
 
 
 # ------------------------------------------------------------------------------------------------ a row
@@ -22,30 +23,37 @@ class RiverKind:
     bits: int
     activations: str
     eight_bit_layers: tuple = ()
+    head_bits: int | None = None  # the river's own LM head (None: the model's bf16 head)
 
     def build(self, model, group_size, refine_steps=10):
-        return ExitRiver(model, self.bits, group_size, self.activations, self.eight_bit_layers, refine_steps)
+        return ExitRiver(model, self.bits, group_size, self.activations, self.eight_bit_layers, refine_steps,
+                         head_bits=self.head_bits)
 
     def loader_args(self):
         """What river.load_river takes to build this river as it streams the checkpoint."""
-        return {"bits": self.bits, "activations": self.activations, "eight_bit_layers": list(self.eight_bit_layers)}
+        return {"bits": self.bits, "activations": self.activations, "eight_bit_layers": list(self.eight_bit_layers),
+                "head_bits": self.head_bits}
 
 
 def own_river(device, held=None, n_layers=None, name="main"):
     """River's own copies: on CPU 4-bit with int16 activations and the last block 8-bit (README, "The last block at
     8 bits"), on CUDA 4-bit W4A16; for a backbone holding only its first `held` blocks (a capped River), every copy
-    from there on 8-bit (river.default_eight_bit_layers)."""
+    from there on 8-bit (river.default_eight_bit_layers); the river's 8-bit LM head (river.DEFAULT_HEAD_BITS), except
+    for a capped River, whose point is memory (the model's head stays resident as the embedding: a second head
+    would add its bytes)."""
     activations = default_activations(device)
-    return RiverKind(name, 4, activations, default_eight_bit_layers(4, activations, held, n_layers))
+    return RiverKind(name, 4, activations, default_eight_bit_layers(4, activations, held, n_layers),
+                     DEFAULT_HEAD_BITS if held is None else None)
 
 
-W4A16 = RiverKind("w4a16", 4, "bf16")  # every block 4-bit through PyTorch's kernel: the paper's W4A16, the control
+W4A16 = RiverKind("w4a16", 4, "bf16")  # every block 4-bit through PyTorch's kernel, the model's head: the paper's
+                                       # W4A16, the control
 
 
 def eight_bit_river(device):
     """Every block 8-bit, int16 activations: CPU only (None elsewhere)."""
     activations = default_activations(device)
-    return RiverKind("8bit", 8, activations) if activations == "int16" else None
+    return RiverKind("8bit", 8, activations, head_bits=DEFAULT_HEAD_BITS) if activations == "int16" else None
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,26 @@ class Row:
         return f"{bits}b/{'i16' if river.activations == 'int16' else 'bf16'}", river.bits, river.activations
 
 
+class SpeculativeRow(Row):
+    """Lossless River (speculative.py): the row's river drafts under its rule, the whole backbone checks. Its output is
+    the backbone's (greedy: token for token; tests and bench's identical count hold it), so its quality is the
+    backbone's own teacher-forced scores."""
+
+    def generate(self, prompt, new_tokens):
+        return generate_speculative(self.engine, prompt, new_tokens, self.rule)
+
+    def score(self, context, target):
+        return teacher_forced(self.engine, NEVER, context, target)
+
+    @property
+    def tau(self):
+        return None
+
+    def description(self):
+        weights, bits, activations = super().description()
+        return f"{weights}+bf16", bits, activations  # drafts, then checks
+
+
 # ---------------------------------------------------------------------------------------- the default comparison
 
 @dataclass(frozen=True)
@@ -151,6 +179,8 @@ class Comparison:
     quantized_main: Row
     capped: Row
     calibrated: Row | None
+    speculative: Row | None
+    peers: list = field(default_factory=list)  # llama.cpp's rows (bench.py adds them where llama_cpp imports)
 
 
 def strategy_rows(model, args):
@@ -185,8 +215,13 @@ def comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_ta
         variants.append(calibrated)
     sweep = [Row(f"river_tau{t:g}", main.engine, similarity(t), main.deployment(), in_sweep=True)
              for t in sizes.taus if t != args.tau]
+    speculative = None
+    if eight_bit is not None and eight_bit.engine.native is not None:  # needs the bit-equal native check pass
+        speculative = SpeculativeRow("river_speculative", eight_bit.engine, RIVER_ONLY, eight_bit.deployment(),
+                                     mark=Mark("*", "lossless River: 8-bit drafts, the backbone checks"))
+        variants.append(speculative)
     rows = [backbone, quantized, quantized_main, river, *variants, *sweep, *strategy_rows(model, args)]
-    return Comparison(rows, backbone, river, quantized, quantized_main, capped_row, calibrated)
+    return Comparison(rows, backbone, river, quantized, quantized_main, capped_row, calibrated, speculative)
 
 
 @dataclass

@@ -11,7 +11,8 @@ from generation import (Generation, check_fits_context, check_max_new_tokens, ch
 
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
-DRAFT_LENGTH = 5  # the default most drafted per check: the best of 2..5 on HumanEval's calibration split (README)
+DRAFT_LENGTH = MAX_DRAFT  # an 8-bit whole-model drafter's drafts almost always hold: the longest was fastest on
+                          # HumanEval's calibration split (README)
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Speculation(Generation):
     accepted: int = 0
     verified: int = 0
     draft_lengths: list = field(default_factory=list)
+    draft_depths: list = field(default_factory=list)  # backbone blocks each draft step ran (depths: every kept token
+                                                      # is the backbone's, from a pass through all its blocks)
 
     @property
     def acceptance(self):
@@ -108,6 +111,7 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=DRAF
             out.append(token)
             on_token(token)
         result.step_s.append(time.perf_counter() - t0)
+    result.depths = [model.cfg.n_layers] * len(out)
     return result
 
 
@@ -122,7 +126,7 @@ def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, 
         token, probs = choose.draft(logits[0, -1])
         drafted.append(token)
         q.append(probs)
-        result.depths.append(depth)
+        result.draft_depths.append(depth)
         if token in stop_ids:
             break
     logits, _ = engine.forward(torch.tensor([[last] + drafted], device=model.device), pos, cache, NEVER,

@@ -586,7 +586,7 @@ def test_compiled_one_token_attention_is_masked_softmax():
 # What each library module may import of the project (the design, section 2): the backbone knows nothing of exits
 # or rivers, the cache is plain storage, the exit rule and the kernels see tensors only; river.py's command line reads
 # checkpoints (load_weights) and calibrates; kv_strategies sits on River's engine; bench.py, on top, may import any.
-BENCH = ("bench", "rows", "measure", "scaling", "plots")  # the measuring front end, on top of everything
+BENCH = ("bench", "rows", "measure", "scaling", "plots", "llamacpp")  # the measuring front end, on top of everything
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
               "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",

