@@ -20,7 +20,7 @@ from generation import (Generation, check_fits_context, check_max_new_tokens, ch
                         check_top_p, sample, sync)
 from kv_cache import Writer
 from model import check_held
-from speculative import DRAFT_LENGTH, check_draft_length, check_speculative, generate_speculative
+from speculative import check_draft_length, default_draft_length, check_speculative, generate_speculative
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
 # Chosen from bench.py's sweep on the bundled model (see README): the lowest tau, in steps of 0.01, whose NLL
@@ -414,8 +414,9 @@ def parser_for(modes):
     parser.add_argument("--speculative", action="store_true",
                         help="--mode river: lossless generation, River drafting and the whole backbone checking the "
                              "drafts in one pass; the output is the backbone's (greedy: token for token)")
-    parser.add_argument("--draft-length", type=option(int, check_draft_length), default=DRAFT_LENGTH, metavar="K",
-                        help="--speculative: most tokens drafted per check (it adapts to recent acceptance below that)")
+    parser.add_argument("--draft-length", type=option(int, check_draft_length), default=None, metavar="K",
+                        help="--speculative: most tokens drafted per check (it adapts to recent acceptance below that; default "
+                             "by instruction set: speculative.DRAFT_LENGTHS)")
     parser.add_argument("--drafter", choices=tuple(DRAFTERS), default="quantized",
                         help="--speculative: the exit rule that drafts: every block a river copy (quantized: with "
                              "the default 8-bit river and head, 1.9-2.2x the backbone on HumanEval's calibration "
@@ -548,7 +549,7 @@ def main(argv=None, modes=MODES):
     stream = None if args.json else TextStream(tokenizer)
     if args.speculative:
         try:
-            check_speculative(engine, args.drafter(tau), args.draft_length)
+            check_speculative(engine, args.drafter(tau), args.draft_length or default_draft_length(engine))
         except ValueError as err:
             fail(f"--speculative: {err}")
         rule = args.drafter(tau)

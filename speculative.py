@@ -11,8 +11,16 @@ from generation import (Generation, check_fits_context, check_max_new_tokens, ch
 
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
-DRAFT_LENGTH = MAX_DRAFT  # an 8-bit whole-model drafter's drafts almost always hold: the longest was fastest on
-                          # HumanEval's calibration split (README)
+# The most drafted per check, by the native build's instruction set, each the fastest of several on HumanEval's
+# calibration split (problems 12..17, 48 tokens, an 8-bit whole-model drafter with the 8-bit head, README): on
+# AVX-512 (bf16 products in hardware) the check of 16 tokens costs little more than a step, so the longest drafts
+# won (k 5/8/12/15: 1.92/1.90/1.96/2.16x); on AVX2 the check is compute-bound and 8 won (4/6/8/15: 1.67/1.61/1.69/
+# 1.56x).
+DRAFT_LENGTHS = {"avx512": MAX_DRAFT, "avx2": 8}
+
+
+def default_draft_length(engine):
+    return DRAFT_LENGTHS.get(engine.native.isa if engine.native is not None else None, 8)
 
 
 @dataclass
@@ -69,7 +77,7 @@ class Drafts:
                 max(1, self.length - 1) if accepted == 0 else self.length
 
 
-def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=DRAFT_LENGTH, adapt=True, temperature=0.0,
+def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None, adapt=True, temperature=0.0,
                          top_p=1.0, seed=None, stop_ids=(), on_token=None):
     """Generate from prompt ids as the backbone would, River (the exit rule `rule`) drafting and the backbone checking.
 
@@ -80,6 +88,7 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=DRAF
     min(1, p/q) (p the backbone's, q the drafter's, both through the same temperature and top-p), a rejected one
     replaced by a draw from max(0, p - q): the standard rule, which keeps the backbone's distribution. The slots of
     rejected drafts are dropped from the cache."""
+    draft_length = default_draft_length(engine) if draft_length is None else draft_length
     check_speculative(engine, rule, draft_length)
     model = engine.model
     if len(prompt) == 0:
