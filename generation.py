@@ -72,3 +72,15 @@ def nucleus(probs, top_p):
     """sorted_nucleus in the ids' own order: the distribution nucleus sampling draws from."""
     sorted_probs, order = sorted_nucleus(probs, top_p)
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+
+
+def check_generation(prompt, max_new_tokens, context, temperature, top_p, seed):
+    """Every check on what a caller asks of a generation, before anything runs (Engine.generate and
+    speculative.generate_speculative alike)."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty: give at least one token")
+    check_max_new_tokens(max_new_tokens)
+    check_fits_context(len(prompt), max_new_tokens, context)
+    check_temperature(temperature)
+    check_top_p(top_p)
+    check_seed(seed)

@@ -16,8 +16,8 @@ import kernels
 from compiled import compiled_function, streamed_head, streamed_step
 from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
-from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
-                        check_top_p, sample, sync)
+from generation import (Generation, check_fits_context, check_generation, check_max_new_tokens, check_seed,
+                        check_temperature, check_top_p, sample, sync)
 from kv_cache import Writer
 from model import check_held
 from speculative import check_draft_length, default_draft_length, check_speculative, generate_speculative
@@ -249,13 +249,7 @@ class Engine:
         with each token as it is chosen, outside the timed steps (river.py streams the text through it)."""
         self.check_rule(rule)
         model = self.model
-        if len(prompt) == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        check_max_new_tokens(max_new_tokens)
-        check_fits_context(len(prompt), max_new_tokens, model.cfg.max_seq_len)
-        check_temperature(temperature)
-        check_top_p(top_p)
-        check_seed(seed)
+        check_generation(prompt, max_new_tokens, model.cfg.max_seq_len, temperature, top_p, seed)
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=model.device)

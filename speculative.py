@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from exit_policy import NEVER, ExitRule
-from generation import (Generation, check_fits_context, check_max_new_tokens, check_seed, check_temperature,
-                        check_top_p, nucleus, sync)
+from generation import Generation, check_generation, nucleus, sync
 
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
@@ -91,13 +90,7 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None
     draft_length = default_draft_length(engine) if draft_length is None else draft_length
     check_speculative(engine, rule, draft_length)
     model = engine.model
-    if len(prompt) == 0:
-        raise ValueError("prompt is empty: give at least one token")
-    check_max_new_tokens(max_new_tokens)
-    check_fits_context(len(prompt), max_new_tokens, model.cfg.max_seq_len)
-    check_temperature(temperature)
-    check_top_p(top_p)
-    check_seed(seed)
+    check_generation(prompt, max_new_tokens, model.cfg.max_seq_len, temperature, top_p, seed)
     generator = torch.Generator(device=model.device).manual_seed(0 if seed is None else seed)
     choose = Chooser(temperature, top_p, generator)
     cache = model.new_cache(len(prompt) + max_new_tokens)
