@@ -56,6 +56,12 @@ def calibration_sequences(tokenizer, n, max_target, text_file=None, scored=None)
     return quality_sequences(tokenizer, n, max_target, text_file, skip=n if scored is None else scored)
 
 
+def rounding_sequences(pairs):
+    """The token sequences GPTQ rounds a river's copies on (gptq.py): each calibration pair's context and target as
+    one sequence, so the copies see the inputs the scored text gives the backbone, on other problems."""
+    return tuple(tuple(context + target) for context, target in pairs)
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 
 def teacher_forced(engine, rule, context, target):

@@ -58,18 +58,22 @@ def quantize_weight(w, bits=4, group_size=64, refine_steps=10):
     return QuantizedWeight(*(torch.cat(t) for t in zip(*parts)), bits, group_size)
 
 
-def quantize_rows(w, bits, group_size, refine_steps):
-    """quantize_weight's work on a few rows: (codes uint8, scale, low)."""
+def quantize_rows(w, bits, group_size, refine_steps, importance=None):
+    """quantize_weight's work on a few rows: (codes uint8, scale, low). importance (K,): how much each input
+    feature's error counts in the least squares (GPTQ weighs them by their inputs' energy); default all alike."""
     N, K = w.shape
     top = 2 ** bits - 1
     groups = w.float().view(N, K // group_size, group_size)                 # (N, n_groups, group_size)
+    c = torch.ones(K) if importance is None else importance.float().clamp(min=1e-12)
+    c = c.view(1, K // group_size, group_size)
+    c = c / c.sum(dim=2, keepdim=True)                                       # weights summing to 1 per group
     low = groups.amin(dim=2, keepdim=True)                                   # value of code 0
     scale = ((groups.amax(dim=2, keepdim=True) - low) / top).clamp(min=1e-12)
     codes = ((groups - low) / scale).round().clamp(0, top)
     for _ in range(refine_steps):
-        code_mean, w_mean = codes.mean(dim=2, keepdim=True), groups.mean(dim=2, keepdim=True)
-        var = (codes - code_mean).pow(2).sum(dim=2, keepdim=True)
-        cov = ((codes - code_mean) * (groups - w_mean)).sum(dim=2, keepdim=True)
+        code_mean, w_mean = (c * codes).sum(dim=2, keepdim=True), (c * groups).sum(dim=2, keepdim=True)
+        var = (c * (codes - code_mean).pow(2)).sum(dim=2, keepdim=True)
+        cov = (c * (codes - code_mean) * (groups - w_mean)).sum(dim=2, keepdim=True)
         scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-12)
         low = w_mean - scale * code_mean
         codes = ((groups - low) / scale).round().clamp(0, top)

@@ -18,6 +18,7 @@ from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from generation import (Generation, check_fits_context, check_generation, check_max_new_tokens, check_seed,
                         check_temperature, check_top_p, sample, sync)
+from gptq import CalibrationInputs, rounded
 from kv_cache import Writer
 from model import check_held
 from speculative import check_draft_length, default_draft_length, check_speculative, generate_speculative
@@ -57,17 +58,18 @@ def default_eight_bit_layers(bits, activations, held=None, n_layers=None):
     return tuple(range(held, n_layers))  # the last block among them
 
 
-def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10):
+def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10, hessians=None):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
     so it reads and writes the very cache slots its backbone twin would have written. refine_steps: the quantizer's
-    least-squares rounds (quantize_weight)."""
+    least-squares rounds (quantize_weight). hessians: {matrix name: X^T X of its inputs} to round with GPTQ."""
     twin = copy.deepcopy(block)
     twin.cache_writer = Writer.RIVER
     device = block.attn_norm.weight.device
     for parent in (twin.attn, twin.mlp):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                qw = quantize_weight(child.weight, bits, group_size, refine_steps)
+                qw = (quantize_weight(child.weight, bits, group_size, refine_steps) if hessians is None
+                      else rounded(child.weight, hessians[name], bits, group_size, refine_steps))
                 setattr(parent, name, QuantizedLinear(qw, device, activations))
     return twin
 
@@ -100,10 +102,12 @@ class ExitRiver(nn.Module):
     head_bits: 4 or 8 for a low-bit copy of the LM head, which every pass that may leave the backbone ends at (the
     deployment's head: a departure from the paper, which keeps the original head); None keeps the model's bf16 head.
     The backbone's own pass (exit_policy.NEVER) always ends at the model's head.
+    calibration: token sequences (lists of ids) to round every matrix on with GPTQ (gptq.py), each on the inputs the
+    backbone gives it on them; None rounds each weight to its own nearest grid (quantize_weight).
     """
 
     def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10,
-                 blocks=None, head_bits=None):
+                 blocks=None, head_bits=None, calibration=None):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -115,15 +119,19 @@ class ExitRiver(nn.Module):
             check_quant_args(8, group_size, activations)
         self.group_size, self.activations = group_size, activations
         self.bits = [8 if layer in eight else bits for layer in range(n_layers)]  # per block
-        self.blocks = nn.ModuleList(river_block(b, self.bits[b.layer], group_size, activations, refine_steps)
-                                    for b in (model.blocks if blocks is None else blocks))
+        blocks = model.blocks if blocks is None else blocks
+        inputs = None if calibration is None else CalibrationInputs(model, calibration)
+        pairs = ((b, None) for b in blocks) if inputs is None else inputs.through(blocks)
+        self.blocks = nn.ModuleList(river_block(b, self.bits[b.layer], group_size, activations, refine_steps, h)
+                                    for b, h in pairs)
         if [b.layer for b in self.blocks] != list(range(n_layers)):
             raise ValueError(f"a river copies every one of the model's {n_layers} blocks in order; got blocks "
                              f"{[b.layer for b in self.blocks]} (a model holding only its first blocks needs blocks=)")
         self.head = None
         if head_bits is not None:
             check_head_bits(head_bits, group_size)
-            qw = quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps)
+            qw = (quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps) if inputs is None
+                  else rounded(model.lm_head.weight, inputs.head_hessian(), head_bits, group_size, refine_steps))
             self.head = QuantizedLinear(qw, model.device, "int16")
 
 
@@ -136,11 +144,12 @@ def check_head_bits(head_bits, group_size):
 
 
 def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GROUP_SIZE, activations=None,
-               eight_bit_layers=None, dtype=torch.bfloat16, head_bits=None):
+               eight_bit_layers=None, dtype=torch.bfloat16, head_bits=None, calibration=None):
     """(model holding its first `held` backbone blocks (default all), ExitRiver of every block, tokenizer), read in the
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
     block dropped; then the backbone blocks kept. held 0: a river alone (the whole-model low-bit mode).
-    eight_bit_layers: default those of a River holding `held` blocks (default_eight_bit_layers)."""
+    eight_bit_layers: default those of a River holding `held` blocks (default_eight_bit_layers). calibration: token
+    sequences to round the copies on with GPTQ (ExitRiver)."""
     from load_weights import load_blocks, load_model
     model, tokenizer = load_model(path, device, dtype, held=0)
     held = model.cfg.n_layers if held is None else check_held(held, model.cfg.n_layers)
@@ -148,7 +157,8 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
     if eight_bit_layers is None:
         eight_bit_layers = default_eight_bit_layers(bits, activations, held, model.cfg.n_layers)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
-                      blocks=load_blocks(path, None, model.device, dtype), head_bits=head_bits)
+                      blocks=load_blocks(path, None, model.device, dtype), head_bits=head_bits,
+                      calibration=calibration)
     model.blocks.extend(load_blocks(path, range(held), model.device, dtype))
     return model, river, tokenizer
 
@@ -398,6 +408,10 @@ def parser_for(modes):
     parser.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
                         help="the river's LM head, which every token that may leave the backbone ends at (16: the "
                              "model's own bf16 head; the backbone mode always uses it)")
+    parser.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
+                        help="how the river's weights are rounded: GPTQ on HumanEval's calibration split (default; "
+                             "about 25 s the first time, then read from the cache folder) or each weight to its "
+                             "nearest grid point")
     parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
                         help="river activations: int16 per group (default on CPU: integer dot products in the native "
@@ -473,7 +487,7 @@ def parse_arguments(argv, modes):
     return args, mode, device, cfg, tokenizer, prompt, stop, eight_bit
 
 
-def load_weights_of(mode, args, device, eight_bit):
+def load_weights_of(mode, args, device, eight_bit, tokenizer):
     """(model, river or None) holding what the mode runs, through the streaming loader: each block read, its river copy
     made, the block dropped; then the backbone blocks kept (none for the whole-model low-bit mode; River all of them
     when it calibrates, since the cap applies at run time, else its first D)."""
@@ -482,8 +496,14 @@ def load_weights_of(mode, args, device, eight_bit):
         return reading_files(load_model, args.model, device, torch.bfloat16)[0], None
     held = 0 if not mode.holds_backbone else None if args.quality_budget is not None else args.max_backbone_depth
     head_bits = None if args.head_bits == 16 else args.head_bits
+    calibration = None
+    if args.rounding == "gptq":
+        import calibrate
+        calibration = calibrate.rounding_sequences(reading_files(
+            calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
+            calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS))
     model, river, _ = reading_files(load_river, args.model, device, held, args.bits, args.group_size,
-                                    args.activations, eight_bit, torch.bfloat16, head_bits)
+                                    args.activations, eight_bit, torch.bfloat16, head_bits, calibration)
     return model, river
 
 
@@ -530,7 +550,7 @@ class TextStream:
 def main(argv=None, modes=MODES):
     """modes: the --mode choices, name -> Mode; kv_strategies.py adds its strategies, so this file never imports it."""
     args, mode, device, cfg, tokenizer, prompt, stop, eight_bit = parse_arguments(argv, modes)
-    model, river = load_weights_of(mode, args, device, eight_bit)
+    model, river = load_weights_of(mode, args, device, eight_bit, tokenizer)
     native = False if args.no_native else None
     engine = (mode.engine or Engine)(model, river, native, args.compile)
     tau, calibration = args.tau, None
@@ -560,7 +580,7 @@ def main(argv=None, modes=MODES):
                           "quality_budget": args.quality_budget,
                           "calibration": None if calibration is None else calibration_json(calibration),
                           "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
-                          "bits": args.bits, "head_bits": args.head_bits, "activations": args.activations,
+                          "bits": args.bits, "head_bits": args.head_bits, "rounding": args.rounding, "activations": args.activations,
                           "eight_bit_layers": list(eight_bit),
                           "path": engine.path, "speculative": speculation_json(result) if args.speculative else None},
                          allow_nan=False))

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, teacher_forced
+from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, rounding_sequences, teacher_forced
 from cli import fail
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_strategies import STRATEGIES, BaselineEngine
@@ -24,36 +24,39 @@ class RiverKind:
     activations: str
     eight_bit_layers: tuple = ()
     head_bits: int | None = None  # the river's own LM head (None: the model's bf16 head)
+    calibration: tuple | None = None  # token sequences GPTQ rounds the copies on (gptq.py); None: nearest rounding
 
     def build(self, model, group_size, refine_steps=10):
         return ExitRiver(model, self.bits, group_size, self.activations, self.eight_bit_layers, refine_steps,
-                         head_bits=self.head_bits)
+                         head_bits=self.head_bits, calibration=self.calibration)
 
     def loader_args(self):
         """What river.load_river takes to build this river as it streams the checkpoint."""
         return {"bits": self.bits, "activations": self.activations, "eight_bit_layers": list(self.eight_bit_layers),
-                "head_bits": self.head_bits}
+                "head_bits": self.head_bits,
+                "calibration": None if self.calibration is None else [list(s) for s in self.calibration]}
 
 
-def own_river(device, held=None, n_layers=None, name="main"):
+def own_river(device, held=None, n_layers=None, name="main", calibration=None):
     """River's own copies: on CPU 4-bit with int16 activations and the last block 8-bit (README, "The last block at
     8 bits"), on CUDA 4-bit W4A16; for a backbone holding only its first `held` blocks (a capped River), every copy
     from there on 8-bit (river.default_eight_bit_layers); the river's 8-bit LM head (river.DEFAULT_HEAD_BITS), except
     for a capped River, whose point is memory (the model's head stays resident as the embedding: a second head
-    would add its bytes)."""
+    would add its bytes). calibration: the token sequences GPTQ rounds them on (None: nearest rounding)."""
     activations = default_activations(device)
     return RiverKind(name, 4, activations, default_eight_bit_layers(4, activations, held, n_layers),
-                     DEFAULT_HEAD_BITS if held is None else None)
+                     DEFAULT_HEAD_BITS if held is None else None, calibration)
 
 
 W4A16 = RiverKind("w4a16", 4, "bf16")  # every block 4-bit through PyTorch's kernel, the model's head: the paper's
                                        # W4A16, the control
 
 
-def eight_bit_river(device):
+def eight_bit_river(device, calibration=None):
     """Every block 8-bit, int16 activations: CPU only (None elsewhere)."""
     activations = default_activations(device)
-    return RiverKind("8bit", 8, activations, head_bits=DEFAULT_HEAD_BITS) if activations == "int16" else None
+    return RiverKind("8bit", 8, activations, head_bits=DEFAULT_HEAD_BITS, calibration=calibration) \
+        if activations == "int16" else None
 
 
 @dataclass(frozen=True)
@@ -190,10 +193,11 @@ def strategy_rows(model, args):
             for s in (STRATEGIES if args.strategies else ())]
 
 
-def comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_tau, depth_cap):
+def comparison(model, args, sizes, main, w4a16, eight_bit, capped, nearest, calibrated_tau, depth_cap):
     """The rows of the default comparison, in the table's order: the backbone, the whole-model low-bit controls,
     River at --tau and its variants (other copies, the capped backbone, the calibrated tau), the rest of the tau
-    sweep, the KV strategies. main, w4a16, eight_bit (None off CPU), capped: River's engines by their copies."""
+    sweep, the KV strategies. main, w4a16, eight_bit (None off CPU), capped, nearest (River's own copies rounded
+    without GPTQ): River's engines by their copies."""
     rule = similarity(args.tau)
     backbone = Row("backbone", main.engine, NEVER, Deployment())
     quantized = Row("quantized", w4a16.engine, RIVER_ONLY, w4a16.deployment(held=0),
@@ -201,7 +205,9 @@ def comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_ta
     quantized_main = Row("quantized_main", main.engine, RIVER_ONLY, main.deployment(held=0),
                          mark=Mark("D", "whole model, River's copies"))
     river = Row("river", main.engine, rule, main.deployment(), in_sweep=True)
-    variants = [Row("river_w4a16", w4a16.engine, rule, w4a16.deployment(), mark=Mark("v", "River, W4A16 copies"))]
+    variants = [Row("river_w4a16", w4a16.engine, rule, w4a16.deployment(), mark=Mark("v", "River, W4A16 copies")),
+                Row("river_nearest", nearest.engine, rule, nearest.deployment(),
+                    mark=Mark("<", "River, copies rounded to nearest (no GPTQ)"))]
     if eight_bit is not None:
         variants.append(Row("river_8bit", eight_bit.engine, rule, eight_bit.deployment(),
                             mark=Mark("^", "River, 8-bit copies")))
@@ -251,17 +257,21 @@ def tau_from_budget(main, w4a16, sequences, taus, budget=None):
 def build_comparison(model, args, sizes, inputs):
     """(Comparison, Calibrated, the capped River's depth): River's engines, tau calibrated on the calibration split
     with them, the cap from that calibration (or --max-backbone-depth), then the rows."""
-    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}) ...")
-    main, w4a16 = build(model, own_river(model.device), args), build(model, W4A16, args)
-    eight_bit = None if eight_bit_river(model.device) is None else build(model, eight_bit_river(model.device), args)
+    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}; GPTQ on the calibration split, "
+        "about 25 s each the first time) ...")
+    gptq_on = rounding_sequences(inputs.calibration)
+    main, w4a16 = build(model, own_river(model.device, calibration=gptq_on), args), build(model, W4A16, args)
+    nearest = build(model, own_river(model.device, name="nearest"), args)
+    eight_bit = eight_bit_river(model.device, gptq_on)
+    eight_bit = None if eight_bit is None else build(model, eight_bit, args)
     log(f"calibration: {len(inputs.calibration)} sequences after the scored ones, teacher-forced")
     calibrated = tau_from_budget(main, w4a16, inputs.calibration, sorted(set(sizes.taus) | {args.tau}),
                                  args.quality_budget)
     depth_cap = args.max_backbone_depth
     if depth_cap is None:
         depth_cap = cap_depth(calibrated.result.depths[args.tau])
-    capped = build(model, own_river(model.device, depth_cap, model.cfg.n_layers, "capped"), args)
-    rows = comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated.result.tau, depth_cap)
+    capped = build(model, own_river(model.device, depth_cap, model.cfg.n_layers, "capped", gptq_on), args)
+    rows = comparison(model, args, sizes, main, w4a16, eight_bit, capped, nearest, calibrated.result.tau, depth_cap)
     return rows, calibrated, depth_cap
 
 

@@ -167,9 +167,10 @@ def small_comparison(model, strategies=True, calibrated_tau=0.9, depth_cap=2, ta
     args = type("Args", (), {"group_size": 32, "isa": None, "no_compile": True, "tau": tau, "strategies": strategies})
     sizes = type("Sizes", (), {"taus": taus})
     kinds = (rows.own_river(model.device), rows.W4A16, rows.eight_bit_river(model.device),
-             rows.own_river(model.device, depth_cap, model.cfg.n_layers, "capped"))
-    main, w4a16, eight_bit, capped = (rows.build(model, kind, args) for kind in kinds)
-    return rows.comparison(model, args, sizes, main, w4a16, eight_bit, capped, calibrated_tau, depth_cap)
+             rows.own_river(model.device, depth_cap, model.cfg.n_layers, "capped"),
+             rows.own_river(model.device, name="nearest"))
+    main, w4a16, eight_bit, capped, nearest = (rows.build(model, kind, args) for kind in kinds)
+    return rows.comparison(model, args, sizes, main, w4a16, eight_bit, capped, nearest, calibrated_tau, depth_cap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -254,7 +254,8 @@ def test_cli_quality_budget_picks_tau_on_the_calibration_split(deep_checkpoint, 
     after it; strict JSON with the budget, the tau and every tau's results; the tau named on stderr."""
     budget = 0.007  # on this checkpoint, between the increases of the two taus that exit early
     river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "3", "--json",
-                "--quality-budget", str(budget), "--max-backbone-depth", "2", "--eight-bit-layers", "-1"])
+                "--quality-budget", str(budget), "--max-backbone-depth", "2", "--eight-bit-layers", "-1",
+                "--rounding", "nearest"])  # the budget lies between two taus' increases with nearest rounding
     captured = capsys.readouterr()
     out = strict_json(captured.out)
     assert [args for args, _ in small_calibration.sequences] == [(2, 6, None, 2)]
@@ -344,3 +345,22 @@ def test_strategies_command_line_runs_a_strategy(capsys):
     kv_strategies.main(["--prompt", "Hi", "--max-new-tokens", "2", "--json", "--mode", "mask"])
     out = strict_json(capsys.readouterr().out)
     assert out["mode"] == "mask" and len(out["tokens"]) == 2 and out["path"] == "torch, eager, mask"
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest", None])
+def test_cli_rounds_the_river_with_gptq_on_the_calibration_split_by_default(deep_checkpoint, monkeypatch, rounding):
+    """river.py's default river is GPTQ-rounded on the calibration split's sequences (context and target as one,
+    never the scored problems); --rounding nearest rounds without data."""
+    seen = []
+    real = river_module.load_river
+    monkeypatch.setattr(river_module, "load_river", lambda *a: seen.append(a[-1]) or real(*a))
+    river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "2", "--json"]
+               + ([] if rounding is None else ["--rounding", rounding]))
+    if rounding == "nearest":
+        assert seen == [None]
+        return
+    _, tokenizer = load_weights.load_config_and_tokenizer(deep_checkpoint)
+    split = calibrate.calibration_sequences(tokenizer, calibrate.CALIBRATION_PROBLEMS, calibrate.CALIBRATION_MAX_TARGET)
+    assert seen == [tuple(tuple(c + t) for c, t in split)]
+    scored = calibrate.quality_sequences(tokenizer, calibrate.CALIBRATION_PROBLEMS, calibrate.CALIBRATION_MAX_TARGET)
+    assert not {tuple(c + t) for c, t in scored} & set(seen[0])

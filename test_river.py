@@ -590,7 +590,8 @@ BENCH = ("bench", "rows", "measure", "scaling", "plots", "llamacpp")  # the meas
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
               "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",
-                        "generation", "speculative", "compiled"}, "compiled": {"model"},
+                        "generation", "speculative", "compiled", "gptq"}, "compiled": {"model"},
+              "gptq": {"quantize", "kernels"},
               "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
               "generation": set(), "speculative": {"generation", "exit_policy"}}
 
