@@ -1,8 +1,10 @@
 """GPTQ: rounding the river's weights so each layer keeps its outputs on calibration inputs, not just its weights."""
 import hashlib
 import inspect
+import json
 import os
 import secrets
+from pathlib import Path
 
 import torch
 
@@ -90,14 +92,38 @@ def rounded(w, hessian, bits=4, group_size=64, refine_steps=10):
     except Exception:  # not made yet, or not a whole file of this shape: make it again (and replace it)
         pass
     qw = gptq(w, hessian, bits, group_size, refine_steps)
+    save_whole(pack_lowbit(qw.q, qw.scale, qw.low, bits), path)
+    return qw
+
+
+def save_whole(obj, path):
+    """torch.save under a name of this process's own, renamed into place: whole or absent, even with two writers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # renamed into place: whole or
-    try:                                                                            # absent, even with two writers
-        torch.save(pack_lowbit(qw.q, qw.scale, qw.low, bits), tmp)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return qw
+
+
+def stored_river_path(folder, settings, calibration):
+    """Where a GPTQ-rounded river of the checkpoint in `folder` is kept: a hash of the checkpoint's files (names,
+    sizes, modification times), the river's settings, the calibration token ids and the rounding's source. A river
+    loaded from there never runs the calibration pass: a deployment ships its rounded weights."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).resolve().iterdir()
+                   if p.is_file())
+    code = inspect.getsource(quantize) + inspect.getsource(inspect.getmodule(gptq))
+    text = json.dumps([files, settings, [list(s) for s in calibration], code])
+    return cache_dir() / "rivers" / f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
+
+
+def load_stored_river(path):
+    """A river kept by save_whole(ExitRiver.stored(), path), or None where there is none or it is not whole."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # not made yet, or unreadable: made again by the caller
+        return None
 
 
 class CalibrationInputs:

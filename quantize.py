@@ -141,6 +141,22 @@ class QuantizedLinear(nn.Module):
                                                                         INT4_INNER_K_TILES)
         self.register_buffer("weight", packed)
 
+    @classmethod
+    def from_packed(cls, packed, out_features, in_features, bits, group_size):
+        """An int16-activation layer on kernels.pack_lowbit's bytes as they are (a stored river: nothing re-packed)."""
+        check_quant_args(bits, group_size)
+        width = group_size // (32 // bits) * 64 + 64  # a group's codes of 16 rows, then their fp16 scales and lows
+        expected = (-(-out_features // 16), in_features // group_size, width)
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(f"packed {bits}-bit weight of a {out_features}x{in_features} layer must be uint8 of shape "
+                             f"{expected}, got {packed.dtype} {tuple(packed.shape)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.bits, layer.group_size, layer.activations = bits, group_size, "int16"
+        layer.out_features, layer.in_features = out_features, in_features
+        layer.register_buffer("packed", packed)
+        return layer
+
     def forward(self, x):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)                                              # (B*T, K)

@@ -18,7 +18,7 @@ from cli import check_argument, fail, option, reading_files
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from generation import (Generation, check_fits_context, check_generation, check_max_new_tokens, check_seed,
                         check_temperature, check_top_p, sample, sync)
-from gptq import CalibrationInputs, rounded
+from gptq import CalibrationInputs, load_stored_river, rounded, save_whole, stored_river_path
 from kv_cache import Writer
 from model import check_held
 from speculative import check_draft_length, default_draft_length, check_speculative, generate_speculative
@@ -58,19 +58,25 @@ def default_eight_bit_layers(bits, activations, held=None, n_layers=None):
     return tuple(range(held, n_layers))  # the last block among them
 
 
-def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10, hessians=None):
+def river_block(block, bits=4, group_size=64, activations="int16", refine_steps=10, hessians=None, packed=None):
     """A low-bit twin of `block`: same interface, same norms, and -- the point -- the same `layer`,
     so it reads and writes the very cache slots its backbone twin would have written. refine_steps: the quantizer's
-    least-squares rounds (quantize_weight). hessians: {matrix name: X^T X of its inputs} to round with GPTQ."""
+    least-squares rounds (quantize_weight). hessians: {matrix name: X^T X of its inputs} to round with GPTQ.
+    packed: {matrix name: its packed int16-activation weight} of a stored river, taken as it is."""
     twin = copy.deepcopy(block)
     twin.cache_writer = Writer.RIVER
     device = block.attn_norm.weight.device
     for parent in (twin.attn, twin.mlp):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if not isinstance(child, nn.Linear):
+                continue
+            if packed is not None:
+                layer = QuantizedLinear.from_packed(packed[name].to(device), *child.weight.shape, bits, group_size)
+            else:
                 qw = (quantize_weight(child.weight, bits, group_size, refine_steps) if hessians is None
                       else rounded(child.weight, hessians[name], bits, group_size, refine_steps))
-                setattr(parent, name, QuantizedLinear(qw, device, activations))
+                layer = QuantizedLinear(qw, device, activations)
+            setattr(parent, name, layer)
     return twin
 
 
@@ -107,7 +113,7 @@ class ExitRiver(nn.Module):
     """
 
     def __init__(self, model, bits=4, group_size=64, activations=None, eight_bit_layers=(), refine_steps=10,
-                 blocks=None, head_bits=None, calibration=None):
+                 blocks=None, head_bits=None, calibration=None, stored=None):
         super().__init__()
         n_layers = model.cfg.n_layers
         activations = activations or default_activations(model.device)
@@ -119,10 +125,13 @@ class ExitRiver(nn.Module):
             check_quant_args(8, group_size, activations)
         self.group_size, self.activations = group_size, activations
         self.bits = [8 if layer in eight else bits for layer in range(n_layers)]  # per block
+        if stored is not None and (calibration is not None or activations != "int16"):
+            raise ValueError("a stored river is taken as it is (int16 activations): no calibration, no other layout")
         blocks = model.blocks if blocks is None else blocks
         inputs = None if calibration is None else CalibrationInputs(model, calibration)
         pairs = ((b, None) for b in blocks) if inputs is None else inputs.through(blocks)
-        self.blocks = nn.ModuleList(river_block(b, self.bits[b.layer], group_size, activations, refine_steps, h)
+        self.blocks = nn.ModuleList(river_block(b, self.bits[b.layer], group_size, activations, refine_steps, h,
+                                                None if stored is None else stored["blocks"][b.layer])
                                     for b, h in pairs)
         if [b.layer for b in self.blocks] != list(range(n_layers)):
             raise ValueError(f"a river copies every one of the model's {n_layers} blocks in order; got blocks "
@@ -130,9 +139,20 @@ class ExitRiver(nn.Module):
         self.head = None
         if head_bits is not None:
             check_head_bits(head_bits, group_size)
+            if stored is not None:
+                self.head = QuantizedLinear.from_packed(stored["head"].to(model.device), *model.lm_head.weight.shape,
+                                                        head_bits, group_size)
+                return
             qw = (quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps) if inputs is None
                   else rounded(model.lm_head.weight, inputs.head_hessian(), head_bits, group_size, refine_steps))
             self.head = QuantizedLinear(qw, model.device, "int16")
+
+    def stored(self):
+        """What ExitRiver(stored=...) rebuilds this river from (int16 activations): each block's packed weights by
+        matrix name, and the head's."""
+        return {"blocks": [{name.split(".")[-1]: m.packed for name, m in b.named_modules()
+                            if isinstance(m, QuantizedLinear)} for b in self.blocks],
+                "head": None if self.head is None else self.head.packed}
 
 
 def check_head_bits(head_bits, group_size):
@@ -149,16 +169,25 @@ def load_river(path=None, device="cpu", held=None, bits=4, group_size=DEFAULT_GR
     order that keeps memory lowest: the embedding, final norm and head; each block read, its river copy made and the
     block dropped; then the backbone blocks kept. held 0: a river alone (the whole-model low-bit mode).
     eight_bit_layers: default those of a River holding `held` blocks (default_eight_bit_layers). calibration: token
-    sequences to round the copies on with GPTQ (ExitRiver)."""
-    from load_weights import load_blocks, load_model
+    sequences to round the copies on with GPTQ (ExitRiver); such a river is kept in the cache folder once made
+    (gptq.stored_river_path) and later loads read it, never running the calibration pass again."""
+    from load_weights import load_blocks, load_model, model_dir
     model, tokenizer = load_model(path, device, dtype, held=0)
     held = model.cfg.n_layers if held is None else check_held(held, model.cfg.n_layers)
     activations = activations or default_activations(model.device)
     if eight_bit_layers is None:
         eight_bit_layers = default_eight_bit_layers(bits, activations, held, model.cfg.n_layers)
+    store = stored = None
+    if calibration is not None and activations == "int16":
+        settings = {"bits": bits, "group_size": group_size, "eight_bit_layers": sorted(
+            layer % model.cfg.n_layers for layer in eight_bit_layers), "head_bits": head_bits}
+        store = stored_river_path(model_dir(path), settings, calibration)
+        stored = load_stored_river(store)
     river = ExitRiver(model, bits, group_size, activations, eight_bit_layers,
                       blocks=load_blocks(path, None, model.device, dtype), head_bits=head_bits,
-                      calibration=calibration)
+                      calibration=None if stored is not None else calibration, stored=stored)
+    if store is not None and stored is None:
+        save_whole(river.stored(), store)
     model.blocks.extend(load_blocks(path, range(held), model.device, dtype))
     return model, river, tokenizer
 

@@ -9,7 +9,7 @@ from conftest import PROPERTY, tiny_configs, tiny_model
 from model import LlamaConfig
 from quantize import quantize_weight
 from kernels import pack_lowbit
-from river import ExitRiver
+from river import ExitRiver, load_river
 
 
 def output_error(w, qw, x):
@@ -102,3 +102,26 @@ def test_a_calibrated_river_rounds_each_block_on_the_backbones_own_inputs(cfg, s
             expected = gptq.gptq(getattr(getattr(block, parent), child).weight, hessian, 4, 32)
             got = getattr(getattr(copy, parent), child).packed
             assert torch.equal(got, pack_lowbit(expected.q, expected.scale, expected.low, 4)), name
+
+
+def test_a_stored_river_loads_as_it_was_made_without_calibrating_again(deep_checkpoint, tmp_path, monkeypatch):
+    """load_river with calibration keeps the rounded river; the next load takes it as it is (every packed byte equal,
+    the calibration pass never run), other settings are another entry, and a damaged entry is made again."""
+    monkeypatch.setattr(gptq, "cache_dir", lambda: tmp_path)
+    sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    _, made, _ = load_river(deep_checkpoint, bits=4, group_size=32, head_bits=8, calibration=sequences)
+    entries = list(tmp_path.glob("rivers/*.pt"))
+    assert len(entries) == 1
+    real = gptq.CalibrationInputs
+    import river as river_module
+    monkeypatch.setattr(river_module, "CalibrationInputs", None)  # a second calibration pass would fail
+    _, loaded, _ = load_river(deep_checkpoint, bits=4, group_size=32, head_bits=8, calibration=sequences)
+    for a, b in zip(made.state_dict().items(), loaded.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    monkeypatch.setattr(river_module, "CalibrationInputs", real)
+    load_river(deep_checkpoint, bits=4, group_size=32, head_bits=4, calibration=sequences)
+    assert len(list(tmp_path.glob("rivers/*.pt"))) == 2
+    entries[0].write_bytes(b"not a river")
+    _, remade, _ = load_river(deep_checkpoint, bits=4, group_size=32, head_bits=8, calibration=sequences)
+    assert all(torch.equal(a, b) for a, b in zip(made.state_dict().values(), remade.state_dict().values()))
+    assert not list(tmp_path.glob("rivers/.*"))
