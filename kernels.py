@@ -2,6 +2,7 @@
 instruction set, loaded with ctypes."""
 import ctypes
 import hashlib
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,54 @@ ISAS = {
                 "-DRIVER_AVX512"]),
     "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
 }
+
+
+HUGE_PAGE = 2 << 20
+HUGE_PAGES_FROM = 64 << 20  # below this many bytes of weights a step's page walks are too few to matter
+TRIM_EVERY = 8 << 20         # bytes moved between hand-backs of the old copies' memory
+_libc = ctypes.CDLL(None)    # this process's C library (malloc_trim on glibc)
+_huge_ranges = []  # (start, end) of the mappings on_huge_pages made: what lies inside is never moved again
+
+
+def on_huge_pages(tensors, least=HUGE_PAGES_FROM):
+    """Move CPU tensors' data into one anonymous mapping Linux backs with 2 MB pages where it may (madvise
+    MADV_HUGEPAGE; transparent huge pages are often madvise-only): every decode step streams all the weights once,
+    and with 4 KB pages it walks a page table every 4 KB (on the bundled model: backbone decode 76 -> 88 tok/s, one
+    sitting). Each tensor object is kept, its .data replaced, so modules and the torch path see the same weights;
+    tensors already moved stay where they are, since native decoders keep raw pointers to them. Does nothing below
+    `least` bytes in all, or where the OS offers no such advice. Returns the bytes moved.
+    Memory: glibc keeps freed heap memory resident, so each old copy is handed back to the OS (malloc_trim) once
+    some MB are moved: the peak grows by about that much, not by a second copy of the weights."""
+    def moved(t):
+        return any(start <= t.data_ptr() < end for start, end in _huge_ranges)
+    todo = list({id(t): t for t in tensors if t.device.type == "cpu" and t.numel() and not moved(t)}.values())
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in todo]  # each tensor on a cache line of its own
+    if not hasattr(mmap, "MADV_HUGEPAGE") or sum(sizes) < least:
+        return 0
+    region = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    arena = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive while any view of it lives
+    offset = -arena.data_ptr() % HUGE_PAGE
+    _huge_ranges.append((arena.data_ptr(), arena.data_ptr() + arena.numel()))
+    unreturned = 0
+    for t, size in zip(todo, sizes):
+        view = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        t.data = view  # the old copy is freed here, unless something else holds it
+        offset += size
+        unreturned += size
+        if unreturned >= TRIM_EVERY:
+            give_back_freed_memory()
+            unreturned = 0
+    give_back_freed_memory()
+    return sum(sizes)
+
+
+def give_back_freed_memory():
+    """Return the C heap's free pages to the OS where the C library can (glibc's malloc_trim)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def cache_dir():

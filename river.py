@@ -323,6 +323,7 @@ class NativeDecoder:
         cfg = model.cfg
         self.model, self.isa = model, lib.isa
         dims = kernels.Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
+        kernels.on_huge_pages([*model.parameters(), *(() if river is None else (*river.parameters(), *river.buffers()))])
         backbone = [block_weights(b) for b in model.blocks]
         blocks = None if river is None else [block_weights(b) for b in river.blocks]
 

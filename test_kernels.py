@@ -514,3 +514,23 @@ def test_a_river_head_of_other_widths_is_refused():
     for bad in (2, 3, 16, True, "8", 8.0):
         with pytest.raises(ValueError, match="head_bits must be 4 or 8"):
             ExitRiver(model, 4, 32, head_bits=bad)
+
+
+def test_weights_move_to_huge_pages_once_and_keep_their_values():
+    """on_huge_pages keeps each tensor object and its values, puts its data in one 2 MB-aligned mapping, never moves
+    a tensor twice (native decoders keep raw pointers) and leaves small sets where they are."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, 64, generator=g).to(torch.bfloat16) for n in (5, 300, 17)]
+    tensors.append(torch.randint(0, 255, (1000,), dtype=torch.uint8, generator=g))
+    values = [t.clone() for t in tensors]
+    assert kernels.on_huge_pages(tensors, least=1 << 40) == 0  # below the threshold: nothing moves
+    pointers = [t.data_ptr() for t in tensors]
+    ids = [id(t) for t in tensors]
+    moved = kernels.on_huge_pages(tensors + [tensors[0]], least=0)  # a tensor listed twice moves once
+    if moved == 0:
+        pytest.skip("this OS offers no MADV_HUGEPAGE")
+    assert [id(t) for t in tensors] == ids and all(torch.equal(t, v) for t, v in zip(tensors, values))
+    assert all(t.data_ptr() != p for t, p in zip(tensors, pointers)) and all(t.data_ptr() % 64 == 0 for t in tensors)
+    assert tensors[0].data_ptr() % kernels.HUGE_PAGE == 0
+    again = [t.data_ptr() for t in tensors]
+    assert kernels.on_huge_pages(tensors, least=0) == 0 and [t.data_ptr() for t in tensors] == again
