@@ -326,44 +326,15 @@ def print_summary(result, comparison):
         print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
               f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
-    print_peers(result, comparison)
+    llamacpp.print_peers(result, comparison)
     if result["speculation"] is not None:
         sp, row = result["speculation"], modes[comparison.speculative.name]
-        print(f"lossless River (8-bit whole-model drafts, the backbone checks): {row['decode_tokens_per_s']:.1f} tok/s "
-              f"= {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
+        print(f"lossless River (River's copies draft as a whole model, the backbone checks): "
+              f"{row['decode_tokens_per_s']:.1f} tok/s = {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
               f"{sp['mean_ratio_to_backbone']:.2f}x over the {sp['prompts']} scored prompts; acceptance "
               f"{sp['acceptance']:.3f}, {sp['tokens_per_verification']:.2f} tokens per check; greedy tokens identical "
               f"to the backbone's on {sp['identical']}/{sp['prompts']} prompts ({sp['new_tokens']} new tokens each)")
     print(f"finished in {result['seconds']:.0f} s")
-
-
-def print_peers(result, comparison):
-    """This project's rows against llama.cpp's types: for Q8_0 and Q4_K_M the fastest row at or below its NLL (bar:
-    1.2x its tok/s), for Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
-    modes = result["modes"]
-    peers = {row.kind: modes[row.name] for row in comparison.peers}
-    ours = {row.name: modes[row.name] for row in comparison.rows if row not in comparison.peers}
-    base = modes[comparison.backbone.name]
-    for kind in ("Q8_0", "Q4_K_M"):
-        if kind in peers:
-            p = peers[kind]
-            fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
-            tps, name = max(fit) if fit else (None, None)
-            print(f"llama.cpp {kind}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
-                  + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
-                     f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
-    if "Q4_0" in peers:
-        p = peers["Q4_0"]
-        fit = [(m["nll"], name) for name, m in ours.items() if m["decode_tokens_per_s"] >= p["decode_tokens_per_s"]]
-        nll, name = min(fit) if fit else (None, None)
-        print(f"llama.cpp Q4_0: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
-              + (f"lowest-NLL row at least as fast: {name} NLL {nll - base['nll']:+.4f}, "
-                 f"{ours[name]['decode_tokens_per_s']:.1f} tok/s" if fit else "no row as fast"))
-    if "BF16" in peers:
-        p = peers["BF16"]
-        print(f"backbone {base['decode_tokens_per_s']:.1f} tok/s = {base['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x"
-              f" llama.cpp BF16 ({p['decode_tokens_per_s']:.1f}); BF16's NLL minus the backbone's "
-              f"{p['nll'] - base['nll']:+.4f}")
 
 
 def report(result, comparison, args, sizes, prompt_tokens):

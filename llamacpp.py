@@ -1,6 +1,7 @@
 """llama.cpp as the bench's peer (never a dependency of the method): the bundled GGUF requantized to llama.cpp's
 types, each a row of the comparison scored on the same token ids and timed as ../shared/tools/llamacpp-anchor.sh
-times it (llama.cpp's own counters, 2 threads, a context without all-logits for speed)."""
+times it (llama.cpp's own counters, 2 threads, a context without all-logits for speed); and the summary that holds
+this project's rows against them."""
 import ctypes
 import importlib
 import importlib.util
@@ -127,3 +128,37 @@ def peer_rows(kinds, folder, n_layers, log):
         raise ValueError(f"unknown llama.cpp types {unknown}; known: {', '.join(FTYPES)}")
     return [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
                         n_layers, llama_cpp) for kind in kinds]
+
+
+def print_peers(result, comparison):
+    """This project's rows against llama.cpp's types: for Q8_0 and Q4_K_M the fastest row at or below its NLL (bar:
+    1.2x its tok/s), for Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
+    modes = result["modes"]
+    peers = {row.kind: modes[row.name] for row in comparison.peers}
+    ours = {row.name: modes[row.name] for row in comparison.rows if row not in comparison.peers}
+    base = modes[comparison.backbone.name]
+    for kind in ("Q8_0", "Q4_K_M"):
+        if kind in peers:
+            p = peers[kind]
+            fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
+            tps, name = max(fit) if fit else (None, None)
+            print(f"llama.cpp {kind}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+                  + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
+                     f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
+    if "Q4_K_M" in peers:  # what a user gets without a flag (river.py's defaults are this row's)
+        p, river = peers["Q4_K_M"], modes[comparison.river.name]
+        print(f"River's defaults ({comparison.river.name}) against llama.cpp Q4_K_M: "
+              f"{river['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x its tok/s, NLL "
+              f"{river['nll'] - base['nll']:+.4f} against {p['nll'] - base['nll']:+.4f}")
+    if "Q4_0" in peers:
+        p = peers["Q4_0"]
+        fit = [(m["nll"], name) for name, m in ours.items() if m["decode_tokens_per_s"] >= p["decode_tokens_per_s"]]
+        nll, name = min(fit) if fit else (None, None)
+        print(f"llama.cpp Q4_0: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+              + (f"lowest-NLL row at least as fast: {name} NLL {nll - base['nll']:+.4f}, "
+                 f"{ours[name]['decode_tokens_per_s']:.1f} tok/s" if fit else "no row as fast"))
+    if "BF16" in peers:
+        p = peers["BF16"]
+        print(f"backbone {base['decode_tokens_per_s']:.1f} tok/s = {base['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x"
+              f" llama.cpp BF16 ({p['decode_tokens_per_s']:.1f}); BF16's NLL minus the backbone's "
+              f"{p['nll'] - base['nll']:+.4f}")

@@ -434,7 +434,7 @@ def parser_for(modes):
                              "a time as the checkpoint is read; with --quality-budget all are loaded, to calibrate "
                              "on); 0 to the model's layer count (default: all)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
-                        help="river weights (default 4; 8 with --speculative, whose drafts then almost always hold)")
+                        help="river weights (default 4)")
     parser.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
                         help="the river's LM head, which every token that may leave the backbone ends at (16: the "
                              "model's own bf16 head; the backbone mode always uses it)")
@@ -457,8 +457,8 @@ def parser_for(modes):
                              "by instruction set: speculative.DRAFT_LENGTHS)")
     parser.add_argument("--drafter", choices=tuple(DRAFTERS), default="quantized",
                         help="--speculative: the exit rule that drafts: every block a river copy (quantized: with "
-                             "the default 8-bit river and head, 1.9-2.2x the backbone on HumanEval's calibration "
-                             "split) or River's similarity rule at --tau")
+                             "River's default copies and head, 1.54x the backbone on HumanEval's calibration split "
+                             "with AVX-512) or River's similarity rule at --tau")
     parser.add_argument("--no-native", action="store_true",
                         help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
@@ -481,7 +481,7 @@ def parse_arguments(argv, modes):
     args = parser.parse_args(argv)
     mode = modes[args.mode]
     args.drafter = DRAFTERS[args.drafter]  # the name mapped once to its rule
-    args.bits = args.bits or (8 if args.speculative else 4)
+    args.bits = args.bits or 4
     if not args.prompt:
         parser.error("argument --prompt: the prompt is empty")
     if args.max_backbone_depth is not None and not mode.river:

@@ -222,9 +222,9 @@ def comparison(model, args, sizes, main, w4a16, eight_bit, capped, nearest, cali
     sweep = [Row(f"river_tau{t:g}", main.engine, similarity(t), main.deployment(), in_sweep=True)
              for t in sizes.taus if t != args.tau]
     speculative = None
-    if eight_bit is not None and eight_bit.engine.native is not None:  # needs the bit-equal native check pass
-        speculative = SpeculativeRow("river_speculative", eight_bit.engine, RIVER_ONLY, eight_bit.deployment(),
-                                     mark=Mark("*", "lossless River: 8-bit drafts, the backbone checks"))
+    if main.engine.native is not None:  # needs the bit-equal native check pass
+        speculative = SpeculativeRow("river_speculative", main.engine, RIVER_ONLY, main.deployment(),
+                                     mark=Mark("*", "lossless River: River's copies draft, the backbone checks"))
         variants.append(speculative)
     rows = [backbone, quantized, quantized_main, river, *variants, *sweep, *strategy_rows(model, args)]
     return Comparison(rows, backbone, river, quantized, quantized_main, capped_row, calibrated, speculative)

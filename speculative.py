@@ -11,15 +11,15 @@ from generation import Generation, check_generation, nucleus, sync
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
 # The most drafted per check, by the native build's instruction set, each the fastest of several on HumanEval's
-# calibration split (problems 12..17, 48 tokens, an 8-bit whole-model drafter with the 8-bit head, README): on
-# AVX-512 (bf16 products in hardware) the check of 16 tokens costs little more than a step, so the longest drafts
-# won (k 5/8/12/15: 1.92/1.90/1.96/2.16x); on AVX2 the check is compute-bound and 8 won (4/6/8/15: 1.67/1.61/1.69/
-# 1.56x).
-DRAFT_LENGTHS = {"avx512": MAX_DRAFT, "avx2": 8}
+# calibration split (problems 12..17, 48 tokens, River's own GPTQ 4-bit copies drafting as a whole model, 8-bit head;
+# README). Since a decode step's bf16 rows stream at memory speed, a check of k + 1 tokens costs several steps, so
+# short drafts win: AVX-512 k 3/4/6/8/15: 1.54/1.54/1.47/1.40/1.10x (8-bit drafts at best 1.38x); AVX2, whose check
+# is compute-bound: 1.02/0.96/0.89/0.89/0.69x.
+DRAFT_LENGTHS = {"avx512": 4, "avx2": 3}
 
 
 def default_draft_length(engine):
-    return DRAFT_LENGTHS.get(engine.native.isa if engine.native is not None else None, 8)
+    return DRAFT_LENGTHS.get(engine.native.isa if engine.native is not None else None, 3)
 
 
 @dataclass
