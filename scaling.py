@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+import llamacpp
 import plots
 from calibrate import humaneval_problems, quality_sequences, teacher_forced
 from cli import check_argument, reading_files
 from exit_policy import NEVER, ExitRule, similarity
+from kernels import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
 from measure import block_split_us, exit_histogram, log, machine_info, seconds
 from model import LlamaConfig, Transformer
@@ -239,7 +241,7 @@ def long_text_ids(tokenizer, text_file):
 
 def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
     """Backbone and River (the similarity rule at tau) decode speed after a prompt of len(prompt) real tokens, beside
-    the bandwidth model; the prefill's seconds (the torch path, fp32 activations, one call for the prompt); and on the
+    the bandwidth model; the prefill's seconds (one call for the prompt, native where the engine runs it); and on the
     native path the split of a block's time at that position (attention grows in the rest)."""
     cache, token, prefill_s = prefill(engine, prompt, len(prompt) + new_tokens)
     log(f"  context {len(prompt)}: prefill {prefill_s:.1f} s")
@@ -250,6 +252,22 @@ def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
     split = block_split_us(engine, len(prompt) + new_tokens // 2) if engine.native is not None else None
     return speed_row(engine.model, engine.river, *rates, positions, read_gb_per_s, context=len(prompt),
                      prefill_s=prefill_s, block_split_us=split)
+
+
+def peer_contexts(args, text, new_tokens):
+    """llama.cpp BF16 at each --context length on the same text (llamacpp.context_speed), for the bundled model where
+    llama_cpp imports; None otherwise (one line on how to install it)."""
+    if args.no_llamacpp or args.model is not None:
+        return None
+    llama_cpp = llamacpp.llama_cpp_or_none(log)
+    if llama_cpp is None:
+        return None
+    gguf = llamacpp.requantized(llama_cpp, "BF16", cache_dir() / "llamacpp")
+    rows = []
+    for n in args.context:
+        rows.append(llamacpp.context_speed(llama_cpp, gguf, text[:n + new_tokens], new_tokens, torch.get_num_threads()))
+        log(f"  llama.cpp BF16, context {n}: prefill {rows[-1]['prefill_s']:.1f} s")
+    return rows
 
 
 def shapes_sweep(result, engine, tokenizer, args, sizes):
@@ -299,6 +317,7 @@ def run(args, parser, device):
         log(f"context sweep: {result['text']}, {len(text)} tokens")
         result["context_sweep"] = [context_speed(engine, text[:n], new_tokens, repeats, args.tau,
                                                  result["read_gb_per_s"]) for n in args.context]
+        result["llama_cpp_bf16_contexts"] = peer_contexts(args, text, new_tokens)
     result["seconds"] = time.perf_counter() - t_start
     result["peak_resident_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB
     print_scaling(result)
@@ -336,6 +355,12 @@ def print_contexts(result):
         print(f"{row['context']:>8}{row['prefill_s']:>10.1f}{row['river_mean_backbone_blocks']:>8.2f}"
               f"{tps['backbone']:>10.1f}{tps['river']:>8.1f}{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x"
               f"{row['speedup'] / row['modelled'] - 1:>+7.0%}{blocks}")
+    for row, peer in zip(result["context_sweep"], result.get("llama_cpp_bf16_contexts") or ()):
+        ours = row["decode_tokens_per_s"]["backbone"]
+        print(f"llama.cpp BF16 at {peer['context']}: prefill {peer['prefill_s']:.1f} s "
+              f"({peer['prefill_tokens_per_s']:.0f} tok/s; the backbone takes {row['prefill_s'] / peer['prefill_s']:.2f}x "
+              f"its time), decode {peer['decode_tokens_per_s']:.1f} tok/s (the backbone "
+              f"{ours / peer['decode_tokens_per_s']:.2f}x)")
 
 
 def print_scaling(result):
