@@ -174,13 +174,15 @@ def block_weight_bytes(block):
 
 def step_bytes(model, river, depths, positions):
     """Mean bytes a decode step reads over steps of these depths (backbone blocks run; river copies after) at these
-    positions: the blocks' weights, the bf16 LM head, and every layer's bf16 K and V up to the position (once per
-    KV head: the query heads sharing it read it from cache). The embedding row is left out."""
+    positions: the blocks' weights, the LM head it ends at (the river's low-bit copy where the river has one, else the
+    bf16 head), and every layer's bf16 K and V up to the position (once per KV head: the query heads sharing it read
+    it from cache). The embedding row is left out."""
     cfg = model.cfg
     backbone = [block_weight_bytes(b) for b in model.blocks]
     copies = [block_weight_bytes(b) for b in river.blocks] if river is not None else []
     weights = statistics.mean(sum(backbone[:d]) + sum(copies[d:]) for d in depths)
-    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    head = model.lm_head.weight if river is None or river.head is None else river.head.packed
+    head = head.numel() * head.element_size()
     kv_per_position = cfg.n_layers * 2 * cfg.kv_dim * model.dtype.itemsize
     return weights + head + kv_per_position * (statistics.mean(positions) + 1)
 
@@ -367,7 +369,7 @@ def print_scaling(result):
     print(f"\nRiver-LLM scaling, speed only: {result['machine']}, torch {result['torch']}, native kernels "
           f"{result['kernels']['isa'] or 'none'}; River's copies 4-bit (last block 8-bit), groups of "
           f"{result['group_size']}, tau {result['tau']:g}; memory read {result['read_gb_per_s']:.1f} GB/s")
-    print("modelled: bytes read per token (weights of the blocks run, bf16 LM head, every layer's K/V), "
+    print("modelled: bytes read per token (weights of the blocks run, the LM head run, every layer's K/V), "
           "backbone / River")
     if result.get("shapes"):
         print_shapes(result)
