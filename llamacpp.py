@@ -7,6 +7,8 @@ import importlib
 import importlib.util
 import os
 import secrets
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,32 @@ class LlamaCppRow:
     @property
     def path(self):
         return "llama.cpp"
+
+
+def context_speed(llama_cpp, gguf, text, new_tokens, threads):
+    """llama.cpp on a long prompt, as bench.py --context runs this project: the prompt `text` evaluated at once (its
+    default batch sizes, wall time), then `new_tokens` more of the text one at a time (the median step); with its
+    flash attention off and on, each figure the better of the two and which one gave it."""
+    runs = []
+    for flash in (False, True):
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(text) + new_tokens + 1, n_threads=threads,
+                              n_threads_batch=threads, flash_attn=flash, verbose=False)
+        prompt, after = list(text[:-new_tokens]), list(text[-new_tokens:])
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s = time.perf_counter() - start
+        steps = []
+        for token in after:
+            start = time.perf_counter()
+            llm.eval([token])
+            steps.append(time.perf_counter() - start)
+        runs.append({"flash_attn": flash, "prefill_s": prefill_s, "decode_tokens_per_s": 1 / statistics.median(steps)})
+        llm.close()
+    prefill, decode = min(runs, key=lambda r: r["prefill_s"]), max(runs, key=lambda r: r["decode_tokens_per_s"])
+    return {"context": len(text) - new_tokens, "prefill_s": prefill["prefill_s"],
+            "prefill_tokens_per_s": (len(text) - new_tokens) / prefill["prefill_s"],
+            "prefill_flash_attn": prefill["flash_attn"], "decode_tokens_per_s": decode["decode_tokens_per_s"],
+            "decode_flash_attn": decode["flash_attn"], "threads": threads}
 
 
 def peer_rows(kinds, folder, n_layers, log):

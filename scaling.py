@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+import llamacpp
 import plots
 from calibrate import humaneval_problems, quality_sequences, teacher_forced
 from cli import check_argument, reading_files
 from exit_policy import NEVER, ExitRule, similarity
+from kernels import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
 from measure import block_split_us, exit_histogram, log, machine_info, seconds
 from model import LlamaConfig, Transformer
@@ -172,13 +174,15 @@ def block_weight_bytes(block):
 
 def step_bytes(model, river, depths, positions):
     """Mean bytes a decode step reads over steps of these depths (backbone blocks run; river copies after) at these
-    positions: the blocks' weights, the bf16 LM head, and every layer's bf16 K and V up to the position (once per
-    KV head: the query heads sharing it read it from cache). The embedding row is left out."""
+    positions: the blocks' weights, the LM head it ends at (the river's low-bit copy where the river has one, else the
+    bf16 head), and every layer's bf16 K and V up to the position (once per KV head: the query heads sharing it read
+    it from cache). The embedding row is left out."""
     cfg = model.cfg
     backbone = [block_weight_bytes(b) for b in model.blocks]
     copies = [block_weight_bytes(b) for b in river.blocks] if river is not None else []
     weights = statistics.mean(sum(backbone[:d]) + sum(copies[d:]) for d in depths)
-    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    head = model.lm_head.weight if river is None or river.head is None else river.head.packed
+    head = head.numel() * head.element_size()
     kv_per_position = cfg.n_layers * 2 * cfg.kv_dim * model.dtype.itemsize
     return weights + head + kv_per_position * (statistics.mean(positions) + 1)
 
@@ -239,7 +243,7 @@ def long_text_ids(tokenizer, text_file):
 
 def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
     """Backbone and River (the similarity rule at tau) decode speed after a prompt of len(prompt) real tokens, beside
-    the bandwidth model; the prefill's seconds (the torch path, fp32 activations, one call for the prompt); and on the
+    the bandwidth model; the prefill's seconds (one call for the prompt, native where the engine runs it); and on the
     native path the split of a block's time at that position (attention grows in the rest)."""
     cache, token, prefill_s = prefill(engine, prompt, len(prompt) + new_tokens)
     log(f"  context {len(prompt)}: prefill {prefill_s:.1f} s")
@@ -250,6 +254,22 @@ def context_speed(engine, prompt, new_tokens, repeats, tau, read_gb_per_s):
     split = block_split_us(engine, len(prompt) + new_tokens // 2) if engine.native is not None else None
     return speed_row(engine.model, engine.river, *rates, positions, read_gb_per_s, context=len(prompt),
                      prefill_s=prefill_s, block_split_us=split)
+
+
+def peer_contexts(args, text, new_tokens):
+    """llama.cpp BF16 at each --context length on the same text (llamacpp.context_speed), for the bundled model where
+    llama_cpp imports; None otherwise (one line on how to install it)."""
+    if args.no_llamacpp or args.model is not None:
+        return None
+    llama_cpp = llamacpp.llama_cpp_or_none(log)
+    if llama_cpp is None:
+        return None
+    gguf = llamacpp.requantized(llama_cpp, "BF16", cache_dir() / "llamacpp")
+    rows = []
+    for n in args.context:
+        rows.append(llamacpp.context_speed(llama_cpp, gguf, text[:n + new_tokens], new_tokens, torch.get_num_threads()))
+        log(f"  llama.cpp BF16, context {n}: prefill {rows[-1]['prefill_s']:.1f} s")
+    return rows
 
 
 def shapes_sweep(result, engine, tokenizer, args, sizes):
@@ -299,6 +319,7 @@ def run(args, parser, device):
         log(f"context sweep: {result['text']}, {len(text)} tokens")
         result["context_sweep"] = [context_speed(engine, text[:n], new_tokens, repeats, args.tau,
                                                  result["read_gb_per_s"]) for n in args.context]
+        result["llama_cpp_bf16_contexts"] = peer_contexts(args, text, new_tokens)
     result["seconds"] = time.perf_counter() - t_start
     result["peak_resident_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB
     print_scaling(result)
@@ -336,13 +357,19 @@ def print_contexts(result):
         print(f"{row['context']:>8}{row['prefill_s']:>10.1f}{row['river_mean_backbone_blocks']:>8.2f}"
               f"{tps['backbone']:>10.1f}{tps['river']:>8.1f}{row['speedup']:>8.2f}x{row['modelled']:>9.2f}x"
               f"{row['speedup'] / row['modelled'] - 1:>+7.0%}{blocks}")
+    for row, peer in zip(result["context_sweep"], result.get("llama_cpp_bf16_contexts") or ()):
+        ours = row["decode_tokens_per_s"]["backbone"]
+        print(f"llama.cpp BF16 at {peer['context']}: prefill {peer['prefill_s']:.1f} s "
+              f"({peer['prefill_tokens_per_s']:.0f} tok/s; the backbone takes {row['prefill_s'] / peer['prefill_s']:.2f}x "
+              f"its time), decode {peer['decode_tokens_per_s']:.1f} tok/s (the backbone "
+              f"{ours / peer['decode_tokens_per_s']:.2f}x)")
 
 
 def print_scaling(result):
     print(f"\nRiver-LLM scaling, speed only: {result['machine']}, torch {result['torch']}, native kernels "
           f"{result['kernels']['isa'] or 'none'}; River's copies 4-bit (last block 8-bit), groups of "
           f"{result['group_size']}, tau {result['tau']:g}; memory read {result['read_gb_per_s']:.1f} GB/s")
-    print("modelled: bytes read per token (weights of the blocks run, bf16 LM head, every layer's K/V), "
+    print("modelled: bytes read per token (weights of the blocks run, the LM head run, every layer's K/V), "
           "backbone / River")
     if result.get("shapes"):
         print_shapes(result)

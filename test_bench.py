@@ -340,3 +340,25 @@ def test_the_bench_files_are_small_and_their_functions_short(module):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             assert node.end_lineno - node.lineno + 1 <= 60, f"{module}.{node.name}"
+
+
+@pytest.mark.parametrize("head_bits", [None, 8])
+def test_the_bandwidth_model_counts_the_bytes_each_step_reads(head_bits):
+    """step_bytes, by hand: the backbone blocks a step runs (bf16 matrices, two fp32 norms), the river copies after
+    (their packed bytes), the head the step ends at (the river's low-bit copy where it has one) and every layer's
+    bf16 K and V up to the mean position plus one."""
+    model = tiny_model(SMALL, 0, torch.bfloat16)
+    river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,), head_bits=head_bits)
+    cfg = model.cfg
+
+    def block_bytes(block):
+        mats = [m for m in block.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "packed")]
+        return sum((m.packed if hasattr(m, "packed") else m.weight).numel() * (1 if hasattr(m, "packed") else 2)
+                   for m in mats) + 2 * 4 * cfg.d_model
+    kv = cfg.n_layers * 2 * cfg.kv_dim * 2 * (sum(range(10, 14)) / 4 + 1)
+    head = cfg.vocab_size * cfg.d_model * 2 if head_bits is None else river.head.packed.numel()
+    backbone = sum(block_bytes(b) for b in model.blocks) + cfg.vocab_size * cfg.d_model * 2 + kv
+    assert scaling.step_bytes(model, None, [cfg.n_layers], range(10, 14)) == pytest.approx(backbone)
+    mixed = [sum(block_bytes(b) for b in model.blocks[:d]) + sum(block_bytes(b) for b in river.blocks[d:])
+             for d in (1, 3)]
+    assert scaling.step_bytes(model, river, [1, 3], range(10, 14)) == pytest.approx(sum(mixed) / 2 + head + kv)
