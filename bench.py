@@ -23,7 +23,7 @@ from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
 from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality,
-                     measure_speculation, measure_speed, tensor_bytes, time_split)
+                     measure_speculation, measure_speed, tensor_bytes, time_split, torch_path_prefill_s)
 from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
@@ -159,6 +159,7 @@ class Measured:
     split: dict | None
     copy_gb_per_s: float
     speculation: dict | None
+    torch_prefill_s: float  # the prompt through the torch path's backbone (measure.torch_path_prefill_s)
 
 
 def measure(comparison, args, sizes, inputs):
@@ -177,7 +178,8 @@ def measure(comparison, args, sizes, inputs):
     memory = measure_memory(rows, {
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
-    return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs))
+    torch_prefill = torch_path_prefill_s(comparison.backbone.engine, inputs.prompt, sizes.repeats)
+    return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs), torch_prefill)
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -266,7 +268,8 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
             "backbone_bandwidth": bandwidth_entry(comparison.backbone.engine.model,
                                                   modes[comparison.backbone.name]["decode_tokens_per_s"],
                                                   measured.copy_gb_per_s),
-            "speculation": measured.speculation, "seconds": time.perf_counter() - t_start}
+            "speculation": measured.speculation, "torch_path_prefill_s": measured.torch_prefill_s,
+            "seconds": time.perf_counter() - t_start}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -326,6 +329,13 @@ def print_summary(result, comparison):
         print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
               f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
+    native = [(modes[row.name]["prefill_s"], row.name) for row in comparison.rows
+              if row.path.startswith("native")]
+    if native:
+        slowest, name = max(native)
+        print(f"prefill of the speed prompt: torch path {result['torch_path_prefill_s'] * 1e3:.1f} ms through the "
+              f"backbone; the slowest native row ({name}) {slowest * 1e3:.1f} ms, "
+              f"{result['torch_path_prefill_s'] / slowest:.2f}x faster")
     llamacpp.print_peers(result, comparison)
     if result["speculation"] is not None:
         sp, row = result["speculation"], modes[comparison.speculative.name]

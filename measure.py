@@ -122,6 +122,21 @@ def measure_speed(rows, prompt, new_tokens, repeats):
                        "generation_mean_backbone_blocks": statistics.mean(blocks[row.name])} for row in rows}
 
 
+def torch_path_prefill_s(engine, prompt, repeats):
+    """Median seconds of the prompt's prefill through the whole backbone on the torch path (fp32 activations, the
+    same weights and cache): the reference the native rows' prefill column is read against."""
+    plain = Engine(engine.model, engine.river, native=False)
+    tokens = torch.tensor([prompt], device=engine.model.device)
+    times = []
+    for _ in range(repeats + 1):  # the first warms up
+        cache = engine.model.new_cache(len(prompt))
+        start = time.perf_counter()
+        plain.forward(tokens, 0, cache, ExitRule(math.inf))
+        sync(engine.model.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 SPECULATION_TOKENS = 96  # new tokens per scored prompt in the lossless row's identity check
 
 
