@@ -28,7 +28,7 @@ def llama_cpp_or_none(log):
     """The llama_cpp module, or None after logging one line on how to install it."""
     try:
         return importlib.import_module("llama_cpp")
-    except (ImportError, OSError):  # missing, or a native build for another CPU failing to load
+    except (ImportError, OSError, RuntimeError):  # missing, or its native library missing or failing to load
         log(INSTALL)
         return None
 

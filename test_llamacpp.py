@@ -1,43 +1,148 @@
 """llama.cpp's rows in the bench (llamacpp.py): they score the very ids they are given, llama.cpp's BF16 agrees with
 this project's backbone, requantized files appear whole, and without llama_cpp there is one line and no row."""
-import builtins
+import filecmp
+import importlib.abc
+import importlib.util
+import sys
 import threading
+import types
 
+import numpy as np
 import pytest
 import torch
 
 import calibrate
 import llamacpp
+import scaling
 from exit_policy import NEVER
 from river import Engine
 
+# A HumanEval-like problem of a few dozen tokens: the prompt is the context, the solution the scored target.
+PROMPT = ('def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same forwards and backwards.\n'
+          '    >>> is_palindrome("level")\n    True\n    >>> is_palindrome("river")\n    False\n    """\n')
+SOLUTION = "    return text == text[::-1]\n"
 
-def test_without_llama_cpp_one_line_and_no_rows(monkeypatch):
-    real_import = builtins.__import__
 
-    def no_llama_cpp(name, *args, **kwargs):
-        if name == "llama_cpp":
-            raise ImportError("No module named 'llama_cpp'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.delitem(__import__("sys").modules, "llama_cpp", raising=False)
-    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
-    monkeypatch.setattr(llamacpp.importlib, "import_module", lambda name: no_llama_cpp(name))
+# ------------------------------------------------------------------------------------------- without llama_cpp
+
+class FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A llama_cpp whose import raises `error`, as llama-cpp-python's does when its shared library is missing
+    (FileNotFoundError) or will not load (RuntimeError wrapping the loader's OSError: _ctypes_extensions.py)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "llama_cpp" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise self.error
+
+
+@pytest.fixture(params=["absent", "library missing", "library fails to load"])
+def no_llama_cpp(request, monkeypatch):
+    """llama_cpp made unimportable for the test: not installed, or installed with a native library that is missing
+    or does not load."""
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    if request.param == "absent":
+        monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import raises ModuleNotFoundError
+        return
+    error = (FileNotFoundError("Shared library with base name 'llama' not found") if request.param == "library missing"
+             else RuntimeError("Failed to load shared library '/x/libllama.so': libgomp.so.1: cannot open shared "
+                               "object file: No such file or directory"))
+    monkeypatch.setattr(sys, "meta_path", [FailingImport(error)] + sys.meta_path)
+
+
+def test_without_llama_cpp_one_line_on_how_to_install_and_no_rows(no_llama_cpp, tmp_path, capsys):
+    """llama_cpp_or_none: None and one line naming the install command; the bench's peer rows: none, nothing made
+    on disk, no error; bench.py --context's llama.cpp figures: None after the same one line."""
     lines = []
-    assert llamacpp.peer_rows(["BF16", "Q4_K_M"], "/nonexistent", 30, lines.append) == []
-    assert len(lines) == 1 and "pip install" in lines[0] and "llama-cpp-python" in lines[0]
+    assert llamacpp.llama_cpp_or_none(lines.append) is None
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "llama_cpp is not importable" in lines[0] and "pip install llama-cpp-python==" in lines[0]
+    lines.clear()
+    assert llamacpp.peer_rows(["BF16", "Q4_K_M"], tmp_path / "llamacpp", 30, lines.append) == []
+    assert lines == [llamacpp.INSTALL] and not (tmp_path / "llamacpp").exists()
+    args = types.SimpleNamespace(no_llamacpp=False, model=None, context=[16])
+    assert scaling.peer_contexts(args, list(range(32)), 8) is None
+    out, err = capsys.readouterr()
+    assert out == "" and err == llamacpp.INSTALL + "\n"
 
+
+# ---------------------------------------------------------------------------------------------- with llama_cpp
 
 @pytest.fixture(scope="module")
 def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bench.py's optional peer)")
 
 
+@pytest.fixture(scope="module")
+def bf16_row(llama_cpp, bundled, tmp_path_factory):
+    """The bench's llama.cpp BF16 row of the bundled model."""
+    model, _ = bundled
+    gguf = llamacpp.requantized(llama_cpp, "BF16", tmp_path_factory.mktemp("llamacpp"))
+    return llamacpp.LlamaCppRow("llama.cpp BF16", "BF16", gguf, 2, model.cfg.n_layers, llama_cpp)
+
+
+def by_hand_nll(llama_cpp, gguf, context, target):
+    """Each target id's NLL from llama.cpp's logits over context + target evaluated at once in a Llama of the test's
+    own (position i's logits predict id i + 1), the log-softmax written out in float64."""
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(list(context) + list(target))
+    logits = np.asarray(llm.scores[len(context) - 1:len(context) + len(target) - 1], dtype=np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    llm.close()
+    return -logp[np.arange(len(target)), target]
+
+
+def test_llama_cpp_scores_the_very_ids_it_is_given(llama_cpp, bf16_row, bundled):
+    """score(context, target): the logits whose NLL at each target id is llama.cpp's own for that id after the
+    context and the targets before it, for a tokenized problem and for arbitrary ids no tokenizer would produce (a
+    position off by one, a BOS added or a re-tokenization would miss these by nats)."""
+    model, tokenizer = bundled
+    context, solution = tokenizer.encode(PROMPT).ids, tokenizer.encode(SOLUTION).ids
+    arbitrary = torch.randint(0, model.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert 20 <= len(context) <= 80 and len(solution) >= 8
+    for target in (solution, arbitrary, solution[:1]):
+        logits, depths, cache = bf16_row.score(context, target)
+        assert logits.shape == (len(target), model.cfg.vocab_size) and depths == [] and cache is None
+        got = -logits.double().log_softmax(-1).gather(1, torch.tensor(target)[:, None])[:, 0].numpy()
+        expected = by_hand_nll(llama_cpp, bf16_row.gguf, context, target)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        assert calibrate.scored(logits, target)[1] == pytest.approx(expected.sum(), rel=1e-5)
+
+
+def test_llama_cpp_bf16_nll_is_the_backbones(bf16_row, bundled):
+    """llama.cpp BF16 and this project's backbone, both the bundled GGUF's weights, score the problem within 0.01
+    nats per token: the backbone teacher-forced through the Engine as the bench's backbone row scores, in the bench's
+    bf16 and in fp32."""
+    model, tokenizer = bundled
+    context, target = tokenizer.encode(PROMPT).ids, tokenizer.encode(SOLUTION).ids
+    nll = calibrate.scored(bf16_row.score(context, target)[0], target)[1] / len(target)
+    for backbone in (model, scaling.load_backbone(None, "cpu", "bfloat16")):
+        backbone_nll, _ = calibrate.mean_nll(Engine(backbone), NEVER, [(context, target)])
+        assert abs(nll - backbone_nll) < 0.01, (backbone.dtype, nll, backbone_nll)
+
+
 def test_requantized_files_appear_whole_when_two_runs_make_them_at_once(llama_cpp, tmp_path):
-    paths, errors = [], []
+    """Two requantizations of one type into one empty folder, held until both are inside llama.cpp's quantizer: both
+    return the one file, byte for byte what a lone run makes, and no temporary file is left."""
+    inside = threading.Barrier(2, timeout=60)
+
+    def quantize_together(*args):
+        inside.wait()  # neither run starts before the other: both find no file and both write one
+        return llama_cpp.llama_model_quantize(*args)
+    racing = types.SimpleNamespace(llama_model_quantize_default_params=llama_cpp.llama_model_quantize_default_params,
+                                   llama_model_quantize=quantize_together)
+    folder, paths, errors = tmp_path / "shared", [], []
 
     def make():
         try:
-            paths.append(llamacpp.requantized(llama_cpp, "Q4_0", tmp_path))
+            paths.append(llamacpp.requantized(racing, "Q4_0", folder))
         except Exception as err:  # noqa: BLE001 - the test reports any failure of either run
             errors.append(err)
     runs = [threading.Thread(target=make) for _ in range(2)]
@@ -46,33 +151,7 @@ def test_requantized_files_appear_whole_when_two_runs_make_them_at_once(llama_cp
     for run in runs:
         run.join()
     assert not errors and len(paths) == 2 and paths[0] == paths[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [paths[0].name]  # no temporary file left
-    llama_cpp.Llama(model_path=str(paths[0]), n_ctx=64, verbose=False)    # a whole GGUF: it loads
-
-
-def test_llama_cpp_scores_the_ids_it_is_given_and_agrees_with_the_backbone(llama_cpp, bundled, tmp_path):
-    """score() returns, for each target id, llama.cpp's logits after the context and the targets before it: equal
-    to a one-position-at-a-time evaluation done here; its BF16 NLL on a scored problem is within 0.01 nats of this
-    project's backbone on the same ids."""
-    model, tokenizer = bundled
-    context, target = calibrate.quality_sequences(tokenizer, 1, 24)[0]
-    row = llamacpp.LlamaCppRow("llama.cpp BF16", "BF16", llamacpp.requantized(llama_cpp, "BF16", tmp_path), 2,
-                               model.cfg.n_layers, llama_cpp)
-    logits, _, _ = row.score(context, target)
-    assert logits.shape == (len(target), model.cfg.vocab_size)
-    by_hand = llama_cpp.Llama(model_path=str(row.gguf), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
-    by_hand.eval(list(context))
-    expected = [torch.tensor(by_hand.scores[len(context) - 1])]
-    for token in target[:-1]:
-        by_hand.eval([token])
-        expected.append(torch.tensor(by_hand.scores[by_hand.n_tokens - 1]))
-    expected = torch.stack(expected).float()
-    # one batch and single positions round differently inside llama.cpp (up to ~0.4 in a logit); a shifted position
-    # would miss by nats: each target's log-probability within 0.15, and the same top choice nearly everywhere
-    ids = torch.tensor(target)[:, None]
-    got_logp, expected_logp = (t.log_softmax(-1).gather(1, ids) for t in (logits, expected))
-    torch.testing.assert_close(got_logp, expected_logp, rtol=0, atol=0.15)
-    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
-    nll = calibrate.scored(logits, target)[1] / len(target)
-    backbone, _ = calibrate.mean_nll(Engine(model), NEVER, [(context, target)])
-    assert abs(nll - backbone) < 0.01
+    assert [p.name for p in folder.iterdir()] == [paths[0].name]  # no temporary file left
+    alone = llamacpp.requantized(llama_cpp, "Q4_0", tmp_path / "alone")
+    assert filecmp.cmp(paths[0], alone, shallow=False)
+    llama_cpp.Llama(model_path=str(paths[0]), n_ctx=64, verbose=False).close()  # a whole GGUF: it loads
