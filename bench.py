@@ -330,7 +330,7 @@ def print_summary(result, comparison):
               f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
     native = [(modes[row.name]["prefill_s"], row.name) for row in comparison.rows
-              if row.path.startswith("native")]
+              if row.deployment is not None and row.engine.native is not None]
     if native:
         slowest, name = max(native)
         print(f"prefill of the speed prompt: torch path {result['torch_path_prefill_s'] * 1e3:.1f} ms through the "
@@ -340,7 +340,8 @@ def print_summary(result, comparison):
     if result["speculation"] is not None:
         sp, row = result["speculation"], modes[comparison.speculative.name]
         print(f"lossless River (River's copies draft as a whole model, the backbone checks): "
-              f"{row['decode_tokens_per_s']:.1f} tok/s = {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
+              f"{row['decode_tokens_per_s']:.1f} tok/s = "
+              f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
               f"{sp['mean_ratio_to_backbone']:.2f}x over the {sp['prompts']} scored prompts; acceptance "
               f"{sp['acceptance']:.3f}, {sp['tokens_per_verification']:.2f} tokens per check; greedy tokens identical "
               f"to the backbone's on {sp['identical']}/{sp['prompts']} prompts ({sp['new_tokens']} new tokens each)")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import kernels
 from calibrate import scored
 from cli import fail
-from exit_policy import ExitRule
+from exit_policy import NEVER, ExitRule
 from kv_cache import Writer
 from kv_strategies import STRATEGIES, BaselineEngine
 from load_weights import load_config_and_tokenizer, load_model, resolve_device
@@ -131,7 +131,7 @@ def torch_path_prefill_s(engine, prompt, repeats):
     for _ in range(repeats + 1):  # the first warms up
         cache = engine.model.new_cache(len(prompt))
         start = time.perf_counter()
-        plain.forward(tokens, 0, cache, ExitRule(math.inf))
+        plain.forward(tokens, 0, cache, NEVER)
         sync(engine.model.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

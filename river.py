@@ -142,10 +142,10 @@ class ExitRiver(nn.Module):
             if stored is not None:
                 self.head = QuantizedLinear.from_packed(stored["head"].to(model.device), *model.lm_head.weight.shape,
                                                         head_bits, group_size)
-                return
-            qw = (quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps) if inputs is None
-                  else rounded(model.lm_head.weight, inputs.head_hessian(), head_bits, group_size, refine_steps))
-            self.head = QuantizedLinear(qw, model.device, "int16")
+            else:
+                qw = (quantize_weight(model.lm_head.weight, head_bits, group_size, refine_steps) if inputs is None
+                      else rounded(model.lm_head.weight, inputs.head_hessian(), head_bits, group_size, refine_steps))
+                self.head = QuantizedLinear(qw, model.device, "int16")
 
     def stored(self):
         """What ExitRiver(stored=...) rebuilds this river from (int16 activations): each block's packed weights by
@@ -408,6 +408,26 @@ MODES = {
 DRAFTERS = {"quantized": lambda tau: RIVER_ONLY, "river": similarity}
 
 
+def add_river_options(parser):
+    """The options that say what the river's copies are: widths, the head, rounding, groups, activations."""
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                        help="river weights (default 4)")
+    parser.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
+                        help="the river's LM head, which every token that may leave the backbone ends at (16: the "
+                             "model's own bf16 head; the backbone mode always uses it)")
+    parser.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
+                        help="how the river's weights are rounded: GPTQ on HumanEval's calibration split (default; "
+                             "about 25 s the first time, then read from the cache folder) or each weight to its "
+                             "nearest grid point")
+    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
+                        help="river activations: int16 per group (default on CPU: integer dot products in the native "
+                             "kernels) or bf16 (PyTorch's 4-bit kernel, the paper's W4A16; default on CUDA)")
+    parser.add_argument("--eight-bit-layers", type=int, nargs="*", default=None, metavar="LAYER",
+                        help="river blocks kept at 8 bits (negative counts from the end; default with int16 "
+                             f"activations: {' '.join(map(str, DEFAULT_EIGHT_BIT_LAYERS))}, the last block)")
+
+
 def parser_for(modes):
     import calibrate
     parser = argparse.ArgumentParser(description="Generate with River-LLM early exit.")
@@ -433,22 +453,7 @@ def parser_for(modes):
                              "backbone's blocks from D on are never loaded (their river copies are made one block at "
                              "a time as the checkpoint is read; with --quality-budget all are loaded, to calibrate "
                              "on); 0 to the model's layer count (default: all)")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
-                        help="river weights (default 4)")
-    parser.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
-                        help="the river's LM head, which every token that may leave the backbone ends at (16: the "
-                             "model's own bf16 head; the backbone mode always uses it)")
-    parser.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
-                        help="how the river's weights are rounded: GPTQ on HumanEval's calibration split (default; "
-                             "about 25 s the first time, then read from the cache folder) or each weight to its "
-                             "nearest grid point")
-    parser.add_argument("--group-size", type=option(int, partial(check_quant_args, 4)), default=DEFAULT_GROUP_SIZE)
-    parser.add_argument("--activations", choices=ACTIVATIONS, default=None,
-                        help="river activations: int16 per group (default on CPU: integer dot products in the native "
-                             "kernels) or bf16 (PyTorch's 4-bit kernel, the paper's W4A16; default on CUDA)")
-    parser.add_argument("--eight-bit-layers", type=int, nargs="*", default=None, metavar="LAYER",
-                        help="river blocks kept at 8 bits (negative counts from the end; default with int16 "
-                             f"activations: {' '.join(map(str, DEFAULT_EIGHT_BIT_LAYERS))}, the last block)")
+    add_river_options(parser)
     parser.add_argument("--speculative", action="store_true",
                         help="--mode river: lossless generation, River drafting and the whole backbone checking the "
                              "drafts in one pass; the output is the backbone's (greedy: token for token)")
@@ -529,21 +534,25 @@ def load_weights_of(mode, args, device, eight_bit, tokenizer):
     calibration = None
     if args.rounding == "gptq":
         import calibrate
-        calibration = calibrate.rounding_sequences(reading_files(
-            calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
-            calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS))
+        calibration = calibrate.rounding_sequences(calibration_split(tokenizer))
     model, river, _ = reading_files(load_river, args.model, device, held, args.bits, args.group_size,
                                     args.activations, eight_bit, torch.bfloat16, head_bits, calibration)
     return model, river
+
+
+def calibration_split(tokenizer):
+    """HumanEval's calibration split as the command line uses it (to round the river on, to pick tau on): the
+    problems after the ones bench.py scores."""
+    import calibrate
+    return reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
+                         calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
 
 
 def calibrated_tau(engine, tokenizer, budget):
     """--quality-budget: the fastest tau within the budget on HumanEval's calibration split, with the whole backbone
     (a cap would bias the choice: calibrate.calibrate_tau); a one-line error when none is."""
     import calibrate
-    sequences = reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
-                              calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
-    calibration = calibrate.calibrate_tau(engine, sequences, calibrate.CALIBRATION_TAUS, budget,
+    calibration = calibrate.calibrate_tau(engine, calibration_split(tokenizer), calibrate.CALIBRATION_TAUS, budget,
                                           log=lambda message: print(message, file=sys.stderr))
     if calibration.tau is None:
         best = min(calibration.nll_increase, key=calibration.nll_increase.get)
@@ -610,7 +619,8 @@ def main(argv=None, modes=MODES):
                           "quality_budget": args.quality_budget,
                           "calibration": None if calibration is None else calibration_json(calibration),
                           "max_backbone_depth": args.max_backbone_depth, "held_blocks": len(model.blocks),
-                          "bits": args.bits, "head_bits": args.head_bits, "rounding": args.rounding, "activations": args.activations,
+                          "bits": args.bits, "head_bits": args.head_bits, "rounding": args.rounding,
+                          "activations": args.activations,
                           "eight_bit_layers": list(eight_bit),
                           "path": engine.path, "speculative": speculation_json(result) if args.speculative else None},
                          allow_nan=False))
