@@ -198,6 +198,15 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
     }
     const int64_t o = (int64_t)t * a.stride, og = (int64_t)t * a.group_stride;
     quantize_activations(x, m.k, m.group, a.q + o, a.high + o, a.low + o, a.step + og, a.sum + og);
+#ifdef RIVER_AVX512
+    if (m.kind == KIND_Q8)  // the int8 halves in the order of a lane's 8-bit codes: inputs 0, 2, 1, 3 of each 4
+        for (int i = 0; i < m.k; i += 4) {
+            int8_t* h = a.high + o + i;
+            int8_t* l = a.low + o + i;
+            const int8_t h1 = h[1], l1 = l[1];
+            h[1] = h[2], h[2] = h1, l[1] = l[2], l[2] = l1;
+        }
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ weight products
@@ -386,8 +395,10 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
 //   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one; a mask or a shift gives
 //           4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd / pmaddubsw) and
 //           combined as 256 * high + low;
-//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1: a shift and a mask give each row's
-//           int16 pair (k, k+1) in its lane, multiplied with an int16 pair (vpdpwssd / pmaddwd).
+//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1. AVX-512: the 4 codes as unsigned bytes
+//           against the activations' int8 halves in the same order (vpdpbusd, as 4 bits, with no unpacking);
+//           AVX2: a shift and a mask give each row's int16 pair (k, k+1) in its lane, multiplied with an int16 pair
+//           (pmaddwd: pmaddubsw would saturate on codes past 127).
 static inline int32_t four(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -428,18 +439,15 @@ static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64
         for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
         return;
     }
-    const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
-    for (int c = 0; c < chunks; c++) {  // d0, d1: the pairs (k, k+1) and (k+2, k+3)
+    for (int c = 0; c < chunks; c++) {  // 8 bits: the codes as they lie, against the halves in their order (prepare)
         __m512i v = _mm512_loadu_si512(p + c * 64);
-        __m512i even = _mm512_and_si512(v, bytes), odd = _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes);
         for (int j = 0; j < TT; j++) {
-            int32_t xp[2];
-            memcpy(xp, a.q + k0 + (int64_t)j * xs + c * 4, 8);
-            d0[j] = _mm512_dpwssd_epi32(d0[j], even, _mm512_set1_epi32(xp[0]));
-            d1[j] = _mm512_dpwssd_epi32(d1[j], odd, _mm512_set1_epi32(xp[1]));
+            const int8_t *xh = a.high + k0 + (int64_t)j * xs + c * 4, *xl = a.low + k0 + (int64_t)j * xs + c * 4;
+            d0[j] = _mm512_dpbusd_epi32(d0[j], v, _mm512_set1_epi32(four(xh)));
+            d1[j] = _mm512_dpbusd_epi32(d1[j], v, _mm512_set1_epi32(four(xl)));
         }
     }
-    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(d0[j], d1[j]);
+    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
 #else
     __m256i d0[TT], d1[TT];
     for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm256_setzero_si256();
@@ -580,53 +588,132 @@ struct Scratch {
     int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
+// A long pass's attention works on bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair
+// by pair into an fp32 lane, the high halves' product added first (vdpbf16ps; on AVX2 its twin, two FMAs of exact
+// products). Lanes run over a unit's rows (query head and query), so that no key or value is ever transposed: a key
+// pair or a value pair is broadcast.
+static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
+static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
+static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
+static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
+#ifdef RIVER_AVX512
+    return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+    const u32x16 high = splat32(0xffff0000u);
+    acc += (f32x16)(a & high) * (f32x16)(b & high);
+    return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
+#endif
+}
+// Non-negative finite lanes rounded to bf16 (to nearest even): `low` to the low halves, `high` to the high halves.
+static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
+    const u32x16 a = (u32x16)low, b = (u32x16)high;
+    return ((a + 0x7fff + ((a >> 16) & 1)) >> 16) | ((b + 0x7fff + ((b >> 16) & 1)) & 0xffff0000u);
+}
+static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
+
+// 16 sums at once: lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths and
+// pairs, each step folding two vectors into one), the order the same whatever the inputs.
+static inline f32x16 sums16(f32x16* a) {
+    const i32x16 h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                 h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                 q0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                 q1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+                 e0 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                 e1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+                 p0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                 p1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
+    for (int i = 0; i < 4; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], q0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], q1);
+    for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
+    return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
+}
+
+// 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
+static inline u32x16 bf16_bits(f32x16 x) {
+    const u32x16 u = (u32x16)x;
+    return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
+
+// The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
+static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
+    if (pairs - c >= 16) return loadu32((const uint32_t*)row + c);
+    u32x16 v = {};
+    memcpy(&v, (const uint32_t*)row + c, 4 * (pairs - c));
+    return v;
+}
+
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
-// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). scores: G * TILE floats.
+// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores: each query split into two bf16 parts
+// (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes, the
+// lanes of 16 positions summed together (sums16); outputs: fp32 weights times the values, each value converted once
+// for every head. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
-                        float* scores, float* part) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
+                        float* work, float* part) {
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, pairs = hd / 2;
     const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int g0 = 0; g0 < G; g0 += 8)  // each key converted once for up to 8 heads that share it
-        for (int p = p0; p < p1; p++) {
-            const uint16_t* kp = K + (int64_t)p * hd;
-            const int gn = G - g0 < 8 ? G - g0 : 8;
-            f32x16 acc[8];
-            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
-            for (int i = 0; i < hd; i += 16) {
-                f32x16 kv = bf16x16(kp + i);
-                for (int g = 0; g < gn; g++) acc[g] += kv * load16(q + (g0 + g) * hd + i);
+    uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
+    uint16_t* ql = qh + G * hd;
+    float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
+    for (int i = 0; i < G * hd; i += 16) {
+        const f32x16 x = load16(q + i);
+        const u32x16 high = bf16_bits(x);
+        const u16x16 h = __builtin_convertvector(high, u16x16), l = __builtin_convertvector(bf16_bits(x - (f32x16)(high << 16)), u16x16);
+        memcpy(qh + i, &h, 32);
+        memcpy(ql + i, &l, 32);
+    }
+    for (int g = 0; g < G; g++)
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            f32x16 acc[16];
+            for (int j = 0; j < 16; j++) {
+                const uint16_t* kp = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
+                acc[j] = f32x16{};
+                for (int c = 0; c < pairs; c += 16) {
+                    const u32x16 k = pairs_at(kp, c, pairs);
+                    acc[j] = dot_pairs(dot_pairs(acc[j], k, pairs_at(qh + g * hd, c, pairs)), k, pairs_at(ql + g * hd, c, pairs));
+                }
             }
-            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + p - p0] = hsum16(acc[g]) * scale;
+            store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
-        float* o = part + g * (hd + 2);
-        float mx = -INFINITY, total = 0;
-        for (int j = 0; j < n; j++) mx = fmaxf(mx, s[j]);
-        int j = 0;
-        for (; j + 16 <= n; j += 16) {
+        f32x16 vmax = splat(-INFINITY);
+        for (int j = 0; j < n; j += 16) {
+            const f32x16 v = load16(s + j);
+            vmax = lanes + (float)j < (float)n && v > vmax ? v : vmax;
+        }
+        const float mx = max16(vmax);
+        f32x16 total = {};
+        for (int j = 0; j < n; j += 16) {
             f32x16 e = exp16(load16(s + j) - mx);
+            e = lanes + (float)j < (float)n ? e : splat(0.0f);
             store16(s + j, e);
-            total += hsum16(e);
+            total += e;
         }
-        for (; j < n; j++) total += s[j] = expf(s[j] - mx);
+        float* o = part + g * (hd + 2);
         o[0] = mx;
-        o[1] = total;
+        o[1] = hsum16(total);
     }
-    // each value converted once for up to 8 heads, whose sums stay in registers over the tile's positions
-    for (int g0 = 0; g0 < G; g0 += 8)
-        for (int i = 0; i < hd; i += 16) {
-            const int gn = G - g0 < 8 ? G - g0 : 8;
-            f32x16 acc[8];
-            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
-            for (int p = p0; p < p1; p++) {
-                f32x16 vv = bf16x16(V + (int64_t)p * hd + i);
-                for (int g = 0; g < gn; g++) acc[g] += vv * scores[(g0 + g) * TILE + p - p0];
+    for (int c = 0; c < hd; c += 64) {
+        const int cn = hd - c < 64 ? (hd - c) / 16 : 4;
+        for (int g0 = 0; g0 < G; g0 += 4) {  // up to 4 heads x 4 vectors of outputs in registers over the tile
+            const int gn = G - g0 < 4 ? G - g0 : 4;
+            f32x16 acc[4][4];
+            for (int g = 0; g < gn; g++)
+                for (int i = 0; i < cn; i++) acc[g][i] = f32x16{};
+            for (int j = 0; j < n; j++) {
+                f32x16 v[4];
+                for (int i = 0; i < cn; i++) v[i] = bf16x16(V + (int64_t)(p0 + j) * hd + c + 16 * i);
+                for (int g = 0; g < gn; g++) {
+                    const float w = scores[(g0 + g) * TILE + j];
+                    for (int i = 0; i < cn; i++) acc[g][i] += v[i] * w;
+                }
             }
-            for (int g = 0; g < gn; g++) store16(part + (g0 + g) * (hd + 2) + 2 + i, acc[g]);
+            for (int g = 0; g < gn; g++)
+                for (int i = 0; i < cn; i++) store16(part + (g0 + g) * (hd + 2) + 2 + c + 16 * i, acc[g][i]);
         }
+    }
 }
 
 static inline int tiles_upto(int pos) { return pos / TILE + 1; }
@@ -644,7 +731,7 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
     int u0, u1;
     my_share(units, 1, &u0, &u1);
     float* scores = s.work + (int64_t)omp_get_thread_num() * s.work_stride;
-    float* unit_out = scores + G * TILE;
+    float* unit_out = scores + G * (hd + 2 * TILE);
     for (int u = 0, t = 0; t < T; t++) {
         const int n_tiles = tiles_upto(pos0 + t);
         for (int kv = 0; kv < D.n_kv_heads; kv++)
@@ -677,29 +764,6 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
         for (int j = 0; j < hd; j += 16) store16(out + j, load16(out + j) * inv);
     }
 }
-
-// A long pass's attention works on bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair
-// by pair into an fp32 lane, the high halves' product added first (vdpbf16ps; on AVX2 its twin, two FMAs of exact
-// products). Lanes run over a unit's rows (query head and query), so that no key or value is ever transposed: a key
-// pair or a value pair is broadcast.
-static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
-static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
-static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
-static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
-#ifdef RIVER_AVX512
-    return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
-#else
-    const u32x16 high = splat32(0xffff0000u);
-    acc += (f32x16)(a & high) * (f32x16)(b & high);
-    return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
-#endif
-}
-// Non-negative finite lanes rounded to bf16 (to nearest even): `low` to the low halves, `high` to the high halves.
-static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
-    const u32x16 a = (u32x16)low, b = (u32x16)high;
-    return ((a + 0x7fff + ((a >> 16) & 1)) >> 16) | ((b + 0x7fff + ((b >> 16) & 1)) & 0xffff0000u);
-}
-static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
 
 #ifdef RIVER_AVX512
 static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes
@@ -1017,7 +1081,7 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     const int n = T < CHUNK ? T : CHUNK, hd = D.head_dim, G = D.n_heads / D.n_kv_heads, w = widest_input(D);
     const int qkv = (D.n_heads + 2 * D.n_kv_heads) * hd;
     const int64_t partial = n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (hd + 2) : 0;
-    const int64_t short_work = (int64_t)G * TILE + G * (hd + 2), long_work = long_unit_floats(D);
+    const int64_t short_work = (int64_t)G * (hd + 2 * TILE) + G * (hd + 2), long_work = long_unit_floats(D);
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
