@@ -622,8 +622,11 @@ static inline f32x16 sums16(f32x16* a) {
                  e1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
                  p0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
                  p1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#pragma GCC unroll 8
     for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
+#pragma GCC unroll 4
     for (int i = 0; i < 4; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], q0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], q1);
+#pragma GCC unroll 2
     for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
     return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
 }
@@ -665,13 +668,18 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     }
     for (int g = 0; g < G; g++)
         for (int j0 = 0; j0 < n; j0 += 16) {
+            const uint16_t* kp[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
             f32x16 acc[16];
-            for (int j = 0; j < 16; j++) {
-                const uint16_t* kp = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
-                acc[j] = f32x16{};
-                for (int c = 0; c < pairs; c += 16) {
-                    const u32x16 k = pairs_at(kp, c, pairs);
-                    acc[j] = dot_pairs(dot_pairs(acc[j], k, pairs_at(qh + g * hd, c, pairs)), k, pairs_at(ql + g * hd, c, pairs));
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) acc[j] = f32x16{};
+            for (int c = 0; c < pairs; c += 16) {
+                const u32x16 high = pairs_at(qh + g * hd, c, pairs), low = pairs_at(ql + g * hd, c, pairs);
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    const u32x16 k = pairs_at(kp[j], c, pairs);
+                    acc[j] = dot_pairs(dot_pairs(acc[j], k, high), k, low);
                 }
             }
             store16(scores + g * TILE + j0, sums16(acc) * scale);
@@ -699,19 +707,26 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         const int cn = hd - c < 64 ? (hd - c) / 16 : 4;
         for (int g0 = 0; g0 < G; g0 += 4) {  // up to 4 heads x 4 vectors of outputs in registers over the tile
             const int gn = G - g0 < 4 ? G - g0 : 4;
-            f32x16 acc[4][4];
-            for (int g = 0; g < gn; g++)
-                for (int i = 0; i < cn; i++) acc[g][i] = f32x16{};
+            f32x16 acc[4][4] = {};  // the loops unrolled so that the sums stay in registers
             for (int j = 0; j < n; j++) {
                 f32x16 v[4];
-                for (int i = 0; i < cn; i++) v[i] = bf16x16(V + (int64_t)(p0 + j) * hd + c + 16 * i);
-                for (int g = 0; g < gn; g++) {
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    if (i < cn) v[i] = bf16x16(V + (int64_t)(p0 + j) * hd + c + 16 * i);
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; g++) {
+                    if (g >= gn) break;
                     const float w = scores[(g0 + g) * TILE + j];
-                    for (int i = 0; i < cn; i++) acc[g][i] += v[i] * w;
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++)
+                        if (i < cn) acc[g][i] += v[i] * w;
                 }
             }
-            for (int g = 0; g < gn; g++)
-                for (int i = 0; i < cn; i++) store16(part + (g0 + g) * (hd + 2) + 2 + c + 16 * i, acc[g][i]);
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++)
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    if (g < gn && i < cn) store16(part + (g0 + g) * (hd + 2) + 2 + c + 16 * i, acc[g][i]);
         }
     }
 }
