@@ -85,15 +85,19 @@ static inline float max16(f32x16 v) {
     return m;
 }
 
-// 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
-static inline f32x16 bf16x16(const uint16_t* p) {
+// 16 uint16 at p widened to 32 bits (one vpmovzxwd on AVX-512: GCC splits the generic conversion in halves).
+static inline u32x16 widen16(const uint16_t* p) {
+#ifdef RIVER_AVX512
+    return (u32x16)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+#else
     u16x16 h;
     memcpy(&h, p, 32);
-    u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 f;
-    memcpy(&f, &w, 64);
-    return f;
+    return __builtin_convertvector(h, u32x16);
+#endif
 }
+
+// 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
+static inline f32x16 bf16x16(const uint16_t* p) { return (f32x16)(widen16(p) << 16); }
 
 static inline float bf16_value(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -645,6 +649,23 @@ static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
     return v;
 }
 
+// GN heads' outputs over CN vectors of 16 dims: out[g] = sum_j w[g][j] v[j] over the n positions of a tile (w: the
+// heads' weights TILE apart; v: rows hd apart; out: heads `os` apart), each value converted once for every head.
+template <int GN, int CN>
+static inline void weighted_values(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
+    f32x16 acc[GN][CN] = {};
+    for (int j = 0; j < n; j++) {
+        f32x16 x[CN];
+        for (int i = 0; i < CN; i++) x[i] = bf16x16(v + (int64_t)j * hd + 16 * i);
+        for (int g = 0; g < GN; g++) {
+            const float wj = w[g * TILE + j];
+            for (int i = 0; i < CN; i++) acc[g][i] += x[i] * wj;
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < CN; i++) store16(out + g * os + 16 * i, acc[g][i]);
+}
+
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
 // sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores: each query split into two bf16 parts
@@ -705,28 +726,19 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     }
     for (int c = 0; c < hd; c += 64) {
         const int cn = hd - c < 64 ? (hd - c) / 16 : 4;
-        for (int g0 = 0; g0 < G; g0 += 4) {  // up to 4 heads x 4 vectors of outputs in registers over the tile
+        for (int g0 = 0; g0 < G; g0 += 4) {
             const int gn = G - g0 < 4 ? G - g0 : 4;
-            f32x16 acc[4][4] = {};  // the loops unrolled so that the sums stay in registers
-            for (int j = 0; j < n; j++) {
-                f32x16 v[4];
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++)
-                    if (i < cn) v[i] = bf16x16(V + (int64_t)(p0 + j) * hd + c + 16 * i);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++) {
-                    if (g >= gn) break;
-                    const float w = scores[(g0 + g) * TILE + j];
-#pragma GCC unroll 4
-                    for (int i = 0; i < 4; i++)
-                        if (i < cn) acc[g][i] += v[i] * w;
-                }
+            const float* w = scores + g0 * TILE;
+            const uint16_t* v = V + (int64_t)p0 * hd + c;
+            float* o = part + g0 * (hd + 2) + 2 + c;
+#define RIVER_OUTPUTS(GN, CN) case GN * 8 + CN: weighted_values<GN, CN>(w, v, hd, n, o, hd + 2); break;
+            switch (gn * 8 + cn) {
+                RIVER_OUTPUTS(1, 1) RIVER_OUTPUTS(1, 2) RIVER_OUTPUTS(1, 3) RIVER_OUTPUTS(1, 4)
+                RIVER_OUTPUTS(2, 1) RIVER_OUTPUTS(2, 2) RIVER_OUTPUTS(2, 3) RIVER_OUTPUTS(2, 4)
+                RIVER_OUTPUTS(3, 1) RIVER_OUTPUTS(3, 2) RIVER_OUTPUTS(3, 3) RIVER_OUTPUTS(3, 4)
+                RIVER_OUTPUTS(4, 1) RIVER_OUTPUTS(4, 2) RIVER_OUTPUTS(4, 3) RIVER_OUTPUTS(4, 4)
             }
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++)
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++)
-                    if (g < gn && i < cn) store16(part + (g0 + g) * (hd + 2) + 2 + c + 16 * i, acc[g][i]);
+#undef RIVER_OUTPUTS
         }
     }
 }
@@ -935,13 +947,8 @@ static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, cons
         }
         for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
             const uint16_t* v0 = V + (int64_t)(k0 + 2 * j) * hd;
-            for (int c = 0; c < hd; c += 16) {
-                u16x16 a, b = {};
-                memcpy(&a, v0 + c, 32);
-                if (2 * j + 1 < kn) memcpy(&b, v0 + hd + c, 32);
-                storeu32(Vp + (int64_t)j * hd + c,
-                         __builtin_convertvector(a, u32x16) | __builtin_convertvector(b, u32x16) << 16);
-            }
+            for (int c = 0; c < hd; c += 16)
+                storeu32(Vp + (int64_t)j * hd + c, widen16(v0 + c) | (2 * j + 1 < kn ? widen16(v0 + hd + c) << 16 : u32x16{}));
         }
         output_tiles(Vp, hd, Pp, nrv, n_pairs, rescale, Ot);
     }
