@@ -29,7 +29,7 @@ enum { KIND_BF16 = 0, KIND_Q4 = 1, KIND_Q8 = 2 };
 static const int CHUNK = 64;       // tokens of a pass processed together through a block (a prompt's are chunked)
 static const int SHORT_PASS = 16;  // up to this many tokens, attention runs token by token as a decode step does
 static const int TILE = 64;        // positions per unit of a token's attention over the cache
-static const int QUERY_BLOCK = 32; // a long pass's attention: queries per unit (each key block converted once for them all)
+static const int QUERY_BLOCK = 32; // a long pass's attention: queries per unit (each key block read once for them all)
 static const int KEY_BLOCK = 64;   // ... and keys per step of its online softmax
 static const int MAX_HEAD_DIM = 128;
 
@@ -85,15 +85,19 @@ static inline float max16(f32x16 v) {
     return m;
 }
 
-// 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
-static inline f32x16 bf16x16(const uint16_t* p) {
+// 16 uint16 at p widened to 32 bits (one vpmovzxwd on AVX-512: GCC splits the generic conversion in halves).
+static inline u32x16 widen16(const uint16_t* p) {
+#ifdef RIVER_AVX512
+    return (u32x16)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+#else
     u16x16 h;
     memcpy(&h, p, 32);
-    u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 f;
-    memcpy(&f, &w, 64);
-    return f;
+    return __builtin_convertvector(h, u32x16);
+#endif
 }
+
+// 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
+static inline f32x16 bf16x16(const uint16_t* p) { return (f32x16)(widen16(p) << 16); }
 
 static inline float bf16_value(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -198,6 +202,15 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
     }
     const int64_t o = (int64_t)t * a.stride, og = (int64_t)t * a.group_stride;
     quantize_activations(x, m.k, m.group, a.q + o, a.high + o, a.low + o, a.step + og, a.sum + og);
+#ifdef RIVER_AVX512
+    if (m.kind == KIND_Q8)  // the int8 halves in the order of a lane's 8-bit codes: inputs 0, 2, 1, 3 of each 4
+        for (int i = 0; i < m.k; i += 4) {
+            int8_t* h = a.high + o + i;
+            int8_t* l = a.low + o + i;
+            const int8_t h1 = h[1], l1 = l[1];
+            h[1] = h[2], h[2] = h1, l[1] = l[2], l[2] = l1;
+        }
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ weight products
@@ -386,8 +399,10 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
 //   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one; a mask or a shift gives
 //           4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd / pmaddubsw) and
 //           combined as 256 * high + low;
-//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1: a shift and a mask give each row's
-//           int16 pair (k, k+1) in its lane, multiplied with an int16 pair (vpdpwssd / pmaddwd).
+//   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1. AVX-512: the 4 codes as unsigned bytes
+//           against the activations' int8 halves in the same order (vpdpbusd, as 4 bits, with no unpacking);
+//           AVX2: a shift and a mask give each row's int16 pair (k, k+1) in its lane, multiplied with an int16 pair
+//           (pmaddwd: pmaddubsw would saturate on codes past 127).
 static inline int32_t four(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -428,18 +443,15 @@ static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64
         for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
         return;
     }
-    const __m512i bytes = _mm512_set1_epi32(0x00ff00ff);
-    for (int c = 0; c < chunks; c++) {  // d0, d1: the pairs (k, k+1) and (k+2, k+3)
+    for (int c = 0; c < chunks; c++) {  // 8 bits: the codes as they lie, against the halves in their order (prepare)
         __m512i v = _mm512_loadu_si512(p + c * 64);
-        __m512i even = _mm512_and_si512(v, bytes), odd = _mm512_and_si512(_mm512_srli_epi32(v, 8), bytes);
         for (int j = 0; j < TT; j++) {
-            int32_t xp[2];
-            memcpy(xp, a.q + k0 + (int64_t)j * xs + c * 4, 8);
-            d0[j] = _mm512_dpwssd_epi32(d0[j], even, _mm512_set1_epi32(xp[0]));
-            d1[j] = _mm512_dpwssd_epi32(d1[j], odd, _mm512_set1_epi32(xp[1]));
+            const int8_t *xh = a.high + k0 + (int64_t)j * xs + c * 4, *xl = a.low + k0 + (int64_t)j * xs + c * 4;
+            d0[j] = _mm512_dpbusd_epi32(d0[j], v, _mm512_set1_epi32(four(xh)));
+            d1[j] = _mm512_dpbusd_epi32(d1[j], v, _mm512_set1_epi32(four(xl)));
         }
     }
-    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(d0[j], d1[j]);
+    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
 #else
     __m256i d0[TT], d1[TT];
     for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm256_setzero_si256();
@@ -580,53 +592,155 @@ struct Scratch {
     int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
+// A long pass's attention works on bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair
+// by pair into an fp32 lane, the high halves' product added first (vdpbf16ps; on AVX2 its twin, two FMAs of exact
+// products). Lanes run over a unit's rows (query head and query), so that no key or value is ever transposed: a key
+// pair or a value pair is broadcast.
+static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
+static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
+static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
+static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
+#ifdef RIVER_AVX512
+    return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+    const u32x16 high = splat32(0xffff0000u);
+    acc += (f32x16)(a & high) * (f32x16)(b & high);
+    return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
+#endif
+}
+// Non-negative finite lanes rounded to bf16 (to nearest even): `low` to the low halves, `high` to the high halves.
+static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
+    const u32x16 a = (u32x16)low, b = (u32x16)high;
+    return ((a + 0x7fff + ((a >> 16) & 1)) >> 16) | ((b + 0x7fff + ((b >> 16) & 1)) & 0xffff0000u);
+}
+static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
+
+// 16 sums at once: lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths and
+// pairs, each step folding two vectors into one), the order the same whatever the inputs.
+static inline f32x16 sums16(f32x16* a) {
+    const i32x16 h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                 h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                 q0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                 q1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+                 e0 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                 e1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+                 p0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                 p1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], q0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], q1);
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
+    return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
+}
+
+// 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
+static inline u32x16 bf16_bits(f32x16 x) {
+    const u32x16 u = (u32x16)x;
+    return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
+
+// The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
+static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
+    if (pairs - c >= 16) return loadu32((const uint32_t*)row + c);
+    u32x16 v = {};
+    memcpy(&v, (const uint32_t*)row + c, 4 * (pairs - c));
+    return v;
+}
+
+// GN heads' outputs over CN vectors of 16 dims: out[g] = sum_j w[g][j] v[j] over the n positions of a tile (w: the
+// heads' weights TILE apart; v: rows hd apart; out: heads `os` apart), each value converted once for every head.
+template <int GN, int CN>
+static inline void weighted_values(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
+    f32x16 acc[GN][CN] = {};
+    for (int j = 0; j < n; j++) {
+        f32x16 x[CN];
+        for (int i = 0; i < CN; i++) x[i] = bf16x16(v + (int64_t)j * hd + 16 * i);
+        for (int g = 0; g < GN; g++) {
+            const float wj = w[g * TILE + j];
+            for (int i = 0; i < CN; i++) acc[g][i] += x[i] * wj;
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < CN; i++) store16(out + g * os + 16 * i, acc[g][i]);
+}
+
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
-// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). scores: G * TILE floats.
+// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores: each query split into two bf16 parts
+// (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes, the
+// lanes of 16 positions summed together (sums16); outputs: fp32 weights times the values, each value converted once
+// for every head. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
-                        float* scores, float* part) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
+                        float* work, float* part) {
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, pairs = hd / 2;
     const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int g0 = 0; g0 < G; g0 += 8)  // each key converted once for up to 8 heads that share it
-        for (int p = p0; p < p1; p++) {
-            const uint16_t* kp = K + (int64_t)p * hd;
-            const int gn = G - g0 < 8 ? G - g0 : 8;
-            f32x16 acc[8];
-            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
-            for (int i = 0; i < hd; i += 16) {
-                f32x16 kv = bf16x16(kp + i);
-                for (int g = 0; g < gn; g++) acc[g] += kv * load16(q + (g0 + g) * hd + i);
+    uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
+    uint16_t* ql = qh + G * hd;
+    float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
+    for (int i = 0; i < G * hd; i += 16) {
+        const f32x16 x = load16(q + i);
+        const u32x16 high = bf16_bits(x);
+        const u16x16 h = __builtin_convertvector(high, u16x16), l = __builtin_convertvector(bf16_bits(x - (f32x16)(high << 16)), u16x16);
+        memcpy(qh + i, &h, 32);
+        memcpy(ql + i, &l, 32);
+    }
+    for (int g = 0; g < G; g++)
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            const uint16_t* kp[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
+            f32x16 acc[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) acc[j] = f32x16{};
+            for (int c = 0; c < pairs; c += 16) {
+                const u32x16 high = pairs_at(qh + g * hd, c, pairs), low = pairs_at(ql + g * hd, c, pairs);
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    const u32x16 k = pairs_at(kp[j], c, pairs);
+                    acc[j] = dot_pairs(dot_pairs(acc[j], k, high), k, low);
+                }
             }
-            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + p - p0] = hsum16(acc[g]) * scale;
+            store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
-        float* o = part + g * (hd + 2);
-        float mx = -INFINITY, total = 0;
-        for (int j = 0; j < n; j++) mx = fmaxf(mx, s[j]);
-        int j = 0;
-        for (; j + 16 <= n; j += 16) {
+        f32x16 vmax = splat(-INFINITY);
+        for (int j = 0; j < n; j += 16) {
+            const f32x16 v = load16(s + j);
+            vmax = lanes + (float)j < (float)n && v > vmax ? v : vmax;
+        }
+        const float mx = max16(vmax);
+        f32x16 total = {};
+        for (int j = 0; j < n; j += 16) {
             f32x16 e = exp16(load16(s + j) - mx);
+            e = lanes + (float)j < (float)n ? e : splat(0.0f);
             store16(s + j, e);
-            total += hsum16(e);
+            total += e;
         }
-        for (; j < n; j++) total += s[j] = expf(s[j] - mx);
+        float* o = part + g * (hd + 2);
         o[0] = mx;
-        o[1] = total;
+        o[1] = hsum16(total);
     }
-    // each value converted once for up to 8 heads, whose sums stay in registers over the tile's positions
-    for (int g0 = 0; g0 < G; g0 += 8)
-        for (int i = 0; i < hd; i += 16) {
-            const int gn = G - g0 < 8 ? G - g0 : 8;
-            f32x16 acc[8];
-            for (int g = 0; g < gn; g++) acc[g] = f32x16{};
-            for (int p = p0; p < p1; p++) {
-                f32x16 vv = bf16x16(V + (int64_t)p * hd + i);
-                for (int g = 0; g < gn; g++) acc[g] += vv * scores[(g0 + g) * TILE + p - p0];
+    for (int c = 0; c < hd; c += 64) {
+        const int cn = hd - c < 64 ? (hd - c) / 16 : 4;
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int gn = G - g0 < 4 ? G - g0 : 4;
+            const float* w = scores + g0 * TILE;
+            const uint16_t* v = V + (int64_t)p0 * hd + c;
+            float* o = part + g0 * (hd + 2) + 2 + c;
+#define RIVER_OUTPUTS(GN, CN) case GN * 8 + CN: weighted_values<GN, CN>(w, v, hd, n, o, hd + 2); break;
+            switch (gn * 8 + cn) {
+                RIVER_OUTPUTS(1, 1) RIVER_OUTPUTS(1, 2) RIVER_OUTPUTS(1, 3) RIVER_OUTPUTS(1, 4)
+                RIVER_OUTPUTS(2, 1) RIVER_OUTPUTS(2, 2) RIVER_OUTPUTS(2, 3) RIVER_OUTPUTS(2, 4)
+                RIVER_OUTPUTS(3, 1) RIVER_OUTPUTS(3, 2) RIVER_OUTPUTS(3, 3) RIVER_OUTPUTS(3, 4)
+                RIVER_OUTPUTS(4, 1) RIVER_OUTPUTS(4, 2) RIVER_OUTPUTS(4, 3) RIVER_OUTPUTS(4, 4)
             }
-            for (int g = 0; g < gn; g++) store16(part + (g0 + g) * (hd + 2) + 2 + i, acc[g]);
+#undef RIVER_OUTPUTS
         }
+    }
 }
 
 static inline int tiles_upto(int pos) { return pos / TILE + 1; }
@@ -644,7 +758,7 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
     int u0, u1;
     my_share(units, 1, &u0, &u1);
     float* scores = s.work + (int64_t)omp_get_thread_num() * s.work_stride;
-    float* unit_out = scores + G * TILE;
+    float* unit_out = scores + G * (hd + 2 * TILE);
     for (int u = 0, t = 0; t < T; t++) {
         const int n_tiles = tiles_upto(pos0 + t);
         for (int kv = 0; kv < D.n_kv_heads; kv++)
@@ -678,67 +792,170 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
     }
 }
 
+#ifdef RIVER_AVX512
+static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes
+#else
+static const int ATT_KEYS = 2, ATT_ROWS = 2, ATT_DIMS = 2;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
+#endif
+static const uint32_t ZERO_PAIRS[MAX_HEAD_DIM / 2] = {};
+
+// Scores of ATT_KEYS keys (pair rows kp[i], hd / 2 pairs each) for NR vectors of rows (query pairs Qp, (hd / 2, nrv)
+// vectors), into St (keys, nrv) vectors.
+template <int NR>
+static inline void score_tile(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale,
+                              float* St) {
+    f32x16 acc[ATT_KEYS][NR];
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < NR; i++) acc[k][i] = f32x16{};
+    for (int c = 0; c < pairs; c++) {
+        u32x16 q[NR];
+        for (int i = 0; i < NR; i++) q[i] = loadu32(Qp + ((int64_t)c * nrv + i) * 16);
+        for (int k = 0; k < ATT_KEYS; k++) {
+            const u32x16 key = splat32(kp[k][c]);
+            for (int i = 0; i < NR; i++) acc[k][i] = dot_pairs(acc[k][i], q[i], key);
+        }
+    }
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < NR; i++) store16(St + ((int64_t)k * nrv + i) * 16, acc[k][i] * scale);
+}
+
+// Outputs of ATT_DIMS dimensions (value pairs Vp + c, hd apart) for NR vectors of rows: Ot (hd, nrv) vectors rescaled,
+// plus the key block's probability pairs Pp (n_pairs, nrv) vectors times the value pairs.
+template <int NR>
+static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs,
+                               const float* rescale, float* Ot) {
+    f32x16 acc[ATT_DIMS][NR];
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < NR; i++) acc[c][i] = load16(Ot + ((int64_t)c * nrv + i) * 16) * load16(rescale + i * 16);
+    for (int j = 0; j < n_pairs; j++) {
+        u32x16 p[NR];
+        for (int i = 0; i < NR; i++) p[i] = loadu32(Pp + ((int64_t)j * nrv + i) * 16);
+        for (int c = 0; c < ATT_DIMS; c++) {
+            const u32x16 v = splat32(Vp[(int64_t)j * hd + c]);
+            for (int i = 0; i < NR; i++) acc[c][i] = dot_pairs(acc[c][i], p[i], v);
+        }
+    }
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < NR; i++) store16(Ot + ((int64_t)c * nrv + i) * 16, acc[c][i]);
+}
+
+static void score_tiles(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale, float* St) {
+    for (int r = 0; r < nrv; r += ATT_ROWS) {
+        const uint32_t* q = Qp + (int64_t)r * 16;
+        float* s = St + (int64_t)r * 16;
+        switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
+            case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
+            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
+#ifdef RIVER_AVX512
+            case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
+            case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
+            case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
+            case 6: score_tile<6>(kp, q, nrv, pairs, scale, s); break;
+#endif
+        }
+    }
+}
+
+static void output_tiles(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs, const float* rescale,
+                         float* Ot) {
+    for (int c = 0; c < hd; c += ATT_DIMS)
+        for (int r = 0; r < nrv; r += ATT_ROWS) {
+            const uint32_t *v = Vp + c, *p = Pp + (int64_t)r * 16;
+            const float* sc = rescale + (int64_t)r * 16;
+            float* o = Ot + ((int64_t)c * nrv + r) * 16;
+            switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
+                case 1: output_tile<1>(v, hd, p, nrv, n_pairs, sc, o); break;
+                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
+#ifdef RIVER_AVX512
+                case 3: output_tile<3>(v, hd, p, nrv, n_pairs, sc, o); break;
+                case 4: output_tile<4>(v, hd, p, nrv, n_pairs, sc, o); break;
+                case 5: output_tile<5>(v, hd, p, nrv, n_pairs, sc, o); break;
+                case 6: output_tile<6>(v, hd, p, nrv, n_pairs, sc, o); break;
+#endif
+            }
+        }
+}
+
+// Floats of one thread's work area for a long pass's attention unit.
+static int64_t long_unit_floats(const Dims& D) {
+    const int64_t nrv = ((int64_t)D.n_heads / D.n_kv_heads * QUERY_BLOCK + 15) / 16, hd = D.head_dim;
+    return nrv * 16 * (hd / 2 + KEY_BLOCK + KEY_BLOCK / 2 + hd + 4) + KEY_BLOCK / 2 * hd;
+}
+
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
-// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax: per query row a running max m, sum
-// l and output o, rescaled by e^(m_old - m_new) as each block raises the max; blocks past a query masked for it.
-// Scores vectorized over 16 keys of a block transposed once (Kt: hd x KEY_BLOCK), outputs over 16 of hd.
+// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Row r (query q0 + r / G, head
+// r % G) is lane r % 16 of vector r / 16; per row a running max m, sum l and output o (Ot: (hd, rows)), rescaled by
+// e^(m_old - m_new) as each block raises the max; keys past a row's query masked for it. The query and each block's
+// probabilities are rounded to bf16 (K and V are bf16 already), each score and output an fp32 sum of exact products.
 static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* K, const uint16_t* V,
                            int pos0, int q0, int q1, float* work, float* att, int att_stride) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, rows = G * (q1 - q0), KB = KEY_BLOCK;
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, rows = G * (q1 - q0), KB = KEY_BLOCK, pairs = hd / 2;
+    const int nrv = (G * QUERY_BLOCK + 15) / 16;  // vectors of rows (the last block's unused rows: zero queries)
     const float scale = 1.0f / sqrtf((float)hd);
-    float* Kt = work;                     // (hd, KB)
-    float* Vf = Kt + (int64_t)hd * KB;    // (KB, hd)
-    float* S = Vf + (int64_t)KB * hd;     // (rows, KB)
-    float* O = S + (int64_t)rows * KB;    // (rows, hd)
-    float* m = O + (int64_t)rows * hd;    // (rows,)
-    float* l = m + rows;                  // (rows,)
-    for (int r = 0; r < rows; r++) m[r] = -INFINITY, l[r] = 0;
-    memset(O, 0, sizeof(float) * rows * hd);
+    uint32_t* Qp = (uint32_t*)work;                         // (hd / 2, nrv) vectors: query pairs
+    float* St = (float*)(Qp + (int64_t)pairs * nrv * 16);   // (KB, nrv): a key block's scores
+    uint32_t* Pp = (uint32_t*)(St + (int64_t)KB * nrv * 16); // (KB / 2, nrv): its probability pairs
+    float* Ot = (float*)(Pp + (int64_t)KB / 2 * nrv * 16);   // (hd, nrv): outputs
+    float* m = Ot + (int64_t)hd * nrv * 16;                  // (nrv,) vectors each: running max, sum, rescale, position
+    float* l = m + nrv * 16;
+    float* rescale = l + nrv * 16;
+    float* rpos = rescale + nrv * 16;
+    uint32_t* Vp = (uint32_t*)(rpos + nrv * 16);             // (KB / 2, hd): the block's value pairs
+    for (int r = 0; r < nrv * 16; r++) {
+        const float* q = qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd;
+        for (int c = 0; c < pairs; c++)
+            Qp[(int64_t)c * nrv * 16 + r] = r < rows ? to_bf16(q[2 * c]) | (uint32_t)to_bf16(q[2 * c + 1]) << 16 : 0;
+        m[r] = -INFINITY, l[r] = 0;
+        rpos[r] = r < rows ? (float)(pos0 + q0 + r / G) : 1e30f;  // unused rows see every key (of zero score)
+    }
+    memset(Ot, 0, sizeof(float) * hd * nrv * 16);
     const int last = pos0 + q1 - 1;  // the last position any query here reads
     for (int k0 = 0; k0 <= last; k0 += KB) {
-        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB;
-        for (int j = 0; j < KB; j++)
-            for (int c = 0; c < hd; c++) Kt[(int64_t)c * KB + j] = j < kn ? bf16_value(K[(int64_t)(k0 + j) * hd + c]) : 0;
-        for (int j = 0; j < kn; j++)
-            for (int c = 0; c < hd; c += 16) store16(Vf + (int64_t)j * hd + c, bf16x16(V + (int64_t)(k0 + j) * hd + c));
-        for (int r = 0; r < rows; r++) {  // row r: query q0 + r / G, head r % G
-            const int qpos = pos0 + q0 + r / G;
-            const float* q = qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd;
-            float* srow = S + (int64_t)r * KB;
-            if (qpos < k0) continue;  // this whole block is in its future
-            f32x16 acc[KEY_BLOCK / 16] = {};
-            for (int c = 0; c < hd; c++)
-                for (int j = 0; j < KB / 16; j++) acc[j] += load16(Kt + (int64_t)c * KB + 16 * j) * q[c];
-            for (int j = 0; j < KB / 16; j++) store16(srow + 16 * j, acc[j] * scale);
-            const int valid = qpos - k0 + 1 < kn ? qpos - k0 + 1 : kn;  // keys up to the query's own position
-            f32x16 vmax = splat(m[r]);
-            for (int j = 0; j < KB; j += 16) {  // keys at or past `valid` count as -inf
-                f32x16 v = load16(srow + j);
-                vmax = lanes + (float)j < (float)valid && v > vmax ? v : vmax;
-            }
-            const float mx = max16(vmax), rescale = expf(m[r] - mx);
-            f32x16 vtotal = {};
-            for (int j = 0; j < KB; j += 16) {
-                f32x16 e = exp16(load16(srow + j) - mx);
-                e = lanes + (float)j < (float)valid ? e : splat(0.0f);
-                store16(srow + j, e);
-                vtotal += e;
-            }
-            const float total = hsum16(vtotal);
-            l[r] = l[r] * rescale + total;
-            m[r] = mx;
-            float* o = O + (int64_t)r * hd;
-            f32x16 out[MAX_HEAD_DIM / 16];
-            for (int c = 0; c < hd / 16; c++) out[c] = load16(o + 16 * c) * rescale;
-            for (int j = 0; j < valid; j++)
-                for (int c = 0; c < hd / 16; c++) out[c] += load16(Vf + (int64_t)j * hd + 16 * c) * srow[j];
-            for (int c = 0; c < hd / 16; c++) store16(o + 16 * c, out[c]);
+        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB, n_pairs = (kn + 1) / 2;
+        const bool diagonal = k0 + kn - 1 > pos0 + q0;  // some key here is past some row's query
+        for (int j = 0; j < kn; j += ATT_KEYS) {
+            const uint32_t* kp[ATT_KEYS];
+            for (int i = 0; i < ATT_KEYS; i++)
+                kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(k0 + j + i) * hd) : ZERO_PAIRS;
+            score_tiles(kp, Qp, nrv, pairs, scale, St + (int64_t)j * nrv * 16);
         }
+        for (int v = 0; v < nrv; v++) {
+            const f32x16 at = load16(rpos + v * 16);
+            f32x16 mx = load16(m + v * 16);
+            for (int j = 0; j < kn; j++) {
+                f32x16 s = load16(St + ((int64_t)j * nrv + v) * 16);
+                if (diagonal) store16(St + ((int64_t)j * nrv + v) * 16, s = (float)(k0 + j) <= at ? s : splat(-INFINITY));
+                mx = s > mx ? s : mx;
+            }
+            store16(rescale + v * 16, exp16(load16(m + v * 16) - mx));
+            f32x16 total = {};
+            for (int j = 0; j < kn; j += 2) {
+                const f32x16 s0 = load16(St + ((int64_t)j * nrv + v) * 16);
+                f32x16 e0 = exp16(s0 - mx), e1 = {};
+                if (diagonal) e0 = s0 == -INFINITY ? splat(0.0f) : e0;
+                if (j + 1 < kn) {
+                    const f32x16 s1 = load16(St + ((int64_t)(j + 1) * nrv + v) * 16);
+                    e1 = exp16(s1 - mx);
+                    if (diagonal) e1 = s1 == -INFINITY ? splat(0.0f) : e1;
+                }
+                const u32x16 p = bf16_pairs(e0, e1);
+                storeu32(Pp + ((int64_t)(j / 2) * nrv + v) * 16, p);
+                total += pair_sum(p);  // the sum of the rounded weights, so that the output is their weighted mean
+            }
+            store16(l + v * 16, load16(l + v * 16) * load16(rescale + v * 16) + total);
+            store16(m + v * 16, mx);
+        }
+        for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
+            const uint16_t* v0 = V + (int64_t)(k0 + 2 * j) * hd;
+            for (int c = 0; c < hd; c += 16)
+                storeu32(Vp + (int64_t)j * hd + c, widen16(v0 + c) | (2 * j + 1 < kn ? widen16(v0 + hd + c) << 16 : u32x16{}));
+        }
+        output_tiles(Vp, hd, Pp, nrv, n_pairs, rescale, Ot);
     }
     for (int r = 0; r < rows; r++) {
         float* out = att + (int64_t)(q0 + r / G) * att_stride + (r % G) * hd;
         const float inv = 1.0f / l[r];
-        for (int c = 0; c < hd; c += 16) store16(out + c, load16(O + (int64_t)r * hd + c) * inv);
+        for (int c = 0; c < hd; c++) out[c] = Ot[(int64_t)c * nrv * 16 + r] * inv;
     }
 }
 
@@ -886,9 +1103,7 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     const int n = T < CHUNK ? T : CHUNK, hd = D.head_dim, G = D.n_heads / D.n_kv_heads, w = widest_input(D);
     const int qkv = (D.n_heads + 2 * D.n_kv_heads) * hd;
     const int64_t partial = n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (hd + 2) : 0;
-    const int64_t rows = (int64_t)G * QUERY_BLOCK;
-    const int64_t short_work = (int64_t)G * TILE + G * (hd + 2);
-    const int64_t long_work = 2 * (int64_t)hd * KEY_BLOCK + rows * (KEY_BLOCK + hd + 2);
+    const int64_t short_work = (int64_t)G * (hd + 2 * TILE) + G * (hd + 2), long_work = long_unit_floats(D);
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
