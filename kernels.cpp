@@ -615,8 +615,9 @@ static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
 }
 static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
 
-// 16 sums at once: lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths and
-// pairs, each step folding two vectors into one), the order the same whatever the inputs.
+// 16 sums at once (AVX-512): lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths
+// and pairs, each step folding two vectors into one), the order the same whatever the inputs.
+#ifdef RIVER_AVX512
 static inline f32x16 sums16(f32x16* a) {
     const i32x16 h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
                  h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
@@ -634,6 +635,7 @@ static inline f32x16 sums16(f32x16* a) {
     for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
     return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
 }
+#endif
 
 // 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
 static inline u32x16 bf16_bits(f32x16 x) {
@@ -651,6 +653,11 @@ static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
 
 // GN heads' outputs over CN vectors of 16 dims: out[g] = sum_j w[g][j] v[j] over the n positions of a tile (w: the
 // heads' weights TILE apart; v: rows hd apart; out: heads `os` apart), each value converted once for every head.
+#ifdef RIVER_AVX512
+static const int OUT_HEADS = 4, OUT_VECS = 4;  // 16 sums of 16 lanes in registers
+#else
+static const int OUT_HEADS = 4, OUT_VECS = 1;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
+#endif
 template <int GN, int CN>
 static inline void weighted_values(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
     f32x16 acc[GN][CN] = {};
@@ -668,10 +675,10 @@ static inline void weighted_values(const float* w, const uint16_t* v, int hd, in
 
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
-// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores: each query split into two bf16 parts
-// (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes, the
-// lanes of 16 positions summed together (sums16); outputs: fp32 weights times the values, each value converted once
-// for every head. work: G * (hd + 2 TILE) floats.
+// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores, AVX-512: each query split into two bf16
+// parts (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes,
+// the lanes of 16 positions summed together (sums16); AVX2: fp32 products, each score summed on its own. Outputs: fp32
+// weights times the values, each value converted once for up to OUT_HEADS heads. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
                         float* work, float* part) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, pairs = hd / 2;
@@ -680,6 +687,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
     uint16_t* ql = qh + G * hd;
     float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
+#ifdef RIVER_AVX512
     for (int i = 0; i < G * hd; i += 16) {
         const f32x16 x = load16(q + i);
         const u32x16 high = bf16_bits(x);
@@ -705,6 +713,23 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             }
             store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
+#else  // AVX2's 16 registers hold no 16 sums of 16 lanes, and its pair products cost two FMAs each: the fp32 query
+       // against each key converted once for up to 4 heads, each score summed across on its own
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const int gn = G - g0 < 4 ? G - g0 : 4;
+        for (int j = 0; j < n; j++) {
+            const uint16_t* kp = K + (int64_t)(p0 + j) * hd;
+            f32x16 acc[4] = {};
+            for (int c = 0; c < hd; c += 16) {
+                const f32x16 k = bf16x16(kp + c);
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; g++)
+                    if (g < gn) acc[g] += k * load16(q + (g0 + g) * hd + c);
+            }
+            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + j] = hsum16(acc[g]) * scale;
+        }
+    }
+#endif
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
         f32x16 vmax = splat(-INFINITY);
@@ -724,10 +749,10 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         o[0] = mx;
         o[1] = hsum16(total);
     }
-    for (int c = 0; c < hd; c += 64) {
-        const int cn = hd - c < 64 ? (hd - c) / 16 : 4;
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int gn = G - g0 < 4 ? G - g0 : 4;
+    for (int c = 0; c < hd; c += 16 * OUT_VECS) {
+        const int cn = hd - c < 16 * OUT_VECS ? (hd - c) / 16 : OUT_VECS;
+        for (int g0 = 0; g0 < G; g0 += OUT_HEADS) {
+            const int gn = G - g0 < OUT_HEADS ? G - g0 : OUT_HEADS;
             const float* w = scores + g0 * TILE;
             const uint16_t* v = V + (int64_t)p0 * hd + c;
             float* o = part + g0 * (hd + 2) + 2 + c;
