@@ -113,6 +113,29 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's 
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+// 16 sums at once (AVX-512): lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths
+// and pairs, each step folding two vectors into one), the order the same whatever the inputs: the tree
+// of _mm512_reduce_add_ps, so each lane equals that reduction of its vector bit for bit.
+#ifdef RIVER_AVX512
+static inline f32x16 sums16(f32x16* a) {
+    const i32x16 h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                 h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                 q0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                 q1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+                 e0 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                 e1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+                 p0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                 p1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], q0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], q1);
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
+    return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
+}
+#endif
+
 // exp for 16 lanes: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]; relative error about 2e-7; -inf gives 0.
 static inline f32x16 exp16(f32x16 x) {
     x = x < -87.0f ? splat(-87.0f) : x;
@@ -234,8 +257,17 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
             for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[i], xv);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < TT; j++) s[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    if constexpr (R * TT == 16) {  // the 16 sums of a full tile across their lanes at once
+        f32x16 v[16];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < TT; j++) v[i * TT + j] = (f32x16)acc[i][j];
+        const f32x16 sums = sums16(v);
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < TT; j++) s[i][j] = sums[i * TT + j];
+    } else {
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < TT; j++) s[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
 #else
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
     __m256 acc[R][TT];
@@ -614,28 +646,6 @@ static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
     return ((a + 0x7fff + ((a >> 16) & 1)) >> 16) | ((b + 0x7fff + ((b >> 16) & 1)) & 0xffff0000u);
 }
 static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
-
-// 16 sums at once (AVX-512): lane i of the result is the sum of a[i]'s lanes (a tree of halves, then quarters, eighths
-// and pairs, each step folding two vectors into one), the order the same whatever the inputs.
-#ifdef RIVER_AVX512
-static inline f32x16 sums16(f32x16* a) {
-    const i32x16 h0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                 h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                 q0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
-                 q1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
-                 e0 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
-                 e1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
-                 p0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-                 p1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], h0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h1);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], q0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], q1);
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; i++) a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], e0) + __builtin_shuffle(a[2 * i], a[2 * i + 1], e1);
-    return __builtin_shuffle(a[0], a[1], p0) + __builtin_shuffle(a[0], a[1], p1);
-}
-#endif
 
 // 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
 static inline u32x16 bf16_bits(f32x16 x) {
