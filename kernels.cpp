@@ -640,18 +640,14 @@ static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
     return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
 #endif
 }
-// Non-negative finite lanes rounded to bf16 (to nearest even): `low` to the low halves, `high` to the high halves.
-static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) {
-    const u32x16 a = (u32x16)low, b = (u32x16)high;
-    return ((a + 0x7fff + ((a >> 16) & 1)) >> 16) | ((b + 0x7fff + ((b >> 16) & 1)) & 0xffff0000u);
-}
-static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
-
 // 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
 static inline u32x16 bf16_bits(f32x16 x) {
     const u32x16 u = (u32x16)x;
     return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
 }
+// Lanes rounded to bf16 pairs: `low` to the low halves, `high` to the high halves.
+static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) { return bf16_bits(low) | bf16_bits(high) << 16; }
+static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
 
 // The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
 static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
