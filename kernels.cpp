@@ -238,20 +238,31 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
 
 // ------------------------------------------------------------------------------------------ weight products
 
-// bf16 rows of a long pass: y[t][r] = W[r] . x[t] over rows [r, r + R) and tokens [t, t + TT), R * TT independent
-// sums; each pair of inputs multiplied exactly and added to one fp32 lane, odd then even (vdpbf16ps), the lanes summed
-// at the end, then the inputs past the last multiple of 32 in order.
+// bf16 rows, every pass alike: y[t][r] = W[r] . x[t] over rows [r, r + R) and tokens [t, t + TT), R * TT
+// independent sums. Each pair of inputs is multiplied exactly into one fp32 lane per 32 inputs (vdpbf16ps; AVX2 keeps
+// the even and the odd products in two chains, added at the end), the lanes summed at the end (the tree of
+// _mm512_reduce_add_ps), then the inputs past the last multiple of 32 in order. A sum's order is the same whatever R
+// and TT, so a token's result does not depend on the tokens beside it, nor on how many there are.
+//
+// The R rows lie side by side in memory and are read in lockstep: R streams, which the hardware prefetcher follows
+// badly (one-token products of 212 MB from memory: 7.8-8.1 ms, against 7.1-7.3 one row at a time). So each step
+// also asks for R lines of the tile PREFETCH_TILES ahead, in address order, into L2: a 5-token pass then streams the
+// weights about as fast as a one-token one (6.2-6.9 against 7.1 ms; 9.2-11.6 with the per-row kernel it replaces).
+static const int PREFETCH_TILES = 4;
 template <int R, int TT>
 static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys) {
     const int k32 = k & ~31;
+    const char* ahead = (const char*)(w + (int64_t)PREFETCH_TILES * R * k);  // a hint: never faults, even past the end
     float s[R][TT];
 #ifdef RIVER_AVX512
     __m512 acc[R][TT];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < TT; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int c = 0; c < k32; c += 32) {
+    for (int c = 0; c < k32; c += 32) {  // 64 bytes of each row a step: R lines ahead
         __m512i wv[R];
         for (int i = 0; i < R; i++) wv[i] = _mm512_loadu_si512(w + (int64_t)i * k + c);
+        if (R > 1)
+            for (int i = 0; i < R; i++) _mm_prefetch(ahead + ((c / 32) * R + i) * 64, _MM_HINT_T1);
         for (int j = 0; j < TT; j++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (int64_t)j * xs + c);
             for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[i], xv);
@@ -270,9 +281,9 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
     }
 #else
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
-    __m256 acc[R][TT];
+    __m256 even[R][TT], odd_sum[R][TT];  // two chains per sum: AVX2's FMA latency, not its loads, bounds a step
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < TT; j++) acc[i][j] = _mm256_setzero_ps();
+        for (int j = 0; j < TT; j++) even[i][j] = odd_sum[i][j] = _mm256_setzero_ps();
     for (int c = 0; c < k32; c += 16) {  // 8 pairs a step: the even input by a shift, the odd one by a mask
         __m256 we[R], wo[R];
         for (int i = 0; i < R; i++) {
@@ -280,15 +291,21 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
             we[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             wo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
         }
+        if (R > 1 && c % 32 == 0)
+            for (int i = 0; i < R; i++) _mm_prefetch(ahead + ((c / 32) * R + i) * 64, _MM_HINT_T1);
         for (int j = 0; j < TT; j++) {
             __m256i v = _mm256_loadu_si256((const __m256i*)(xb + (int64_t)j * xs + c));
             __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-            for (int i = 0; i < R; i++) acc[i][j] = _mm256_fmadd_ps(we[i], xe, _mm256_fmadd_ps(wo[i], xo, acc[i][j]));
+            for (int i = 0; i < R; i++) {
+                even[i][j] = _mm256_fmadd_ps(we[i], xe, even[i][j]);
+                odd_sum[i][j] = _mm256_fmadd_ps(wo[i], xo, odd_sum[i][j]);
+            }
         }
     }
     for (int i = 0; i < R; i++)
         for (int j = 0; j < TT; j++) {
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            const __m256 v = _mm256_add_ps(even[i][j], odd_sum[i][j]);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             s[i][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
         }
@@ -301,9 +318,9 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
 }
 
 #ifdef RIVER_AVX512
-static const int BF16_ROWS = 4, BF16_TOKENS = 4;
+static const int BF16_ROWS = 4, BF16_TOKENS = 4;  // 16 sums in registers, 4 weight and 1 input vector loaded
 #else
-static const int BF16_ROWS = 2, BF16_TOKENS = 2;
+static const int BF16_ROWS = 2, BF16_TOKENS = 2;  // 4 sums: AVX2's 16 registers also hold 4 weight halves
 #endif
 
 template <int R>
@@ -318,107 +335,18 @@ static inline void tile_bf16_tokens(const uint16_t* w, int k, const uint16_t* xb
     }
 }
 
-#ifdef RIVER_AVX512
-// One bf16 row against TT tokens, as a decode step and a short pass take it: each token's sum in 4 independent lanes
-// of 16 (inputs c, c + 32, c + 64, c + 96 of every 128; a 32 past the last 128 goes to the next lane in turn), so the
-// row streams from memory in order with 4 sums in flight -- a single stream per thread reads 1.4x faster here than
-// the 4-row tiles of a long pass (four interleaved streams); then the lanes added (0 + 1) + (2 + 3), across the
-// vector, and the inputs past the last multiple of 32 in order.
-template <int TT>
-static inline void row_bf16(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys) {
-    const int k32 = k & ~31;
-    __m512 acc[TT][4];
-    for (int j = 0; j < TT; j++)
-        for (int l = 0; l < 4; l++) acc[j][l] = _mm512_setzero_ps();
-    int c = 0;
-    for (; c + 128 <= k32; c += 128)
-        for (int l = 0; l < 4; l++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + c + 32 * l);
-            for (int j = 0; j < TT; j++)
-                acc[j][l] = _mm512_dpbf16_ps(acc[j][l], wv, (__m512bh)_mm512_loadu_si512(xb + (int64_t)j * xs + c + 32 * l));
-        }
-    for (int l = 0; c < k32; c += 32, l++) {
-        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + c);
-        for (int j = 0; j < TT; j++)
-            acc[j][l] = _mm512_dpbf16_ps(acc[j][l], wv, (__m512bh)_mm512_loadu_si512(xb + (int64_t)j * xs + c));
-    }
-    for (int j = 0; j < TT; j++) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]),
-                                                     _mm512_add_ps(acc[j][2], acc[j][3])));
-        for (int i = k32; i < k; i++) s += bf16_value(w[i]) * bf16_value(xb[(int64_t)j * xs + i]);
-        y[(int64_t)j * ys] = s;
-    }
-}
-
-static const int ROW_TOKENS = 4;  // tokens a row is taken against at once (4 x 4 sums: half the registers)
-#else
-// The same on AVX2: 16 inputs a step (8 pairs: the even input by a shift, the odd one by a mask, as tile_bf16), the
-// 4 lanes on inputs c, c + 16, c + 32, c + 48 of every 64 (a 16 past the last 64 to the next lane in turn), added
-// (0 + 1) + (2 + 3), across the vector, then the inputs past the last multiple of 32 in order.
-template <int TT>
-static inline void row_bf16(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys) {
-    const int k32 = k & ~31;
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
-    __m256 acc[TT][4];
-    for (int j = 0; j < TT; j++)
-        for (int l = 0; l < 4; l++) acc[j][l] = _mm256_setzero_ps();
-    auto step = [&](int c, int l) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + c));
-        __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-        for (int j = 0; j < TT; j++) {
-            __m256i u = _mm256_loadu_si256((const __m256i*)(xb + (int64_t)j * xs + c));
-            __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(u, odd));
-            acc[j][l] = _mm256_fmadd_ps(we, xe, _mm256_fmadd_ps(wo, xo, acc[j][l]));
-        }
-    };
-    int c = 0;
-    for (; c + 64 <= k32; c += 64)
-        for (int l = 0; l < 4; l++) step(c + 16 * l, l);
-    for (int l = 0; c < k32; c += 16, l++) step(c, l);
-    for (int j = 0; j < TT; j++) {
-        __m256 v = _mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3]));
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        float s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-        for (int i = k32; i < k; i++) s += bf16_value(w[i]) * bf16_value(xb[(int64_t)j * xs + i]);
-        y[(int64_t)j * ys] = s;
-    }
-}
-
-static const int ROW_TOKENS = 2;  // 2 x 4 sums: half of AVX2's 16 registers
-#endif
-
-// A short pass's (and a decode step's) rows: one row at a time, its tokens ROW_TOKENS at a time.
-static void rows_bf16_short(const uint16_t* w, int k, const Acts& a, int T, float* y, int ys, int r0, int r1) {
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < T; t += ROW_TOKENS) {
-            const uint16_t* x = a.xb + (int64_t)t * a.stride;
-            float* out = y + (int64_t)t * ys + r;
-            switch (T - t < ROW_TOKENS ? T - t : ROW_TOKENS) {
-                case 1: row_bf16<1>(w + (int64_t)r * k, k, x, a.stride, out, ys); break;
-                case 2: row_bf16<2>(w + (int64_t)r * k, k, x, a.stride, out, ys); break;
-#ifdef RIVER_AVX512
-                case 3: row_bf16<3>(w + (int64_t)r * k, k, x, a.stride, out, ys); break;
-                case 4: row_bf16<4>(w + (int64_t)r * k, k, x, a.stride, out, ys); break;
-#endif
-            }
-        }
-}
-
-// Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r].
+// Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r]. Each weight tile is loaded once for all the tokens
+// (a prefill's products are compute-bound; a decode step's or a check's stream the weights).
 static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int r0, int r1) {
     const uint16_t* w = (const uint16_t*)m.w;
-    if (T <= SHORT_PASS) {
-        rows_bf16_short(w, m.k, a, T, y, ys, r0, r1);
-        return;
-    }
-    int r = r0;  // a long pass (compute-bound): tiles of rows x tokens, each weight load used by every token
-    for (; r + BF16_ROWS <= r1; r += BF16_ROWS)
-        for (int t = 0; t < T; t += BF16_TOKENS) {
-            const int tt = T - t < BF16_TOKENS ? T - t : BF16_TOKENS;
-            tile_bf16_tokens<BF16_ROWS>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,
-                                        y + (int64_t)t * ys + r, ys, tt);
-        }
+    int r = r0;
+    if (T > 1)  // one token: a row at a time, one stream, the next rows' sums overlapping out of order
+        for (; r + BF16_ROWS <= r1; r += BF16_ROWS)
+            for (int t = 0; t < T; t += BF16_TOKENS) {
+                const int tt = T - t < BF16_TOKENS ? T - t : BF16_TOKENS;
+                tile_bf16_tokens<BF16_ROWS>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,
+                                            y + (int64_t)t * ys + r, ys, tt);
+            }
     for (; r < r1; r++)
         for (int t = 0; t < T; t++)
             tile_bf16<1, 1>(w + (int64_t)r * m.k, m.k, a.xb + (int64_t)t * a.stride, a.stride,

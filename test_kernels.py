@@ -190,6 +190,21 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
 
 
 @each_isa_here
+def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_pass(isa):
+    """Every bf16 sum runs in one order, whatever tile of rows and tokens holds it: each token of a pass of T tokens
+    gets the bits a one-token product gives it (the verifier's logits equal one-token steps' because of this), for
+    short passes and long ones, with row and input tails."""
+    lib = kernels.native(isa)
+    g = torch.Generator().manual_seed(1)
+    for N, K in [(960, 576), (576, 1536), (7, 100), (4100, 64)]:
+        w = torch.randn(N, K, generator=g).bfloat16()
+        x = torch.randn(33, K, generator=g)
+        alone = torch.cat([native_product(lib, w, x[t:t + 1]) for t in range(33)])
+        for T in (2, 3, 4, 5, 7, 9, 16, 17, 33):
+            assert torch.equal(native_product(lib, w, x[:T]), alone[:T]), (N, K, T)
+
+
+@each_isa_here
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 5),
        exits=st.lists(st.integers(-1, 4), min_size=1, max_size=6), seed=st.integers(0, 99))
