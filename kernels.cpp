@@ -79,10 +79,16 @@ static inline float hsum16(f32x16 v) {
     c += d;
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
-static inline float max16(f32x16 v) {
-    float m = v[0];
-    for (int i = 1; i < 16; i++) m = fmaxf(m, v[i]);
-    return m;
+static inline float max16(f32x16 v) {  // as hsum16, a tree (a loop of fmaxf compiled to a call per lane)
+    f32x8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char*)&v + 32, 32);
+    a = a > b ? a : b;
+    f32x4 c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (const char*)&a + 16, 16);
+    c = c > d ? c : d;
+    return fmaxf(fmaxf(c[0], c[2]), fmaxf(c[1], c[3]));
 }
 
 // 16 uint16 at p widened to 32 bits (one vpmovzxwd on AVX-512: GCC splits the generic conversion in halves).
@@ -615,13 +621,14 @@ static inline void weighted_values(const float* w, const uint16_t* v, int hd, in
 // weights times the values, each value converted once for up to OUT_HEADS heads. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
                         float* work, float* part) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, pairs = hd / 2;
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
     const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
     const float scale = 1.0f / sqrtf((float)hd);
-    uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
-    uint16_t* ql = qh + G * hd;
     float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
 #ifdef RIVER_AVX512
+    const int pairs = hd / 2;
+    uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
+    uint16_t* ql = qh + G * hd;
     for (int i = 0; i < G * hd; i += 16) {
         const f32x16 x = load16(q + i);
         const u32x16 high = bf16_bits(x);
