@@ -181,26 +181,26 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
     tails."""
     lib = kernels.native(isa)
     g = torch.Generator().manual_seed(0)
-    for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16)]:  # the LM head; row and input tails
+    for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16), (200, 64)]:  # the LM head; row and input tails
         w = torch.randn(N, K, generator=g).bfloat16()
-        for T in (1, 3, 5, 16, 17):  # a step, short passes (rows a few tokens at a time), a long pass's tiles
+        for T in (1, 3, 5, 16, 17, 30):  # a step, short passes, long ones (12 tokens at a time, and the rest)
             x = torch.randn(T, K, generator=g)
             expected = x.bfloat16().float() @ w.float().T
             torch.testing.assert_close(native_product(lib, w, x), expected, rtol=1e-5, atol=1e-5 * K ** 0.5)
 
 
 @each_isa_here
-def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_pass(isa):
-    """Every bf16 sum runs in one order, whatever tile of rows and tokens holds it: each token of a pass of T tokens
-    gets the bits a one-token product gives it (the verifier's logits equal one-token steps' because of this), for
-    short passes and long ones, with row and input tails."""
+def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_short_pass(isa):
+    """Up to SHORT_PASS tokens, every bf16 sum runs in one order, whatever tile of rows and tokens holds it: each token
+    of a pass of T tokens gets the bits a one-token product gives it (the verifier's logits equal one-token steps'
+    because of this), with row and input tails. (A longer pass, a prefill, may sum in another order.)"""
     lib = kernels.native(isa)
     g = torch.Generator().manual_seed(1)
     for N, K in [(960, 576), (576, 1536), (7, 100), (4100, 64)]:
         w = torch.randn(N, K, generator=g).bfloat16()
-        x = torch.randn(33, K, generator=g)
-        alone = torch.cat([native_product(lib, w, x[t:t + 1]) for t in range(33)])
-        for T in (2, 3, 4, 5, 7, 9, 16, 17, 33):
+        x = torch.randn(16, K, generator=g)
+        alone = torch.cat([native_product(lib, w, x[t:t + 1]) for t in range(16)])
+        for T in (2, 3, 4, 5, 7, 9, 16):
             assert torch.equal(native_product(lib, w, x[:T]), alone[:T]), (N, K, T)
 
 

@@ -19,7 +19,7 @@ SHAPES = [LlamaConfig(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_hea
                       max_seq_len=320),
           LlamaConfig(vocab_size=61, d_model=96, n_layers=2, n_heads=3, n_kv_heads=3, ffn_dim=64, head_dim=32,
                       max_seq_len=320, tie_embeddings=True)]
-# Across kernels.cpp's edges: one token, the short pass (16), a tile of positions (64), a chunk of tokens (64),
+# Across kernels.cpp's edges: one token, the short pass (16), a tile of positions (64), a chunk of tokens (128),
 # a long pass's query block (16) and key block (64), and lengths that divide none of them nor the thread count.
 PROMPT_LENGTHS = [1, 7, 16, 17, 63, 64, 65, 131, 200]
 
