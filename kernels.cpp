@@ -669,15 +669,11 @@ struct Scratch {
 static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
 static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
 static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
-static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
 #ifdef RIVER_AVX512
+static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
     return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
-#else
-    const u32x16 high = splat32(0xffff0000u);
-    acc += (f32x16)(a & high) * (f32x16)(b & high);
-    return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
-#endif
 }
+#endif
 // 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
 static inline u32x16 bf16_bits(f32x16 x) {
     const u32x16 u = (u32x16)x;
@@ -699,9 +695,6 @@ static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
 // heads' weights TILE apart; v: rows hd apart; out: heads `os` apart), each value converted once for every head.
 #ifdef RIVER_AVX512
 static const int OUT_HEADS = 4, OUT_VECS = 4;  // 16 sums of 16 lanes in registers
-#else
-static const int OUT_HEADS = 4, OUT_VECS = 1;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
-#endif
 template <int GN, int CN>
 static inline void weighted_values(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
     f32x16 acc[GN][CN] = {};
@@ -716,13 +709,67 @@ static inline void weighted_values(const float* w, const uint16_t* v, int hd, in
     for (int g = 0; g < GN; g++)
         for (int i = 0; i < CN; i++) store16(out + g * os + 16 * i, acc[g][i]);
 }
+#else
+// AVX2: the dims of a bf16 row split by a shift (even dims) and a mask (odd ones) into fp32 lanes.
+static inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 odd_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+
+// The sums across lanes of 4 vectors, in lanes 0..3.
+static inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Scores of 4 keys (kp) against GN query heads (qd: the heads' dims as attend_tile lays them out, hd apart), times
+// scale, to s[g * TILE + j]. One chain per score: its even, then its odd dims, 16 dims at a time.
+template <int GN>
+static inline void key_scores(const uint16_t* const* kp, const float* qd, int hd, float scale, float* s) {
+    __m256 acc[GN][4];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c += 16)
+        for (int j = 0; j < 4; j++) {
+            const __m256i k = _mm256_loadu_si256((const __m256i*)(kp[j] + c));
+            const __m256 ke = even_bf16(k), ko = odd_bf16(k);
+            for (int g = 0; g < GN; g++) {
+                acc[g][j] = _mm256_fmadd_ps(ke, _mm256_loadu_ps(qd + g * hd + c), acc[g][j]);
+                acc[g][j] = _mm256_fmadd_ps(ko, _mm256_loadu_ps(qd + g * hd + c + 8), acc[g][j]);
+            }
+        }
+    for (int g = 0; g < GN; g++)
+        _mm_storeu_ps(s + g * TILE, _mm_mul_ps(sums4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_set1_ps(scale)));
+}
+
+// weighted_values on AVX2: GN heads' outputs over 16 dims, out[g] = sum_j w[g][j] v[j], the value's even and odd
+// dims in separate sums of 8 lanes, interleaved back at the end.
+template <int GN>
+static inline void weighted_values8(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
+    __m256 e[GN], o[GN];
+    for (int g = 0; g < GN; g++) e[g] = o[g] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(v + (int64_t)j * hd));
+        const __m256 xe = even_bf16(x), xo = odd_bf16(x);
+        for (int g = 0; g < GN; g++) {
+            const __m256 wj = _mm256_broadcast_ss(w + g * TILE + j);
+            e[g] = _mm256_fmadd_ps(xe, wj, e[g]);
+            o[g] = _mm256_fmadd_ps(xo, wj, o[g]);
+        }
+    }
+    for (int g = 0; g < GN; g++) {
+        const __m256 lo = _mm256_unpacklo_ps(e[g], o[g]), hi = _mm256_unpackhi_ps(e[g], o[g]);
+        _mm256_storeu_ps(out + g * os, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(out + g * os + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+}
+#endif
 
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
 // sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores, AVX-512: each query split into two bf16
 // parts (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes,
-// the lanes of 16 positions summed together (sums16); AVX2: fp32 products, each score summed on its own. Outputs: fp32
-// weights times the values, each value converted once for up to OUT_HEADS heads. work: G * (hd + 2 TILE) floats.
+// the lanes of 16 positions summed together (sums16); AVX2: the fp32 query against each key's dims (a shift and a
+// mask split them), 4 keys' sums added across together (sums4). Outputs: fp32 weights times the values, each value
+// converted once for up to 4 heads. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
                         float* work, float* part) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
@@ -758,22 +805,29 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             }
             store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
-#else  // AVX2's 16 registers hold no 16 sums of 16 lanes, and its pair products cost two FMAs each: the fp32 query
-       // against each key converted once for up to 4 heads, each score summed across on its own
-    for (int g0 = 0; g0 < G; g0 += 4) {
-        const int gn = G - g0 < 4 ? G - g0 : 4;
-        for (int j = 0; j < n; j++) {
-            const uint16_t* kp = K + (int64_t)(p0 + j) * hd;
-            f32x16 acc[4] = {};
-            for (int c = 0; c < hd; c += 16) {
-                const f32x16 k = bf16x16(kp + c);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    if (g < gn) acc[g] += k * load16(q + (g0 + g) * hd + c);
+#else  // AVX2: the query in fp32, each 16 dims laid out as its 8 even then its 8 odd ones, so that a key's 16 bf16
+       // split by a shift and a mask multiply it directly; 4 keys against up to 3 heads at a time (12 sums of 8 lanes),
+       // each key converted once for them, the 4 keys' sums then added across together (sums4)
+    float* qd = work;  // (G, hd)
+    for (int i = 0; i < G * hd; i += 16)
+        for (int l = 0; l < 8; l++) qd[i + l] = q[i + 2 * l], qd[i + 8 + l] = q[i + 2 * l + 1];
+    for (int g0 = 0; g0 < G; g0 += 3)
+        for (int j0 = 0; j0 < n; j0 += 4) {
+            const uint16_t* kp[4];
+            for (int j = 0; j < 4; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
+            float* s = scores + g0 * TILE + j0;
+            if (g0 == 0)  // the next tile's keys and values, usually this thread's next unit: a hint, never a fault
+                for (int j = 0; j < 4; j++)
+                    for (int b = 0; b < hd * 2; b += 64) {
+                        _mm_prefetch((const char*)(kp[j] + TILE * hd) + b, _MM_HINT_T0);
+                        _mm_prefetch((const char*)(V + (kp[j] - K) + TILE * hd) + b, _MM_HINT_T0);
+                    }
+            switch (G - g0 < 3 ? G - g0 : 3) {
+                case 1: key_scores<1>(kp, qd + g0 * hd, hd, scale, s); break;
+                case 2: key_scores<2>(kp, qd + g0 * hd, hd, scale, s); break;
+                case 3: key_scores<3>(kp, qd + g0 * hd, hd, scale, s); break;
             }
-            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + j] = hsum16(acc[g]) * scale;
         }
-    }
 #endif
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
@@ -794,6 +848,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         o[0] = mx;
         o[1] = hsum16(total);
     }
+#ifdef RIVER_AVX512
     for (int c = 0; c < hd; c += 16 * OUT_VECS) {
         const int cn = hd - c < 16 * OUT_VECS ? (hd - c) / 16 : OUT_VECS;
         for (int g0 = 0; g0 < G; g0 += OUT_HEADS) {
@@ -811,6 +866,20 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
 #undef RIVER_OUTPUTS
         }
     }
+#else
+    for (int c = 0; c < hd; c += 16)
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const float* w = scores + g0 * TILE;
+            const uint16_t* v = V + (int64_t)p0 * hd + c;
+            float* o = part + g0 * (hd + 2) + 2 + c;
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: weighted_values8<1>(w, v, hd, n, o, hd + 2); break;
+                case 2: weighted_values8<2>(w, v, hd, n, o, hd + 2); break;
+                case 3: weighted_values8<3>(w, v, hd, n, o, hd + 2); break;
+                case 4: weighted_values8<4>(w, v, hd, n, o, hd + 2); break;
+            }
+        }
+#endif
 }
 
 static inline int tiles_upto(int pos) { return pos / TILE + 1; }
@@ -865,10 +934,11 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
 #ifdef RIVER_AVX512
 static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes
 #else
-static const int ATT_KEYS = 2, ATT_ROWS = 2, ATT_DIMS = 2;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
+static const int ATT_KEYS = 4, ATT_ROWS = 1, ATT_DIMS = 4;  // 8 sums of 8 lanes: a vector of 16 rows is 2 of AVX2's
 #endif
 static const uint32_t ZERO_PAIRS[MAX_HEAD_DIM / 2] = {};
 
+#ifdef RIVER_AVX512
 // Scores of ATT_KEYS keys (pair rows kp[i], hd / 2 pairs each) for NR vectors of rows (query pairs Qp, (hd / 2, nrv)
 // vectors), into St (keys, nrv) vectors.
 template <int NR>
@@ -909,14 +979,67 @@ static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, i
         for (int i = 0; i < NR; i++) store16(Ot + ((int64_t)c * nrv + i) * 16, acc[c][i]);
 }
 
+#else
+// AVX2: the same tiles on halves of the 16-row vectors; a bf16 pair's two products are two FMAs, the even (low) halves
+// by a shift, the odd (high) ones by a mask, the odd product first as vdpbf16ps adds it.
+static inline __m256 low_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 high_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+
+template <int NR>
+static inline void score_tile(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale,
+                              float* St) {
+    __m256 acc[ATT_KEYS][2 * NR];
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_setzero_ps();
+    for (int c = 0; c < pairs; c++) {
+        __m256 qe[2 * NR], qo[2 * NR];
+        for (int i = 0; i < 2 * NR; i++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(Qp + (int64_t)c * nrv * 16 + i * 8));
+            qe[i] = low_halves(q), qo[i] = high_halves(q);
+        }
+        for (int k = 0; k < ATT_KEYS; k++) {
+            const __m256i key = _mm256_set1_epi32((int)kp[k][c]);
+            const __m256 ke = low_halves(key), ko = high_halves(key);
+            for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_fmadd_ps(qe[i], ke, _mm256_fmadd_ps(qo[i], ko, acc[k][i]));
+        }
+    }
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < 2 * NR; i++)
+            _mm256_storeu_ps(St + (int64_t)k * nrv * 16 + i * 8, _mm256_mul_ps(acc[k][i], _mm256_set1_ps(scale)));
+}
+
+template <int NR>
+static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs,
+                               const float* rescale, float* Ot) {
+    __m256 acc[ATT_DIMS][2 * NR];
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < 2 * NR; i++)
+            acc[c][i] = _mm256_mul_ps(_mm256_loadu_ps(Ot + (int64_t)c * nrv * 16 + i * 8), _mm256_loadu_ps(rescale + i * 8));
+    for (int j = 0; j < n_pairs; j++) {
+        __m256 pe[2 * NR], po[2 * NR];
+        for (int i = 0; i < 2 * NR; i++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i*)(Pp + (int64_t)j * nrv * 16 + i * 8));
+            pe[i] = low_halves(p), po[i] = high_halves(p);
+        }
+        for (int c = 0; c < ATT_DIMS; c++) {
+            const __m256i v = _mm256_set1_epi32((int)Vp[(int64_t)j * hd + c]);
+            const __m256 ve = low_halves(v), vo = high_halves(v);
+            for (int i = 0; i < 2 * NR; i++) acc[c][i] = _mm256_fmadd_ps(pe[i], ve, _mm256_fmadd_ps(po[i], vo, acc[c][i]));
+        }
+    }
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < 2 * NR; i++) _mm256_storeu_ps(Ot + (int64_t)c * nrv * 16 + i * 8, acc[c][i]);
+}
+#endif
+
 static void score_tiles(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale, float* St) {
     for (int r = 0; r < nrv; r += ATT_ROWS) {
         const uint32_t* q = Qp + (int64_t)r * 16;
         float* s = St + (int64_t)r * 16;
         switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
             case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
-            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
 #ifdef RIVER_AVX512
+            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
             case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
             case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
             case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
@@ -935,8 +1058,8 @@ static void output_tiles(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv
             float* o = Ot + ((int64_t)c * nrv + r) * 16;
             switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
                 case 1: output_tile<1>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
 #ifdef RIVER_AVX512
+                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 3: output_tile<3>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 4: output_tile<4>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 5: output_tile<5>(v, hd, p, nrv, n_pairs, sc, o); break;
