@@ -413,12 +413,64 @@ static inline void packed_tile(const uint32_t* p, int pairs, const uint16_t* xb,
     }
 }
 
+#else
+// A long pass's bf16 rows on AVX2, as on AVX-512 with 8 rows to a block (pack_rows: lane i of vector c holds row i's
+// inputs 2c and 2c + 1), split by a shift and a mask into fp32 lanes once for 12 tokens, each token's two inputs
+// (converted to fp32 once per product: xf) broadcast against them, two FMAs into its 8 rows' sums.
+static const int PACK_ROWS = 8, PACK_TOKENS = 12;  // 12 sums in registers
+
+// PACK_ROWS rows of k inputs (k a multiple of 16) -> p (k / 2, PACK_ROWS) input pairs: 8 x 8 transposes of 32 bits.
+static void pack_rows(const uint16_t* w, int k, uint32_t* p) {
+    for (int c = 0; c < k / 2; c += 8) {
+        __m256i r[8], t[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i*)((const uint32_t*)(w + (int64_t)i * k) + c));
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int i = 0; i < 4; i++) {
+            t[i] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x20);
+            t[i + 4] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x31);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i*)(p + (int64_t)(c + i) * PACK_ROWS), t[i]);
+    }
+}
+
+template <int TT>
+static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, int xs, float* y, int ys) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    __m256 acc[TT];
+    for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
+    for (int c = 0; c < pairs; c++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + (int64_t)c * PACK_ROWS));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+#pragma GCC unroll 12
+        for (int j = 0; j < TT; j++) {
+            const float* x = xf + (int64_t)j * xs + 2 * c;
+            acc[j] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x), _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + 1), acc[j]));
+        }
+    }
+    for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)j * ys, acc[j]);
+}
+#endif
+
 // The packed rows p against tokens 0..T-1.
-static void packed_tokens(const uint32_t* p, int pairs, const uint16_t* xb, int xs, float* y, int ys, int T) {
+#ifdef RIVER_AVX512
+typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
+#else
+typedef float PackedInput;     // the tokens' inputs converted to fp32 (to_fp32_inputs)
+#endif
+static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, float* y, int ys, int T) {
     int t = 0;
     for (; t + PACK_TOKENS <= T; t += PACK_TOKENS)
         packed_tile<PACK_TOKENS>(p, pairs, xb + (int64_t)t * xs, xs, y + (int64_t)t * ys, ys);
-    const uint16_t* x = xb + (int64_t)t * xs;
+    const PackedInput* x = xb + (int64_t)t * xs;
     float* out = y + (int64_t)t * ys;
     switch (T - t) {
         case 1: packed_tile<1>(p, pairs, x, xs, out, ys); break;
@@ -434,22 +486,28 @@ static void packed_tokens(const uint32_t* p, int pairs, const uint16_t* xb, int 
         case 11: packed_tile<11>(p, pairs, x, xs, out, ys); break;
     }
 }
-#endif
 
 // Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r]. Each weight tile is loaded once for all the tokens
 // (a prefill's products are compute-bound; a decode step's or a check's stream the weights).
 static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int r0, int r1) {
     const uint16_t* w = (const uint16_t*)m.w;
     int r = r0;
-#ifdef RIVER_AVX512
     if (T > SHORT_PASS && m.k % 32 == 0) {
         uint32_t* p = a.pack + omp_get_thread_num() * a.pack_stride;
+#ifdef RIVER_AVX512
+        const PackedInput* x = a.xb;
+        const int xs = a.stride;
+#else
+        float* x = (float*)p + PACK_ROWS * m.k / 2 + 16;  // this thread's fp32 copy of the inputs, (T, k)
+        const int xs = m.k;
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < m.k; c++) x[(int64_t)t * m.k + c] = bf16_value(a.xb[(int64_t)t * a.stride + c]);
+#endif
         for (; r + PACK_ROWS <= r1; r += PACK_ROWS) {
             pack_rows(w + (int64_t)r * m.k, m.k, p);
-            packed_tokens(p, m.k / 2, a.xb, a.stride, y + r, ys, T);
+            packed_tokens(p, m.k / 2, x, xs, y + r, ys, T);
         }
     }
-#endif
     if (T > 1)  // one token: a row at a time, one stream, the next rows' sums overlapping out of order
         for (; r + BF16_ROWS <= r1; r += BF16_ROWS)
             for (int t = 0; t < T; t += BF16_TOKENS) {
@@ -1290,13 +1348,12 @@ static int widest_input(const Dims& D) {
 
 static inline int64_t floats_of_bytes(int64_t bytes) { return (bytes + 63) / 64 * 16; }  // whole 64-byte lines
 
-// Floats of one thread's packed rows in a long pass (none where its products keep the tiles).
+// Floats of one thread's packed rows in a long pass of T tokens at once (none where its products keep the tiles).
 static int64_t pack_floats(const Dims& D, int T) {
 #ifdef RIVER_AVX512
     return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
-#else
-    (void)D, (void)T;
-    return 0;
+#else  // and the fp32 inputs
+    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 + (int64_t)T * widest_input(D) : 0;
 #endif
 }
 
@@ -1310,7 +1367,7 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
-           threads * (*work_stride + pack_floats(D, T)) + 64;
+           threads * (*work_stride + pack_floats(D, n)) + 64;
 }
 
 static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) {
@@ -1333,7 +1390,7 @@ static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) 
     p += floats_of_bytes((int64_t)n * w * 2);
     s.acts.step = p;              p += (int64_t)n * s.acts.group_stride;
     s.acts.sum = p;               p += (int64_t)n * s.acts.group_stride + 64;
-    s.acts.pack_stride = pack_floats(D, T);
+    s.acts.pack_stride = pack_floats(D, n);
     s.acts.pack = (uint32_t*)p;   p += threads * s.acts.pack_stride;
     s.partial = p;                p += n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (D.head_dim + 2) : 0;
     s.work = p;
