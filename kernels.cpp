@@ -413,12 +413,64 @@ static inline void packed_tile(const uint32_t* p, int pairs, const uint16_t* xb,
     }
 }
 
+#else
+// A long pass's bf16 rows on AVX2, as on AVX-512 with 8 rows to a block (pack_rows: lane i of vector c holds row i's
+// inputs 2c and 2c + 1), split by a shift and a mask into fp32 lanes once for 12 tokens, each token's two inputs
+// (converted to fp32 once per product: xf) broadcast against them, two FMAs into its 8 rows' sums.
+static const int PACK_ROWS = 8, PACK_TOKENS = 12;  // 12 sums in registers
+
+// PACK_ROWS rows of k inputs (k a multiple of 16) -> p (k / 2, PACK_ROWS) input pairs: 8 x 8 transposes of 32 bits.
+static void pack_rows(const uint16_t* w, int k, uint32_t* p) {
+    for (int c = 0; c < k / 2; c += 8) {
+        __m256i r[8], t[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i*)((const uint32_t*)(w + (int64_t)i * k) + c));
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int i = 0; i < 4; i++) {
+            t[i] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x20);
+            t[i + 4] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x31);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i*)(p + (int64_t)(c + i) * PACK_ROWS), t[i]);
+    }
+}
+
+template <int TT>
+static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, int xs, float* y, int ys) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
+    __m256 acc[TT];
+    for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
+    for (int c = 0; c < pairs; c++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + (int64_t)c * PACK_ROWS));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+#pragma GCC unroll 12
+        for (int j = 0; j < TT; j++) {
+            const float* x = xf + (int64_t)j * xs + 2 * c;
+            acc[j] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x), _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + 1), acc[j]));
+        }
+    }
+    for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)j * ys, acc[j]);
+}
+#endif
+
 // The packed rows p against tokens 0..T-1.
-static void packed_tokens(const uint32_t* p, int pairs, const uint16_t* xb, int xs, float* y, int ys, int T) {
+#ifdef RIVER_AVX512
+typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
+#else
+typedef float PackedInput;     // the tokens' inputs converted to fp32 (to_fp32_inputs)
+#endif
+static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, float* y, int ys, int T) {
     int t = 0;
     for (; t + PACK_TOKENS <= T; t += PACK_TOKENS)
         packed_tile<PACK_TOKENS>(p, pairs, xb + (int64_t)t * xs, xs, y + (int64_t)t * ys, ys);
-    const uint16_t* x = xb + (int64_t)t * xs;
+    const PackedInput* x = xb + (int64_t)t * xs;
     float* out = y + (int64_t)t * ys;
     switch (T - t) {
         case 1: packed_tile<1>(p, pairs, x, xs, out, ys); break;
@@ -434,22 +486,28 @@ static void packed_tokens(const uint32_t* p, int pairs, const uint16_t* xb, int 
         case 11: packed_tile<11>(p, pairs, x, xs, out, ys); break;
     }
 }
-#endif
 
 // Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r]. Each weight tile is loaded once for all the tokens
 // (a prefill's products are compute-bound; a decode step's or a check's stream the weights).
 static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int r0, int r1) {
     const uint16_t* w = (const uint16_t*)m.w;
     int r = r0;
-#ifdef RIVER_AVX512
     if (T > SHORT_PASS && m.k % 32 == 0) {
         uint32_t* p = a.pack + omp_get_thread_num() * a.pack_stride;
+#ifdef RIVER_AVX512
+        const PackedInput* x = a.xb;
+        const int xs = a.stride;
+#else
+        float* x = (float*)p + PACK_ROWS * m.k / 2 + 16;  // this thread's fp32 copy of the inputs, (T, k)
+        const int xs = m.k;
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < m.k; c++) x[(int64_t)t * m.k + c] = bf16_value(a.xb[(int64_t)t * a.stride + c]);
+#endif
         for (; r + PACK_ROWS <= r1; r += PACK_ROWS) {
             pack_rows(w + (int64_t)r * m.k, m.k, p);
-            packed_tokens(p, m.k / 2, a.xb, a.stride, y + r, ys, T);
+            packed_tokens(p, m.k / 2, x, xs, y + r, ys, T);
         }
     }
-#endif
     if (T > 1)  // one token: a row at a time, one stream, the next rows' sums overlapping out of order
         for (; r + BF16_ROWS <= r1; r += BF16_ROWS)
             for (int t = 0; t < T; t += BF16_TOKENS) {
@@ -669,15 +727,11 @@ struct Scratch {
 static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
 static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
 static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
-static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
 #ifdef RIVER_AVX512
+static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
     return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
-#else
-    const u32x16 high = splat32(0xffff0000u);
-    acc += (f32x16)(a & high) * (f32x16)(b & high);
-    return acc + (f32x16)(a << 16) * (f32x16)(b << 16);
-#endif
 }
+#endif
 // 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
 static inline u32x16 bf16_bits(f32x16 x) {
     const u32x16 u = (u32x16)x;
@@ -699,9 +753,6 @@ static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
 // heads' weights TILE apart; v: rows hd apart; out: heads `os` apart), each value converted once for every head.
 #ifdef RIVER_AVX512
 static const int OUT_HEADS = 4, OUT_VECS = 4;  // 16 sums of 16 lanes in registers
-#else
-static const int OUT_HEADS = 4, OUT_VECS = 1;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
-#endif
 template <int GN, int CN>
 static inline void weighted_values(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
     f32x16 acc[GN][CN] = {};
@@ -716,13 +767,67 @@ static inline void weighted_values(const float* w, const uint16_t* v, int hd, in
     for (int g = 0; g < GN; g++)
         for (int i = 0; i < CN; i++) store16(out + g * os + 16 * i, acc[g][i]);
 }
+#else
+// AVX2: the dims of a bf16 row split by a shift (even dims) and a mask (odd ones) into fp32 lanes.
+static inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 odd_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+
+// The sums across lanes of 4 vectors, in lanes 0..3.
+static inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Scores of 4 keys (kp) against GN query heads (qd: the heads' dims as attend_tile lays them out, hd apart), times
+// scale, to s[g * TILE + j]. One chain per score: its even, then its odd dims, 16 dims at a time.
+template <int GN>
+static inline void key_scores(const uint16_t* const* kp, const float* qd, int hd, float scale, float* s) {
+    __m256 acc[GN][4];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c += 16)
+        for (int j = 0; j < 4; j++) {
+            const __m256i k = _mm256_loadu_si256((const __m256i*)(kp[j] + c));
+            const __m256 ke = even_bf16(k), ko = odd_bf16(k);
+            for (int g = 0; g < GN; g++) {
+                acc[g][j] = _mm256_fmadd_ps(ke, _mm256_loadu_ps(qd + g * hd + c), acc[g][j]);
+                acc[g][j] = _mm256_fmadd_ps(ko, _mm256_loadu_ps(qd + g * hd + c + 8), acc[g][j]);
+            }
+        }
+    for (int g = 0; g < GN; g++)
+        _mm_storeu_ps(s + g * TILE, _mm_mul_ps(sums4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_set1_ps(scale)));
+}
+
+// weighted_values on AVX2: GN heads' outputs over 16 dims, out[g] = sum_j w[g][j] v[j], the value's even and odd
+// dims in separate sums of 8 lanes, interleaved back at the end.
+template <int GN>
+static inline void weighted_values8(const float* w, const uint16_t* v, int hd, int n, float* out, int os) {
+    __m256 e[GN], o[GN];
+    for (int g = 0; g < GN; g++) e[g] = o[g] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(v + (int64_t)j * hd));
+        const __m256 xe = even_bf16(x), xo = odd_bf16(x);
+        for (int g = 0; g < GN; g++) {
+            const __m256 wj = _mm256_broadcast_ss(w + g * TILE + j);
+            e[g] = _mm256_fmadd_ps(xe, wj, e[g]);
+            o[g] = _mm256_fmadd_ps(xo, wj, o[g]);
+        }
+    }
+    for (int g = 0; g < GN; g++) {
+        const __m256 lo = _mm256_unpacklo_ps(e[g], o[g]), hi = _mm256_unpackhi_ps(e[g], o[g]);
+        _mm256_storeu_ps(out + g * os, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(out + g * os + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+}
+#endif
 
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
 // sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores, AVX-512: each query split into two bf16
 // parts (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes,
-// the lanes of 16 positions summed together (sums16); AVX2: fp32 products, each score summed on its own. Outputs: fp32
-// weights times the values, each value converted once for up to OUT_HEADS heads. work: G * (hd + 2 TILE) floats.
+// the lanes of 16 positions summed together (sums16); AVX2: the fp32 query against each key's dims (a shift and a
+// mask split them), 4 keys' sums added across together (sums4). Outputs: fp32 weights times the values, each value
+// converted once for up to 4 heads. work: G * (hd + 2 TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
                         float* work, float* part) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
@@ -758,22 +863,29 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             }
             store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
-#else  // AVX2's 16 registers hold no 16 sums of 16 lanes, and its pair products cost two FMAs each: the fp32 query
-       // against each key converted once for up to 4 heads, each score summed across on its own
-    for (int g0 = 0; g0 < G; g0 += 4) {
-        const int gn = G - g0 < 4 ? G - g0 : 4;
-        for (int j = 0; j < n; j++) {
-            const uint16_t* kp = K + (int64_t)(p0 + j) * hd;
-            f32x16 acc[4] = {};
-            for (int c = 0; c < hd; c += 16) {
-                const f32x16 k = bf16x16(kp + c);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    if (g < gn) acc[g] += k * load16(q + (g0 + g) * hd + c);
+#else  // AVX2: the query in fp32, each 16 dims laid out as its 8 even then its 8 odd ones, so that a key's 16 bf16
+       // split by a shift and a mask multiply it directly; 4 keys against up to 3 heads at a time (12 sums of 8 lanes),
+       // each key converted once for them, the 4 keys' sums then added across together (sums4)
+    float* qd = work;  // (G, hd)
+    for (int i = 0; i < G * hd; i += 16)
+        for (int l = 0; l < 8; l++) qd[i + l] = q[i + 2 * l], qd[i + 8 + l] = q[i + 2 * l + 1];
+    for (int g0 = 0; g0 < G; g0 += 3)
+        for (int j0 = 0; j0 < n; j0 += 4) {
+            const uint16_t* kp[4];
+            for (int j = 0; j < 4; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
+            float* s = scores + g0 * TILE + j0;
+            if (g0 == 0)  // the next tile's keys and values, usually this thread's next unit: a hint, never a fault
+                for (int j = 0; j < 4; j++)
+                    for (int b = 0; b < hd * 2; b += 64) {
+                        _mm_prefetch((const char*)(kp[j] + TILE * hd) + b, _MM_HINT_T0);
+                        _mm_prefetch((const char*)(V + (kp[j] - K) + TILE * hd) + b, _MM_HINT_T0);
+                    }
+            switch (G - g0 < 3 ? G - g0 : 3) {
+                case 1: key_scores<1>(kp, qd + g0 * hd, hd, scale, s); break;
+                case 2: key_scores<2>(kp, qd + g0 * hd, hd, scale, s); break;
+                case 3: key_scores<3>(kp, qd + g0 * hd, hd, scale, s); break;
             }
-            for (int g = 0; g < gn; g++) scores[(g0 + g) * TILE + j] = hsum16(acc[g]) * scale;
         }
-    }
 #endif
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
@@ -794,6 +906,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         o[0] = mx;
         o[1] = hsum16(total);
     }
+#ifdef RIVER_AVX512
     for (int c = 0; c < hd; c += 16 * OUT_VECS) {
         const int cn = hd - c < 16 * OUT_VECS ? (hd - c) / 16 : OUT_VECS;
         for (int g0 = 0; g0 < G; g0 += OUT_HEADS) {
@@ -811,6 +924,20 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
 #undef RIVER_OUTPUTS
         }
     }
+#else
+    for (int c = 0; c < hd; c += 16)
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const float* w = scores + g0 * TILE;
+            const uint16_t* v = V + (int64_t)p0 * hd + c;
+            float* o = part + g0 * (hd + 2) + 2 + c;
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: weighted_values8<1>(w, v, hd, n, o, hd + 2); break;
+                case 2: weighted_values8<2>(w, v, hd, n, o, hd + 2); break;
+                case 3: weighted_values8<3>(w, v, hd, n, o, hd + 2); break;
+                case 4: weighted_values8<4>(w, v, hd, n, o, hd + 2); break;
+            }
+        }
+#endif
 }
 
 static inline int tiles_upto(int pos) { return pos / TILE + 1; }
@@ -865,10 +992,11 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
 #ifdef RIVER_AVX512
 static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes
 #else
-static const int ATT_KEYS = 2, ATT_ROWS = 2, ATT_DIMS = 2;  // 4 sums of 16 lanes: 8 of AVX2's 16 registers
+static const int ATT_KEYS = 4, ATT_ROWS = 1, ATT_DIMS = 4;  // 8 sums of 8 lanes: a vector of 16 rows is 2 of AVX2's
 #endif
 static const uint32_t ZERO_PAIRS[MAX_HEAD_DIM / 2] = {};
 
+#ifdef RIVER_AVX512
 // Scores of ATT_KEYS keys (pair rows kp[i], hd / 2 pairs each) for NR vectors of rows (query pairs Qp, (hd / 2, nrv)
 // vectors), into St (keys, nrv) vectors.
 template <int NR>
@@ -909,14 +1037,67 @@ static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, i
         for (int i = 0; i < NR; i++) store16(Ot + ((int64_t)c * nrv + i) * 16, acc[c][i]);
 }
 
+#else
+// AVX2: the same tiles on halves of the 16-row vectors; a bf16 pair's two products are two FMAs, the even (low) halves
+// by a shift, the odd (high) ones by a mask, the odd product first as vdpbf16ps adds it.
+static inline __m256 low_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 high_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+
+template <int NR>
+static inline void score_tile(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale,
+                              float* St) {
+    __m256 acc[ATT_KEYS][2 * NR];
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_setzero_ps();
+    for (int c = 0; c < pairs; c++) {
+        __m256 qe[2 * NR], qo[2 * NR];
+        for (int i = 0; i < 2 * NR; i++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(Qp + (int64_t)c * nrv * 16 + i * 8));
+            qe[i] = low_halves(q), qo[i] = high_halves(q);
+        }
+        for (int k = 0; k < ATT_KEYS; k++) {
+            const __m256i key = _mm256_set1_epi32((int)kp[k][c]);
+            const __m256 ke = low_halves(key), ko = high_halves(key);
+            for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_fmadd_ps(qe[i], ke, _mm256_fmadd_ps(qo[i], ko, acc[k][i]));
+        }
+    }
+    for (int k = 0; k < ATT_KEYS; k++)
+        for (int i = 0; i < 2 * NR; i++)
+            _mm256_storeu_ps(St + (int64_t)k * nrv * 16 + i * 8, _mm256_mul_ps(acc[k][i], _mm256_set1_ps(scale)));
+}
+
+template <int NR>
+static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs,
+                               const float* rescale, float* Ot) {
+    __m256 acc[ATT_DIMS][2 * NR];
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < 2 * NR; i++)
+            acc[c][i] = _mm256_mul_ps(_mm256_loadu_ps(Ot + (int64_t)c * nrv * 16 + i * 8), _mm256_loadu_ps(rescale + i * 8));
+    for (int j = 0; j < n_pairs; j++) {
+        __m256 pe[2 * NR], po[2 * NR];
+        for (int i = 0; i < 2 * NR; i++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i*)(Pp + (int64_t)j * nrv * 16 + i * 8));
+            pe[i] = low_halves(p), po[i] = high_halves(p);
+        }
+        for (int c = 0; c < ATT_DIMS; c++) {
+            const __m256i v = _mm256_set1_epi32((int)Vp[(int64_t)j * hd + c]);
+            const __m256 ve = low_halves(v), vo = high_halves(v);
+            for (int i = 0; i < 2 * NR; i++) acc[c][i] = _mm256_fmadd_ps(pe[i], ve, _mm256_fmadd_ps(po[i], vo, acc[c][i]));
+        }
+    }
+    for (int c = 0; c < ATT_DIMS; c++)
+        for (int i = 0; i < 2 * NR; i++) _mm256_storeu_ps(Ot + (int64_t)c * nrv * 16 + i * 8, acc[c][i]);
+}
+#endif
+
 static void score_tiles(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale, float* St) {
     for (int r = 0; r < nrv; r += ATT_ROWS) {
         const uint32_t* q = Qp + (int64_t)r * 16;
         float* s = St + (int64_t)r * 16;
         switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
             case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
-            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
 #ifdef RIVER_AVX512
+            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
             case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
             case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
             case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
@@ -935,8 +1116,8 @@ static void output_tiles(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv
             float* o = Ot + ((int64_t)c * nrv + r) * 16;
             switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
                 case 1: output_tile<1>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
 #ifdef RIVER_AVX512
+                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 3: output_tile<3>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 4: output_tile<4>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 5: output_tile<5>(v, hd, p, nrv, n_pairs, sc, o); break;
@@ -1167,13 +1348,12 @@ static int widest_input(const Dims& D) {
 
 static inline int64_t floats_of_bytes(int64_t bytes) { return (bytes + 63) / 64 * 16; }  // whole 64-byte lines
 
-// Floats of one thread's packed rows in a long pass (none where its products keep the tiles).
+// Floats of one thread's packed rows in a long pass of T tokens at once (none where its products keep the tiles).
 static int64_t pack_floats(const Dims& D, int T) {
 #ifdef RIVER_AVX512
     return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
-#else
-    (void)D, (void)T;
-    return 0;
+#else  // and the fp32 inputs
+    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 + (int64_t)T * widest_input(D) : 0;
 #endif
 }
 
@@ -1187,7 +1367,7 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
-           threads * (*work_stride + pack_floats(D, T)) + 64;
+           threads * (*work_stride + pack_floats(D, n)) + 64;
 }
 
 static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) {
@@ -1210,7 +1390,7 @@ static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) 
     p += floats_of_bytes((int64_t)n * w * 2);
     s.acts.step = p;              p += (int64_t)n * s.acts.group_stride;
     s.acts.sum = p;               p += (int64_t)n * s.acts.group_stride + 64;
-    s.acts.pack_stride = pack_floats(D, T);
+    s.acts.pack_stride = pack_floats(D, n);
     s.acts.pack = (uint32_t*)p;   p += threads * s.acts.pack_stride;
     s.partial = p;                p += n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (D.head_dim + 2) : 0;
     s.work = p;
