@@ -445,32 +445,33 @@ static void pack_rows(const uint16_t* w, int k, uint32_t* p) {
 template <int TT>
 static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, int xs, float* y, int ys) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000);
-    __m256 acc[TT];
+    __m256 acc[TT];  // every loop over it unrolled: else GCC keeps a copy on the stack, stored at every step
+#pragma GCC unroll 12
     for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
-    for (int c = 0; c < pairs; c++) {
+    for (int c = 0; c < pairs; c++, xf += xs) {  // xf: pair c's inputs of the tile's tokens side by side
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + (int64_t)c * PACK_ROWS));
         const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
 #pragma GCC unroll 12
-        for (int j = 0; j < TT; j++) {
-            const float* x = xf + (int64_t)j * xs + 2 * c;
-            acc[j] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x), _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + 1), acc[j]));
-        }
+        for (int j = 0; j < TT; j++)
+            acc[j] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(xf + 2 * j), _mm256_fmadd_ps(wo, _mm256_broadcast_ss(xf + 2 * j + 1), acc[j]));
     }
+#pragma GCC unroll 12
     for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)j * ys, acc[j]);
 }
 #endif
 
-// The packed rows p against tokens 0..T-1.
+// The packed rows p against tokens 0..T-1 (token t's inputs at xb + t * token_step).
 #ifdef RIVER_AVX512
 typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
 #else
 typedef float PackedInput;     // the tokens' inputs converted to fp32 (to_fp32_inputs)
 #endif
-static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, float* y, int ys, int T) {
+static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, int token_step, float* y, int ys,
+                          int T) {
     int t = 0;
     for (; t + PACK_TOKENS <= T; t += PACK_TOKENS)
-        packed_tile<PACK_TOKENS>(p, pairs, xb + (int64_t)t * xs, xs, y + (int64_t)t * ys, ys);
-    const PackedInput* x = xb + (int64_t)t * xs;
+        packed_tile<PACK_TOKENS>(p, pairs, xb + (int64_t)t * token_step, xs, y + (int64_t)t * ys, ys);
+    const PackedInput* x = xb + (int64_t)t * token_step;
     float* out = y + (int64_t)t * ys;
     switch (T - t) {
         case 1: packed_tile<1>(p, pairs, x, xs, out, ys); break;
@@ -496,16 +497,21 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
         uint32_t* p = a.pack + omp_get_thread_num() * a.pack_stride;
 #ifdef RIVER_AVX512
         const PackedInput* x = a.xb;
-        const int xs = a.stride;
+        const int xs = a.stride, token_step = xs;
 #else
-        float* x = (float*)p + PACK_ROWS * m.k / 2 + 16;  // this thread's fp32 copy of the inputs, (T, k)
-        const int xs = m.k;
-        for (int t = 0; t < T; t++)
-            for (int c = 0; c < m.k; c++) x[(int64_t)t * m.k + c] = bf16_value(a.xb[(int64_t)t * a.stride + c]);
+        float* x = (float*)p + PACK_ROWS * m.k / 2 + 16;  // this thread's fp32 copy of the inputs, (k / 2, T, 2):
+        const int xs = 2 * T, token_step = 2;             // a pair's tokens side by side
+        for (int t = 0; t < T; t++) {
+            const uint32_t* pairs = (const uint32_t*)(a.xb + (int64_t)t * a.stride);
+            for (int c = 0; c < m.k / 2; c++) {  // a pair's two bf16 as fp32 bits: one 64-bit store
+                const uint64_t both = (uint64_t)(pairs[c] & 0xffff0000u) << 32 | (uint32_t)(pairs[c] << 16);
+                memcpy(x + (int64_t)c * xs + 2 * t, &both, 8);
+            }
+        }
 #endif
         for (; r + PACK_ROWS <= r1; r += PACK_ROWS) {
             pack_rows(w + (int64_t)r * m.k, m.k, p);
-            packed_tokens(p, m.k / 2, x, xs, y + r, ys, T);
+            packed_tokens(p, m.k / 2, x, xs, token_step, y + r, ys, T);
         }
     }
     if (T > 1)  // one token: a row at a time, one stream, the next rows' sums overlapping out of order
