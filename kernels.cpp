@@ -66,7 +66,11 @@ static inline void store16(float* p, f32x16 v) { memcpy(p, &v, 64); }
 static inline f32x16 splat(float x) { return f32x16{} + x; }
 static const f32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
+template <typename V> static inline V load_as(const void* p) { V v; memcpy(&v, p, sizeof(V)); return v; }
+template <typename V> static inline void store_as(void* p, V v) { memcpy(p, &v, sizeof(V)); }
 // The sum of 16 lanes as a tree (halves added, then quarters, then pairs): a few shuffles rather than 15 lane
 // extractions in a chain, which made each attention score cost tens of cycles.
 static inline float hsum16(f32x16 v) {
@@ -144,23 +148,25 @@ static inline f32x16 sums16(f32x16* a) {
 #endif
 
 // exp for 16 lanes: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]; relative error about 2e-7; -inf gives 0.
-static inline f32x16 exp16(f32x16 x) {
-    x = x < -87.0f ? splat(-87.0f) : x;
-    x = x > 88.0f ? splat(88.0f) : x;
-    f32x16 n = x * 1.44269504f + 12582912.0f;  // round to nearest through the float mantissa
+template <typename F, typename I>  // F: a vector of floats, I: of int32 as wide
+static inline F exp_lanes(F x) {
+    x = x < -87.0f ? F{} - 87.0f : x;
+    x = x > 88.0f ? F{} + 88.0f : x;
+    F n = x * 1.44269504f + 12582912.0f;  // round to nearest through the float mantissa
     n = n - 12582912.0f;
-    f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, the first exact in n * part
-    f32x16 p = 1.98756912e-4f + r * 1.39819994e-3f;
+    F r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, the first exact in n * part
+    F p = 1.98756912e-4f + r * 1.39819994e-3f;
     p = 8.33345205e-3f + r * p;
     p = 4.16657962e-2f + r * p;
     p = 1.66666657e-1f + r * p;
     p = 0.5f + r * p;
     p = 1.0f + r + r * r * p;
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    f32x16 scale;
-    memcpy(&scale, &e, 64);
+    I e = (__builtin_convertvector(n, I) + 127) << 23;
+    F scale;
+    memcpy(&scale, &e, sizeof(F));
     return p * scale;
 }
+static inline f32x16 exp16(f32x16 x) { return exp_lanes<f32x16, i32x16>(x); }
 
 static void rms_norm(const float* x, const float* w, float* out, int d, float eps) {
     float ss = 0;
@@ -464,7 +470,7 @@ static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, in
 #ifdef RIVER_AVX512
 typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
 #else
-typedef float PackedInput;     // the tokens' inputs converted to fp32 (to_fp32_inputs)
+typedef float PackedInput;     // the tokens' inputs converted to fp32 (rows_bf16)
 #endif
 static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, int token_step, float* y, int ys,
                           int T) {
@@ -738,14 +744,13 @@ static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
     return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
 }
 #endif
-// 16 lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
-static inline u32x16 bf16_bits(f32x16 x) {
-    const u32x16 u = (u32x16)x;
+// Lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
+template <typename F, typename U>
+static inline U bf16_bits_of(F x) {
+    const U u = (U)x;
     return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
 }
-// Lanes rounded to bf16 pairs: `low` to the low halves, `high` to the high halves.
-static inline u32x16 bf16_pairs(f32x16 low, f32x16 high) { return bf16_bits(low) | bf16_bits(high) << 16; }
-static inline f32x16 pair_sum(u32x16 p) { return (f32x16)(p << 16) + (f32x16)(p & 0xffff0000u); }
+static inline u32x16 bf16_bits(f32x16 x) { return bf16_bits_of<f32x16, u32x16>(x); }
 
 // The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
 static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
@@ -1139,6 +1144,18 @@ static int64_t long_unit_floats(const Dims& D) {
     return nrv * 16 * (hd / 2 + KEY_BLOCK + KEY_BLOCK / 2 + hd + 4) + KEY_BLOCK / 2 * hd;
 }
 
+// The lanes a long pass's softmax runs on: 16 on AVX-512, 8 on AVX2 (whose 16-lane code GCC compiles through the stack).
+#ifdef RIVER_AVX512
+typedef f32x16 SoftF;
+typedef u32x16 SoftU;
+typedef i32x16 SoftI;
+#else
+typedef f32x8 SoftF;
+typedef u32x8 SoftU;
+typedef i32x8 SoftI;
+#endif
+static const int SOFT_LANES = sizeof(SoftF) / sizeof(float);
+
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
 // pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Row r (query q0 + r / G, head
 // r % G) is lane r % 16 of vector r / 16; per row a running max m, sum l and output o (Ot: (hd, rows)), rescaled by
@@ -1176,31 +1193,33 @@ static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, cons
                 kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(k0 + j + i) * hd) : ZERO_PAIRS;
             score_tiles(kp, Qp, nrv, pairs, scale, St + (int64_t)j * nrv * 16);
         }
-        for (int v = 0; v < nrv; v++) {
-            const f32x16 at = load16(rpos + v * 16);
-            f32x16 mx = load16(m + v * 16);
+        const int64_t ks = (int64_t)nrv * 16;  // floats from a key's scores (or a pair's weights) to the next's
+        for (int v = 0; v < nrv * 16; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
+            const SoftF at = load_as<SoftF>(rpos + v), none = SoftF{} - INFINITY;
+            SoftF mx = load_as<SoftF>(m + v);
             for (int j = 0; j < kn; j++) {
-                f32x16 s = load16(St + ((int64_t)j * nrv + v) * 16);
-                if (diagonal) store16(St + ((int64_t)j * nrv + v) * 16, s = (float)(k0 + j) <= at ? s : splat(-INFINITY));
+                SoftF s = load_as<SoftF>(St + j * ks + v);
+                if (diagonal) store_as(St + j * ks + v, s = (float)(k0 + j) <= at ? s : none);
                 mx = s > mx ? s : mx;
             }
-            store16(rescale + v * 16, exp16(load16(m + v * 16) - mx));
-            f32x16 total = {};
+            const SoftF rs = exp_lanes<SoftF, SoftI>(load_as<SoftF>(m + v) - mx);
+            store_as(rescale + v, rs);
+            SoftF total = {};
             for (int j = 0; j < kn; j += 2) {
-                const f32x16 s0 = load16(St + ((int64_t)j * nrv + v) * 16);
-                f32x16 e0 = exp16(s0 - mx), e1 = {};
-                if (diagonal) e0 = s0 == -INFINITY ? splat(0.0f) : e0;
+                const SoftF s0 = load_as<SoftF>(St + j * ks + v);
+                SoftF e0 = exp_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
+                if (diagonal) e0 = s0 == none ? SoftF{} : e0;
                 if (j + 1 < kn) {
-                    const f32x16 s1 = load16(St + ((int64_t)(j + 1) * nrv + v) * 16);
-                    e1 = exp16(s1 - mx);
-                    if (diagonal) e1 = s1 == -INFINITY ? splat(0.0f) : e1;
+                    const SoftF s1 = load_as<SoftF>(St + (j + 1) * ks + v);
+                    e1 = exp_lanes<SoftF, SoftI>(s1 - mx);
+                    if (diagonal) e1 = s1 == none ? SoftF{} : e1;
                 }
-                const u32x16 p = bf16_pairs(e0, e1);
-                storeu32(Pp + ((int64_t)(j / 2) * nrv + v) * 16, p);
-                total += pair_sum(p);  // the sum of the rounded weights, so that the output is their weighted mean
-            }
-            store16(l + v * 16, load16(l + v * 16) * load16(rescale + v * 16) + total);
-            store16(m + v * 16, mx);
+                const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
+                store_as(Pp + (j / 2) * ks + v, p);
+                total += (SoftF)(p << 16) + (SoftF)(p & 0xffff0000u);  // the sum of the rounded weights, so that the
+            }                                                           // output is their weighted mean
+            store_as(l + v, load_as<SoftF>(l + v) * rs + total);
+            store_as(m + v, mx);
         }
         for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
             const uint16_t* v0 = V + (int64_t)(k0 + 2 * j) * hd;
