@@ -109,6 +109,12 @@ static inline u32x16 widen16(const uint16_t* p) {
 
 // 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32).
 static inline f32x16 bf16x16(const uint16_t* p) { return (f32x16)(widen16(p) << 16); }
+#ifndef RIVER_AVX512
+// AVX2 has no bf16 products: 8 lanes of bf16 pairs split into fp32, the low (even) halves by a shift, the high (odd)
+// ones by a mask.
+static inline __m256 low_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 high_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+#endif
 
 static inline float bf16_value(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -295,22 +301,20 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
             for (int j = 0; j < TT; j++) s[i][j] = _mm512_reduce_add_ps(acc[i][j]);
     }
 #else
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000);
     __m256 even[R][TT], odd_sum[R][TT];  // two chains per sum: AVX2's FMA latency, not its loads, bounds a step
     for (int i = 0; i < R; i++)
         for (int j = 0; j < TT; j++) even[i][j] = odd_sum[i][j] = _mm256_setzero_ps();
     for (int c = 0; c < k32; c += 16) {  // 8 pairs a step: the even input by a shift, the odd one by a mask
         __m256 we[R], wo[R];
         for (int i = 0; i < R; i++) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(w + (int64_t)i * k + c));
-            we[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            wo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (int64_t)i * k + c));
+            we[i] = low_halves(v), wo[i] = high_halves(v);
         }
         if (R > 1 && c % 32 == 0)
             for (int i = 0; i < R; i++) _mm_prefetch(ahead + ((c / 32) * R + i) * 64, _MM_HINT_T1);
         for (int j = 0; j < TT; j++) {
             __m256i v = _mm256_loadu_si256((const __m256i*)(xb + (int64_t)j * xs + c));
-            __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            const __m256 xe = low_halves(v), xo = high_halves(v);
             for (int i = 0; i < R; i++) {
                 even[i][j] = _mm256_fmadd_ps(we[i], xe, even[i][j]);
                 odd_sum[i][j] = _mm256_fmadd_ps(wo[i], xo, odd_sum[i][j]);
@@ -450,13 +454,12 @@ static void pack_rows(const uint16_t* w, int k, uint32_t* p) {
 
 template <int TT>
 static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, int xs, float* y, int ys) {
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000);
     __m256 acc[TT];  // every loop over it unrolled: else GCC keeps a copy on the stack, stored at every step
 #pragma GCC unroll 12
     for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
     for (int c = 0; c < pairs; c++, xf += xs) {  // xf: pair c's inputs of the tile's tokens side by side
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + (int64_t)c * PACK_ROWS));
-        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+        const __m256 we = low_halves(wv), wo = high_halves(wv);
 #pragma GCC unroll 12
         for (int j = 0; j < TT; j++)
             acc[j] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(xf + 2 * j), _mm256_fmadd_ps(wo, _mm256_broadcast_ss(xf + 2 * j + 1), acc[j]));
@@ -779,10 +782,6 @@ static inline void weighted_values(const float* w, const uint16_t* v, int hd, in
         for (int i = 0; i < CN; i++) store16(out + g * os + 16 * i, acc[g][i]);
 }
 #else
-// AVX2: the dims of a bf16 row split by a shift (even dims) and a mask (odd ones) into fp32 lanes.
-static inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-static inline __m256 odd_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
-
 // The sums across lanes of 4 vectors, in lanes 0..3.
 static inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -799,7 +798,7 @@ static inline void key_scores(const uint16_t* const* kp, const float* qd, int hd
     for (int c = 0; c < hd; c += 16)
         for (int j = 0; j < 4; j++) {
             const __m256i k = _mm256_loadu_si256((const __m256i*)(kp[j] + c));
-            const __m256 ke = even_bf16(k), ko = odd_bf16(k);
+            const __m256 ke = low_halves(k), ko = high_halves(k);
             for (int g = 0; g < GN; g++) {
                 acc[g][j] = _mm256_fmadd_ps(ke, _mm256_loadu_ps(qd + g * hd + c), acc[g][j]);
                 acc[g][j] = _mm256_fmadd_ps(ko, _mm256_loadu_ps(qd + g * hd + c + 8), acc[g][j]);
@@ -817,7 +816,7 @@ static inline void weighted_values8(const float* w, const uint16_t* v, int hd, i
     for (int g = 0; g < GN; g++) e[g] = o[g] = _mm256_setzero_ps();
     for (int j = 0; j < n; j++) {
         const __m256i x = _mm256_loadu_si256((const __m256i*)(v + (int64_t)j * hd));
-        const __m256 xe = even_bf16(x), xo = odd_bf16(x);
+        const __m256 xe = low_halves(x), xo = high_halves(x);
         for (int g = 0; g < GN; g++) {
             const __m256 wj = _mm256_broadcast_ss(w + g * TILE + j);
             e[g] = _mm256_fmadd_ps(xe, wj, e[g]);
@@ -1049,10 +1048,8 @@ static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, i
 }
 
 #else
-// AVX2: the same tiles on halves of the 16-row vectors; a bf16 pair's two products are two FMAs, the even (low) halves
-// by a shift, the odd (high) ones by a mask, the odd product first as vdpbf16ps adds it.
-static inline __m256 low_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-static inline __m256 high_halves(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000))); }
+// AVX2: the same tiles on halves of the 16-row vectors; a bf16 pair's two products are two FMAs (low_halves,
+// high_halves), the odd product first as vdpbf16ps adds it.
 
 template <int NR>
 static inline void score_tile(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale,
