@@ -172,13 +172,27 @@ static inline F exp_lanes(F x) {
     memcpy(&scale, &e, sizeof(F));
     return p * scale;
 }
-static inline f32x16 exp16(f32x16 x) { return exp_lanes<f32x16, i32x16>(x); }
 
-static void rms_norm(const float* x, const float* w, float* out, int d, float eps) {
+// The lanes of the element-wise work (softmax, SiLU): 16 on AVX-512, 8 on AVX2, whose 16-lane vector-extension code
+// GCC compiles through the stack.
+#ifdef RIVER_AVX512
+typedef f32x16 SoftF;
+typedef u32x16 SoftU;
+typedef i32x16 SoftI;
+#else
+typedef f32x8 SoftF;
+typedef u32x8 SoftU;
+typedef i32x8 SoftI;
+#endif
+static const int SOFT_LANES = sizeof(SoftF) / sizeof(float);
+static inline SoftF soft_splat(float x) { return SoftF{} + x; }
+
+// out[i0..i1) of the RMS norm of x (d,) with weights w: the mean square over all of x, whatever the range.
+static void rms_norm(const float* x, const float* w, float* out, int d, float eps, int i0, int i1) {
     float ss = 0;
     for (int i = 0; i < d; i++) ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / d + eps);
-    for (int i = 0; i < d; i++) out[i] = x[i] * r * w[i];
+    for (int i = i0; i < i1; i++) out[i] = x[i] * r * w[i];
 }
 
 // This thread's share [*i0, *i1) of `count` items, cut at multiples of `unit` (the last thread takes the rest).
@@ -193,6 +207,7 @@ static inline void my_share(int count, int unit, int* i0, int* i1) {
 // The inputs of one product for the tokens of a pass, each token's row `stride` elements apart.
 struct Acts {
     uint16_t* xb;      // bf16 weights: the activations rounded to bf16
+    float* xf;         // ... and on AVX2 in a short pass, as fp32, each 16 as their 8 even then 8 odd (else null)
     int16_t* q;        // low-bit weights: int16 activations per group,
     int8_t *high, *low;  // split as 256 * high + low, both int8 (the 4-bit products' int8 dot products),
     float *step, *sum; // each group's step and exact sum
@@ -213,6 +228,7 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
                                  float* step, float* sum) {
     for (int g = 0; g < k / group; g++) {  // group is a multiple of 32: whole vectors of 16
         const float* xg = x + g * group;
+#ifdef RIVER_AVX512
         f32x16 vmax = {}, vsum = {};
         for (int i = 0; i < group; i += 16) {
             f32x16 v = load16(xg + i);
@@ -234,21 +250,65 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
         }
         step[g] = amax / LEVELS;
         sum[g] = hsum16(vsum);
+#else  // the same arithmetic on 8 lanes: lanes 0-7 and 8-15 of each 16 in two vectors, so the sums keep their order
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 max_lo = _mm256_setzero_ps(), max_hi = max_lo, sum_lo = max_lo, sum_hi = max_lo;
+        for (int i = 0; i < group; i += 16) {
+            const __m256 lo = _mm256_loadu_ps(xg + i), hi = _mm256_loadu_ps(xg + i + 8);
+            max_lo = _mm256_max_ps(_mm256_andnot_ps(sign, lo), max_lo);  // a NaN input keeps the max, as above
+            max_hi = _mm256_max_ps(_mm256_andnot_ps(sign, hi), max_hi);
+            sum_lo = _mm256_add_ps(sum_lo, lo);
+            sum_hi = _mm256_add_ps(sum_hi, hi);
+        }
+        const __m256 m8 = _mm256_max_ps(max_lo, max_hi);
+        const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        const float amax = fmaxf(fmaxf(m4[0], m4[2]), fmaxf(m4[1], m4[3]));
+        const __m256 s8 = _mm256_add_ps(sum_lo, sum_hi);
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const float inv = amax > 0 ? LEVELS / amax : 0.0f;
+        const __m256 vinv = _mm256_set1_ps(inv), magic = _mm256_set1_ps(12582912.0f);
+        const __m256i half = _mm256_set1_epi32(128);
+        for (int i = 0; i < group; i += 16) {
+            __m256i v[2], h[2], l[2];
+            for (int j = 0; j < 2; j++) {
+                const __m256 r = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8 * j), vinv), magic);
+                v[j] = _mm256_cvttps_epi32(_mm256_sub_ps(r, magic));
+                h[j] = _mm256_srai_epi32(_mm256_add_epi32(v[j], half), 8);
+                l[j] = _mm256_sub_epi32(v[j], _mm256_slli_epi32(h[j], 8));
+            }
+            const __m256i v16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);
+            const __m256i h16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(h[0], h[1]), 0xd8);
+            const __m256i l16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(l[0], l[1]), 0xd8);
+            _mm256_storeu_si256((__m256i*)(q + g * group + i), v16);
+            _mm_storeu_si128((__m128i*)(high + g * group + i),
+                             _mm_packs_epi16(_mm256_castsi256_si128(h16), _mm256_extracti128_si256(h16, 1)));
+            _mm_storeu_si128((__m128i*)(low + g * group + i),
+                             _mm_packs_epi16(_mm256_castsi256_si128(l16), _mm256_extracti128_si256(l16, 1)));
+        }
+        step[g] = amax / LEVELS;
+        sum[g] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#endif
     }
 }
 
-// Token t's inputs of a product with weights m, from x (m.k,).
-static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
+// Inputs i0..i1 of token t for a product with weights m, from x (m.k,); i0 and i1 on group boundaries (or m.k).
+static void prepare(const Mat& m, const float* x, const Acts& a, int t, int i0, int i1) {
     if (m.kind == KIND_BF16) {
         uint16_t* xb = a.xb + (int64_t)t * a.stride;
-        for (int i = 0; i < m.k; i++) xb[i] = to_bf16(x[i]);
+        for (int i = i0; i < i1; i++) xb[i] = to_bf16(x[i]);
+        if (a.xf)
+            for (int i = i0; i + 16 <= i1; i += 16)  // i0 on a multiple of 16 (prepare_tokens' pieces)
+                for (int l = 0; l < 8; l++) {
+                    a.xf[(int64_t)t * a.stride + i + l] = bf16_value(xb[i + 2 * l]);
+                    a.xf[(int64_t)t * a.stride + i + 8 + l] = bf16_value(xb[i + 2 * l + 1]);
+                }
         return;
     }
-    const int64_t o = (int64_t)t * a.stride, og = (int64_t)t * a.group_stride;
-    quantize_activations(x, m.k, m.group, a.q + o, a.high + o, a.low + o, a.step + og, a.sum + og);
+    const int64_t o = (int64_t)t * a.stride + i0, og = (int64_t)t * a.group_stride + i0 / m.group;
+    quantize_activations(x + i0, i1 - i0, m.group, a.q + o, a.high + o, a.low + o, a.step + og, a.sum + og);
 #ifdef RIVER_AVX512
     if (m.kind == KIND_Q8)  // the int8 halves in the order of a lane's 8-bit codes: inputs 0, 2, 1, 3 of each 4
-        for (int i = 0; i < m.k; i += 4) {
+        for (int i = 0; i < i1 - i0; i += 4) {
             int8_t* h = a.high + o + i;
             int8_t* l = a.low + o + i;
             const int8_t h1 = h[1], l1 = l[1];
@@ -259,6 +319,22 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
 
 // ------------------------------------------------------------------------------------------ weight products
 
+// A bf16 product's end: its sum so far plus the inputs past the last multiple of 32, in order.
+static inline float with_tail(float s, const uint16_t* w, const uint16_t* x, int k32, int k) {
+    for (int c = k32; c < k; c++) s += bf16_value(w[c]) * bf16_value(x[c]);
+    return s;
+}
+
+#ifndef RIVER_AVX512
+// AVX2: the two chains of a bf16 product's pairs added, then their 8 lanes as a tree.
+static inline float pair_sums(__m256 even, __m256 odd) {
+    const __m256 v = _mm256_add_ps(even, odd);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 // bf16 rows, every pass alike: y[t][r] = W[r] . x[t] over rows [r, r + R) and tokens [t, t + TT), R * TT
 // independent sums. Each pair of inputs is multiplied exactly into one fp32 lane per 32 inputs (vdpbf16ps; AVX2 keeps
 // the even and the odd products in two chains, added at the end), the lanes summed at the end (the tree of
@@ -266,9 +342,10 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t) {
 // and TT, so a token's result does not depend on the tokens beside it, nor on how many there are.
 //
 // The R rows lie side by side in memory and are read in lockstep: R streams, which the hardware prefetcher follows
-// badly (one-token products of 212 MB from memory: 7.8-8.1 ms, against 7.1-7.3 one row at a time). So each step
-// also asks for R lines of the tile PREFETCH_TILES ahead, in address order, into L2: a 5-token pass then streams the
-// weights about as fast as a one-token one (6.2-6.9 against 7.1 ms; 9.2-11.6 with the per-row kernel it replaces).
+// badly (AVX-512, one-token products of 212 MB from memory: 7.8-8.1 ms, against 7.1-7.3 one row at a time). So each
+// step also asks for R lines of the tile PREFETCH_TILES ahead, in address order, into L2: a 5-token pass then streams
+// the weights about as fast as a one-token one (6.2-6.9 against 7.1 ms; 9.2-11.6 with the per-row kernel it
+// replaces). On AVX2 a one-token step runs in lockstep too (LOCKSTEP_TOKENS).
 static const int PREFETCH_TILES = 4;
 template <int R, int TT>
 static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int xs, float* y, int ys) {
@@ -322,24 +399,21 @@ static inline void tile_bf16(const uint16_t* w, int k, const uint16_t* xb, int x
         }
     }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < TT; j++) {
-            const __m256 v = _mm256_add_ps(even[i][j], odd_sum[i][j]);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            s[i][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-        }
+        for (int j = 0; j < TT; j++) s[i][j] = pair_sums(even[i][j], odd_sum[i][j]);
 #endif
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < TT; j++) {
-            for (int c = k32; c < k; c++) s[i][j] += bf16_value(w[(int64_t)i * k + c]) * bf16_value(xb[(int64_t)j * xs + c]);
-            y[(int64_t)j * ys + i] = s[i][j];
-        }
+        for (int j = 0; j < TT; j++)
+            y[(int64_t)j * ys + i] = with_tail(s[i][j], w + (int64_t)i * k, xb + (int64_t)j * xs, k32, k);
 }
 
 #ifdef RIVER_AVX512
 static const int BF16_ROWS = 4, BF16_TOKENS = 4;  // 16 sums in registers, 4 weight and 1 input vector loaded
+static const int LOCKSTEP_TOKENS = 2;  // from this many tokens on, rows run in tiles; a one-token step a row at a
+                                       // time, one stream, the next rows' sums overlapping out of order
 #else
 static const int BF16_ROWS = 2, BF16_TOKENS = 2;  // 4 sums: AVX2's 16 registers also hold 4 weight halves
+static const int LOCKSTEP_TOKENS = 1;  // a one-token step too: two rows in lockstep, with their prefetches, streamed
+                                       // the weights 1.02-1.19x as fast as a row at a time (2026-12-03, Zen 3)
 #endif
 
 template <int R>
@@ -353,6 +427,56 @@ static inline void tile_bf16_tokens(const uint16_t* w, int k, const uint16_t* xb
 #endif
     }
 }
+
+#ifndef RIVER_AVX512
+// A short pass's bf16 rows on AVX2 (SHORT_ROWS_FROM..SHORT_PASS tokens): a row at a time against up to SHORT_TOKENS
+// tokens, whose inputs were split into fp32 once (Acts.xf), so that a weight vector split once serves them all and
+// each product is one FMA reading its input. Each sum is tile_bf16's, in its order: the tokens' results are a
+// one-token step's. (Against the tiles: a 3-, 4-token check's products 1.04-1.19x, 1.08-1.13x as fast.)
+static const int SHORT_ROWS_FROM = 3;  // fewer tokens run in tiles: two rows and two tokens at a time were faster
+static const int SHORT_TOKENS = 6;     // 12 sums in registers, and the weight vector's two halves
+static const int SHORT_PREFETCH = 8192;  // bytes ahead in the rows' stream (8 rows of 576 inputs: a 5-token check
+                                         // of 212 MB 8.6-9.2 -> 5.8-6.3 ms, 2026-12-03, Zen 3)
+template <int TT>
+static inline void row_short(const uint16_t* w, int k, const float* xf, const uint16_t* xb, int xs, float* y, int ys) {
+    const int k32 = k & ~31;
+    __m256 even[TT], odd[TT];
+    for (int j = 0; j < TT; j++) even[j] = odd[j] = _mm256_setzero_ps();
+    for (int c = 0; c < k32; c += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + c));
+        const __m256 we = low_halves(v), wo = high_halves(v);
+        if (c % 32 == 0) _mm_prefetch((const char*)(w + c) + SHORT_PREFETCH, _MM_HINT_T0);  // a hint: never faults
+        for (int j = 0; j < TT; j++) {
+            even[j] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xf + (int64_t)j * xs + c), even[j]);
+            odd[j] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xf + (int64_t)j * xs + c + 8), odd[j]);
+        }
+    }
+    for (int j = 0; j < TT; j++)
+        y[(int64_t)j * ys] = with_tail(pair_sums(even[j], odd[j]), w, xb + (int64_t)j * xs, k32, k);
+}
+
+// Rows r0..r1 for tokens 0..T-1, the tokens in near-equal groups of at most SHORT_TOKENS.
+static void rows_short(const uint16_t* w, int k, const Acts& a, int T, float* y, int ys, int r0, int r1) {
+    const int groups = (T + SHORT_TOKENS - 1) / SHORT_TOKENS;
+    for (int r = r0; r < r1; r++)
+        for (int g = 0, t = 0; g < groups; g++) {
+            const int tt = T / groups + (g < T % groups);
+            const float* xf = a.xf + (int64_t)t * a.stride;
+            const uint16_t* xb = a.xb + (int64_t)t * a.stride;
+            float* out = y + (int64_t)t * ys + r;
+            const uint16_t* row = w + (int64_t)r * k;
+            switch (tt) {
+                case 1: row_short<1>(row, k, xf, xb, a.stride, out, ys); break;
+                case 2: row_short<2>(row, k, xf, xb, a.stride, out, ys); break;
+                case 3: row_short<3>(row, k, xf, xb, a.stride, out, ys); break;
+                case 4: row_short<4>(row, k, xf, xb, a.stride, out, ys); break;
+                case 5: row_short<5>(row, k, xf, xb, a.stride, out, ys); break;
+                case 6: row_short<6>(row, k, xf, xb, a.stride, out, ys); break;
+            }
+            t += tt;
+        }
+}
+#endif
 
 #ifdef RIVER_AVX512
 // A long pass's bf16 rows on AVX-512 (compute-bound): each block of PACK_ROWS rows is first laid out by input pair
@@ -523,7 +647,13 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
             packed_tokens(p, m.k / 2, x, xs, token_step, y + r, ys, T);
         }
     }
-    if (T > 1)  // one token: a row at a time, one stream, the next rows' sums overlapping out of order
+#ifndef RIVER_AVX512
+    if (a.xf) {  // a short pass of SHORT_ROWS_FROM or more tokens
+        rows_short(w, m.k, a, T, y, ys, r, r1);
+        return;
+    }
+#endif
+    if (T >= LOCKSTEP_TOKENS)
         for (; r + BF16_ROWS <= r1; r += BF16_ROWS)
             for (int t = 0; t < T; t += BF16_TOKENS) {
                 const int tt = T - t < BF16_TOKENS ? T - t : BF16_TOKENS;
@@ -639,8 +769,8 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
     const int64_t group_bytes = (int64_t)chunks * 64 + 64;
     const uint8_t* p = m.w + (int64_t)b * groups * group_bytes;
     const int64_t xt = (int64_t)t * a.stride, st = (int64_t)t * a.group_stride;
-    for (int h = 0; h < ROW_VECTORS; h++) {
 #ifdef RIVER_AVX512
+    for (int h = 0; h < ROW_VECTORS; h++) {
         __m512 acc[TT];
         for (int j = 0; j < TT; j++) acc[j] = _mm512_setzero_ps();
         for (int g = 0; g < groups; g++) {
@@ -658,11 +788,15 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
             }
         }
         for (int j = 0; j < TT; j++) _mm512_storeu_ps(y + (int64_t)(t + j) * ys + b * 16, acc[j]);
+    }
 #else
-        __m256 acc[TT];
-        for (int j = 0; j < TT; j++) acc[j] = _mm256_setzero_ps();
-        for (int g = 0; g < groups; g++) {
-            const uint8_t* sl = p + g * group_bytes + chunks * 64;
+    // AVX2: both 8-row halves of each group in turn, so the block's bytes stream once, in order
+    __m256 acc[2][TT];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < TT; j++) acc[h][j] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const uint8_t* sl = p + g * group_bytes + chunks * 64;
+        for (int h = 0; h < 2; h++) {
             Dots dot[TT];
             group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, h, dot);
             __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
@@ -670,14 +804,15 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
             for (int j = 0; j < TT; j++) {
                 const float* step = a.step + st + (int64_t)j * a.group_stride;
                 const float* sum = a.sum + st + (int64_t)j * a.group_stride;
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
-                                         acc[j]);
-                acc[j] = _mm256_fmadd_ps(low, _mm256_set1_ps(sum[g]), acc[j]);
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
+                                         acc[h][j]);
+                acc[h][j] = _mm256_fmadd_ps(low, _mm256_set1_ps(sum[g]), acc[h][j]);
             }
         }
-        for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)(t + j) * ys + b * 16 + h * 8, acc[j]);
-#endif
     }
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < TT; j++) _mm256_storeu_ps(y + (int64_t)(t + j) * ys + b * 16 + h * 8, acc[h][j]);
+#endif
 }
 
 template <int BITS>
@@ -899,19 +1034,23 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
 #endif
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
-        f32x16 vmax = splat(-INFINITY);
-        for (int j = 0; j < n; j += 16) {
-            const f32x16 v = load16(s + j);
-            vmax = lanes + (float)j < (float)n && v > vmax ? v : vmax;
+        const SoftF first = load_as<SoftF>(&lanes);  // 0, 1, 2, ...
+        SoftF vmax = soft_splat(-INFINITY);
+        for (int j = 0; j < n; j += SOFT_LANES) {
+            const SoftF v = load_as<SoftF>(s + j);
+            vmax = first + (float)j < (float)n && v > vmax ? v : vmax;
         }
-        const float mx = max16(vmax);
-        f32x16 total = {};
-        for (int j = 0; j < n; j += 16) {
-            f32x16 e = exp16(load16(s + j) - mx);
-            e = lanes + (float)j < (float)n ? e : splat(0.0f);
-            store16(s + j, e);
-            total += e;
+        float mx = -INFINITY;
+        for (int i = 0; i < SOFT_LANES; i++) mx = fmaxf(mx, vmax[i]);
+        f32x16 total;  // lane i: the weights of positions i, 16 + i, ... in order, whatever SOFT_LANES
+        SoftF part_sum[16 / SOFT_LANES] = {};
+        for (int j = 0; j < n; j += SOFT_LANES) {
+            SoftF e = exp_lanes<SoftF, SoftI>(load_as<SoftF>(s + j) - mx);
+            e = first + (float)j < (float)n ? e : SoftF{};
+            store_as(s + j, e);
+            part_sum[j / SOFT_LANES % (16 / SOFT_LANES)] += e;
         }
+        memcpy(&total, part_sum, sizeof total);
         float* o = part + g * (hd + 2);
         o[0] = mx;
         o[1] = hsum16(total);
@@ -992,10 +1131,11 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
             const float* p = part + (int64_t)i * (hd + 2);
             const float w = expf(p[0] - mx);
             total += w * p[1];
-            for (int j = 0; j < hd; j += 16) store16(out + j, load16(out + j) + load16(p + 2 + j) * w);
+            for (int j = 0; j < hd; j += SOFT_LANES)
+                store_as(out + j, load_as<SoftF>(out + j) + load_as<SoftF>(p + 2 + j) * w);
         }
         const float inv = 1.0f / total;
-        for (int j = 0; j < hd; j += 16) store16(out + j, load16(out + j) * inv);
+        for (int j = 0; j < hd; j += SOFT_LANES) store_as(out + j, load_as<SoftF>(out + j) * inv);
     }
 }
 
@@ -1141,18 +1281,6 @@ static int64_t long_unit_floats(const Dims& D) {
     return nrv * 16 * (hd / 2 + KEY_BLOCK + KEY_BLOCK / 2 + hd + 4) + KEY_BLOCK / 2 * hd;
 }
 
-// The lanes a long pass's softmax runs on: 16 on AVX-512, 8 on AVX2 (whose 16-lane code GCC compiles through the stack).
-#ifdef RIVER_AVX512
-typedef f32x16 SoftF;
-typedef u32x16 SoftU;
-typedef i32x16 SoftI;
-#else
-typedef f32x8 SoftF;
-typedef u32x8 SoftU;
-typedef i32x8 SoftI;
-#endif
-static const int SOFT_LANES = sizeof(SoftF) / sizeof(float);
-
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
 // pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Row r (query q0 + r / G, head
 // r % G) is lane r % 16 of vector r / 16; per row a running max m, sum l and output o (Ot: (hd, rows)), rescaled by
@@ -1266,9 +1394,9 @@ static void rope(float* v, const float* cos, const float* sin, int half) {
 // hidden[i] = silu(gate[i]) * up[i] for i in i0..i1.
 static void silu_times(const float* gate, const float* up, float* hidden, int i0, int i1) {
     int i = i0;
-    for (; i + 16 <= i1; i += 16) {
-        f32x16 g = load16(gate + i);
-        store16(hidden + i, g / (1.0f + exp16(-g)) * load16(up + i));
+    for (; i + SOFT_LANES <= i1; i += SOFT_LANES) {
+        const SoftF g = load_as<SoftF>(gate + i);
+        store_as(hidden + i, g / (1.0f + exp_lanes<SoftF, SoftI>(-g)) * load_as<SoftF>(up + i));
     }
     for (; i < i1; i++) hidden[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
@@ -1294,18 +1422,24 @@ static void rotate_and_store(const Dims& D, float* qkv, int qkv_stride, const Ca
     }
 }
 
-// For this thread's tokens: in = norm(x) (or x itself, norm null), prepared for the product with m.
+// in = norm(x) (or x itself, norm null), prepared for the product with m, for T tokens: each token cut in pieces (the
+// low-bit groups, or 64 inputs), the pieces shared out among the team, so that a one-token pass's inputs are prepared
+// by every thread, not by one while the others wait. A piece's result does not depend on who prepares it.
 static void prepare_tokens(const Mat& m, const float* x, int xs, const float* norm, float eps, float* xn,
                            const Acts& a, int T) {
-    int t0, t1;
-    my_share(T, 1, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
+    const int piece = m.kind == KIND_BF16 ? 64 : m.group, pieces = (m.k + piece - 1) / piece;
+    int u0, u1;
+    my_share(T * pieces, 1, &u0, &u1);
+    for (int u = u0; u < u1;) {
+        const int t = u / pieces, p0 = u % pieces, p1 = p0 + (u1 - u) < pieces ? p0 + (u1 - u) : pieces;
+        const int i0 = p0 * piece, i1 = p1 * piece < m.k ? p1 * piece : m.k;
         const float* in = x + (int64_t)t * xs;
         if (norm) {
-            rms_norm(in, norm, xn + (int64_t)t * m.k, m.k, eps);
+            rms_norm(in, norm, xn + (int64_t)t * m.k, m.k, eps, i0, i1);
             in = xn + (int64_t)t * m.k;
         }
-        prepare(m, in, a, t);
+        prepare(m, in, a, t, i0, i1);
+        u += p1 - p0;
     }
 }
 
@@ -1370,6 +1504,17 @@ static int widest_input(const Dims& D) {
 
 static inline int64_t floats_of_bytes(int64_t bytes) { return (bytes + 63) / 64 * 16; }  // whole 64-byte lines
 
+// Floats of a short pass's fp32 inputs to its bf16 products (Acts.xf, rows_short): AVX2 only, SHORT_ROWS_FROM to
+// SHORT_PASS tokens.
+static int64_t short_input_floats(const Dims& D, int T) {
+#ifdef RIVER_AVX512
+    (void)D, (void)T;
+    return 0;
+#else
+    return T >= SHORT_ROWS_FROM && T <= SHORT_PASS ? floats_of_bytes((int64_t)T * widest_input(D) * 4) : 0;
+#endif
+}
+
 // Floats of one thread's packed rows in a long pass of T tokens at once (none where its products keep the tiles).
 static int64_t pack_floats(const Dims& D, int T) {
 #ifdef RIVER_AVX512
@@ -1387,7 +1532,8 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     const int64_t partial = n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (hd + 2) : 0;
     const int64_t short_work = (int64_t)G * (hd + 2 * TILE) + G * (hd + 2), long_work = long_unit_floats(D);
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
-    const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64;
+    const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64 +
+                         short_input_floats(D, n);
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
            threads * (*work_stride + pack_floats(D, n)) + 64;
 }
@@ -1406,6 +1552,7 @@ static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) 
     s.acts.stride = w;
     s.acts.group_stride = w / 32 + 1;
     s.acts.xb = (uint16_t*)p;     p += floats_of_bytes((int64_t)n * w * 2);
+    s.acts.xf = short_input_floats(D, n) ? p : nullptr;  p += short_input_floats(D, n);
     s.acts.q = (int16_t*)p;       p += floats_of_bytes((int64_t)n * w * 2);
     s.acts.high = (int8_t*)p;
     s.acts.low = s.acts.high + (int64_t)n * w;
@@ -1532,13 +1679,14 @@ extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int
     Acts a;
     a.stride = m->k;
     a.group_stride = groups;
+    const Dims widest{m->k, 1, 1, 1, 0, 0};
     a.xb = (uint16_t*)malloc(sizeof(uint16_t) * T * m->k);
+    a.xf = short_input_floats(widest, T) ? (float*)malloc(sizeof(float) * short_input_floats(widest, T)) : nullptr;
     a.q = (int16_t*)malloc(sizeof(int16_t) * T * m->k);
     a.high = (int8_t*)malloc(2 * T * m->k);
     a.low = a.high + T * m->k;
     a.step = (float*)malloc(sizeof(float) * 2 * T * groups);
     a.sum = a.step + T * groups;
-    const Dims widest{m->k, 1, 1, 1, 0, 0};
     a.pack_stride = pack_floats(widest, T);
     a.pack = (uint32_t*)malloc(sizeof(uint32_t) * (threads * a.pack_stride + 1));
 #pragma omp parallel num_threads(threads)
@@ -1548,6 +1696,7 @@ extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int
         product(*m, a, T, y, m->n, 0, m->n);
     }
     free(a.xb);
+    free(a.xf);
     free(a.q);
     free(a.high);
     free(a.step);
