@@ -207,7 +207,7 @@ static inline void my_share(int count, int unit, int* i0, int* i1) {
 // The inputs of one product for the tokens of a pass, each token's row `stride` elements apart.
 struct Acts {
     uint16_t* xb;      // bf16 weights: the activations rounded to bf16
-    float* xf;         // ... and on AVX2 in a short pass, as fp32, each 16 as their 8 even then 8 odd (else null)
+    float* xf;         // ... and on AVX2 as fp32, laid out for the kernel that reads them (Fp32Inputs), or null
     int16_t* q;        // low-bit weights: int16 activations per group,
     int8_t *high, *low;  // split as 256 * high + low, both int8 (the 4-bit products' int8 dot products),
     float *step, *sum; // each group's step and exact sum
@@ -215,6 +215,21 @@ struct Acts {
     uint32_t* pack;    // a long pass's bf16 rows laid out by input pair (pack_rows), pack_stride apart per thread
     int64_t pack_stride;
 };
+
+// How AVX2's bf16 products of a pass of T tokens read their inputs (the tokens of a chunk, CHUNK at most): as bf16
+// (a step, two tokens: the tiles split them as they go), or converted to fp32 once per product by prepare, shared by
+// the team: a short pass's rows_short reads each token's 16 inputs as their 8 even then 8 odd, a long pass's
+// packed_tile reads (k / 2, T, 2), a pair's tokens side by side. AVX-512's vdpbf16ps takes them as bf16.
+static const int SHORT_ROWS_FROM = 3;  // fewer tokens stay bf16: two rows and two tokens at a time were faster
+enum Fp32Inputs { AS_BF16, BY_TOKEN, BY_PAIR };
+static inline Fp32Inputs fp32_inputs(int T) {
+#ifdef RIVER_AVX512
+    (void)T;
+    return AS_BF16;
+#else
+    return T < SHORT_ROWS_FROM ? AS_BF16 : T <= SHORT_PASS ? BY_TOKEN : BY_PAIR;
+#endif
+}
 
 // Activations for the low-bit products: integers in [-LEVELS, LEVELS] per group of `group` inputs (int16), symmetric,
 // with each group's step and its exact fp32 sum (the weights' lows multiply the sum, so it need not be rounded).
@@ -291,17 +306,23 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
     }
 }
 
-// Inputs i0..i1 of token t for a product with weights m, from x (m.k,); i0 and i1 on group boundaries (or m.k).
-static void prepare(const Mat& m, const float* x, const Acts& a, int t, int i0, int i1) {
+// Inputs i0..i1 of token t of T for a product with weights m, from x (m.k,); i0 and i1 on group boundaries, or
+// multiples of 16 (or m.k).
+static void prepare(const Mat& m, const float* x, const Acts& a, int t, int T, int i0, int i1) {
     if (m.kind == KIND_BF16) {
         uint16_t* xb = a.xb + (int64_t)t * a.stride;
         for (int i = i0; i < i1; i++) xb[i] = to_bf16(x[i]);
-        if (a.xf)
-            for (int i = i0; i + 16 <= i1; i += 16)  // i0 on a multiple of 16 (prepare_tokens' pieces)
+        if (fp32_inputs(T) == BY_TOKEN)
+            for (int i = i0; i + 16 <= i1; i += 16)
                 for (int l = 0; l < 8; l++) {
                     a.xf[(int64_t)t * a.stride + i + l] = bf16_value(xb[i + 2 * l]);
                     a.xf[(int64_t)t * a.stride + i + 8 + l] = bf16_value(xb[i + 2 * l + 1]);
                 }
+        if (fp32_inputs(T) == BY_PAIR)
+            for (int c = i0 / 2; c < i1 / 2; c++) {
+                a.xf[((int64_t)c * T + t) * 2] = bf16_value(xb[2 * c]);
+                a.xf[((int64_t)c * T + t) * 2 + 1] = bf16_value(xb[2 * c + 1]);
+            }
         return;
     }
     const int64_t o = (int64_t)t * a.stride + i0, og = (int64_t)t * a.group_stride + i0 / m.group;
@@ -433,7 +454,6 @@ static inline void tile_bf16_tokens(const uint16_t* w, int k, const uint16_t* xb
 // tokens, whose inputs were split into fp32 once (Acts.xf), so that a weight vector split once serves them all and
 // each product is one FMA reading its input. Each sum is tile_bf16's, in its order: the tokens' results are a
 // one-token step's. (Against the tiles: a 3-, 4-token check's products 1.04-1.19x, 1.08-1.13x as fast.)
-static const int SHORT_ROWS_FROM = 3;  // fewer tokens run in tiles: two rows and two tokens at a time were faster
 static const int SHORT_TOKENS = 6;     // 12 sums in registers, and the weight vector's two halves
 static const int SHORT_PREFETCH = 8192;  // bytes ahead in the rows' stream (8 rows of 576 inputs: a 5-token check
                                          // of 212 MB 8.6-9.2 -> 5.8-6.3 ms, 2026-12-03, Zen 3)
@@ -632,15 +652,8 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
         const PackedInput* x = a.xb;
         const int xs = a.stride, token_step = xs;
 #else
-        float* x = (float*)p + PACK_ROWS * m.k / 2 + 16;  // this thread's fp32 copy of the inputs, (k / 2, T, 2):
-        const int xs = 2 * T, token_step = 2;             // a pair's tokens side by side
-        for (int t = 0; t < T; t++) {
-            const uint32_t* pairs = (const uint32_t*)(a.xb + (int64_t)t * a.stride);
-            for (int c = 0; c < m.k / 2; c++) {  // a pair's two bf16 as fp32 bits: one 64-bit store
-                const uint64_t both = (uint64_t)(pairs[c] & 0xffff0000u) << 32 | (uint32_t)(pairs[c] << 16);
-                memcpy(x + (int64_t)c * xs + 2 * t, &both, 8);
-            }
-        }
+        const PackedInput* x = a.xf;          // (k / 2, T, 2): a pair's tokens side by side
+        const int xs = 2 * T, token_step = 2;
 #endif
         for (; r + PACK_ROWS <= r1; r += PACK_ROWS) {
             pack_rows(w + (int64_t)r * m.k, m.k, p);
@@ -648,7 +661,7 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
         }
     }
 #ifndef RIVER_AVX512
-    if (a.xf) {  // a short pass of SHORT_ROWS_FROM or more tokens
+    if (fp32_inputs(T) == BY_TOKEN) {
         rows_short(w, m.k, a, T, y, ys, r, r1);
         return;
     }
@@ -1438,7 +1451,7 @@ static void prepare_tokens(const Mat& m, const float* x, int xs, const float* no
             rms_norm(in, norm, xn + (int64_t)t * m.k, m.k, eps, i0, i1);
             in = xn + (int64_t)t * m.k;
         }
-        prepare(m, in, a, t, i0, i1);
+        prepare(m, in, a, t, T, i0, i1);
         u += p1 - p0;
     }
 }
@@ -1504,23 +1517,17 @@ static int widest_input(const Dims& D) {
 
 static inline int64_t floats_of_bytes(int64_t bytes) { return (bytes + 63) / 64 * 16; }  // whole 64-byte lines
 
-// Floats of a short pass's fp32 inputs to its bf16 products (Acts.xf, rows_short): AVX2 only, SHORT_ROWS_FROM to
-// SHORT_PASS tokens.
-static int64_t short_input_floats(const Dims& D, int T) {
-#ifdef RIVER_AVX512
-    (void)D, (void)T;
-    return 0;
-#else
-    return T >= SHORT_ROWS_FROM && T <= SHORT_PASS ? floats_of_bytes((int64_t)T * widest_input(D) * 4) : 0;
-#endif
+// Floats of the fp32 inputs of the bf16 products of a chunk of T tokens (Acts.xf; none where they stay bf16).
+static int64_t fp32_input_floats(const Dims& D, int T) {
+    return fp32_inputs(T) == AS_BF16 ? 0 : floats_of_bytes((int64_t)T * widest_input(D) * 4);
 }
 
 // Floats of one thread's packed rows in a long pass of T tokens at once (none where its products keep the tiles).
 static int64_t pack_floats(const Dims& D, int T) {
 #ifdef RIVER_AVX512
     return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
-#else  // and the fp32 inputs
-    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 + (int64_t)T * widest_input(D) : 0;
+#else
+    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
 #endif
 }
 
@@ -1533,7 +1540,7 @@ static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int
     const int64_t short_work = (int64_t)G * (hd + 2 * TILE) + G * (hd + 2), long_work = long_unit_floats(D);
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64 +
-                         short_input_floats(D, n);
+                         fp32_input_floats(D, n);
     return (int64_t)n * (2 * D.d + qkv + D.n_heads * hd + 3 * (int64_t)D.ffn + w) + acts + partial +
            threads * (*work_stride + pack_floats(D, n)) + 64;
 }
@@ -1552,7 +1559,7 @@ static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) 
     s.acts.stride = w;
     s.acts.group_stride = w / 32 + 1;
     s.acts.xb = (uint16_t*)p;     p += floats_of_bytes((int64_t)n * w * 2);
-    s.acts.xf = short_input_floats(D, n) ? p : nullptr;  p += short_input_floats(D, n);
+    s.acts.xf = fp32_input_floats(D, n) ? p : nullptr;  p += fp32_input_floats(D, n);
     s.acts.q = (int16_t*)p;       p += floats_of_bytes((int64_t)n * w * 2);
     s.acts.high = (int8_t*)p;
     s.acts.low = s.acts.high + (int64_t)n * w;
@@ -1681,7 +1688,7 @@ extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int
     a.group_stride = groups;
     const Dims widest{m->k, 1, 1, 1, 0, 0};
     a.xb = (uint16_t*)malloc(sizeof(uint16_t) * T * m->k);
-    a.xf = short_input_floats(widest, T) ? (float*)malloc(sizeof(float) * short_input_floats(widest, T)) : nullptr;
+    a.xf = fp32_input_floats(widest, T) ? (float*)malloc(sizeof(float) * fp32_input_floats(widest, T)) : nullptr;
     a.q = (int16_t*)malloc(sizeof(int16_t) * T * m->k);
     a.high = (int8_t*)malloc(2 * T * m->k);
     a.low = a.high + T * m->k;
