@@ -17,7 +17,7 @@ from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transiti
 from kv_cache import Writer
 from load_weights import load_model
 from model import LlamaConfig
-from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_weight
+from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_activations, quantize_weight
 from river import DEFAULT_TAU, Engine, ExitRiver
 
 
@@ -157,6 +157,27 @@ def test_native_lowbit_product_equals_its_twin_and_the_dequantized_matmul(isa, b
             # the same int16 codes; only the fp32 order of summing the groups' partial sums may differ
             assert ((y - twin).abs() <= 1e-5 * (x.abs() @ w.abs().T) + 1e-6).all(), (N, K, T)
             assert ((y - x @ w.T).abs() <= int16_bound(x, w, group)).all(), (N, K, T)
+
+
+@each_isa_here
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_int16_activations_are_the_twins_bit_for_bit(isa, bits):
+    """The kernels' int16 rounding of activations (each group's step and codes, prepared by the whole thread team)
+    equals quantize.quantize_activations exactly: with one code of 1 per row (row r picks input r), a scale of 1 and a
+    low of 0, row r's output is the single product code * step, rounded once, so any code or step off shows."""
+    lib = kernels.native(isa)
+    g = torch.Generator().manual_seed(7 + bits)
+    for K, group in [(192, 64), (96, 32), (256, 128)]:
+        codes = torch.eye(K, dtype=torch.uint8)
+        scale, low = torch.ones(K, K // group), torch.zeros(K, K // group)
+        for T in (1, 3, 5, 17):  # a step, short passes, a long one
+            x = torch.randn(T, K, generator=g) * 3
+            x[:, ::37] *= 50                              # outliers
+            x[:, 5::41] = torch.round(x[:, 5::41] * 4) / 4  # values on a coarse grid: ties of the rounding
+            x[0, :group] = 0                              # an all-zero group
+            xq, step, _ = quantize_activations(x, group)
+            expected = (xq * step[..., None]).flatten(1)
+            assert torch.equal(native_product(lib, (codes, scale, low, bits), x), expected), (K, group, T)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
