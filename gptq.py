@@ -2,14 +2,12 @@
 import hashlib
 import inspect
 import json
-import os
-import secrets
 from pathlib import Path
 
 import torch
 
 import quantize
-from kernels import cache_dir, pack_lowbit, unpack_lowbit
+from kernels import cache_dir, pack_lowbit, unpack_lowbit, write_whole
 from quantize import QuantizedWeight, check_quant_args, quantize_rows
 
 # GPTQ's damping: H + GPTQ_DAMP * mean(diag H) * I. Chosen by cross-validation inside HumanEval's calibration split
@@ -97,14 +95,8 @@ def rounded(w, hessian, bits=4, group_size=64, refine_steps=10):
 
 
 def save_whole(obj, path):
-    """torch.save under a name of this process's own, renamed into place: whole or absent, even with two writers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save, whole or absent even with two writers (kernels.write_whole)."""
+    write_whole(path, lambda tmp: torch.save(obj, tmp))
 
 
 def stored_river_path(folder, settings, calibration):

@@ -4,6 +4,7 @@ import ctypes
 import hashlib
 import mmap
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -77,6 +78,19 @@ def cache_dir():
     """Where river keeps what it makes once, the native builds here and the converted bundled model
     (load_weights): $RIVER_CACHE_DIR, else ~/.cache/river."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
+
+
+def write_whole(path, write):
+    """write(tmp) to a name of this process's own beside `path`, then renamed into place: the file is whole or
+    absent, even with two writers at once (what river keeps in its cache folder: GPTQ rounding, requantized GGUFs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cpu_flags():

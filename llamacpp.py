@@ -5,8 +5,6 @@ this project's rows against them."""
 import ctypes
 import importlib
 import importlib.util
-import os
-import secrets
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 
 from generation import Generation
+from kernels import write_whole
 
 INSTALL = ('llama.cpp rows skipped: llama_cpp is not importable; for them: '
            'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 (a native build, minutes)')
@@ -42,21 +41,18 @@ def bundled_gguf():
 
 
 def requantized(llama_cpp, kind, folder):
-    """The bundled GGUF requantized to `kind`, made once in `folder`: written under a name of this process's own and
-    renamed into place, so two first runs at once both get a whole file."""
+    """The bundled GGUF requantized to `kind`, made once in `folder`, whole even when two first runs make it at once
+    (kernels.write_whole)."""
     dst = Path(folder) / f"smollm2-135m-instruct-{kind.lower()}.gguf"
     if dst.exists():
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize, params.nthread = FTYPES[kind], True, 2
-    try:
+
+    def quantize(tmp):
         if llama_cpp.llama_model_quantize(str(bundled_gguf()).encode(), str(tmp).encode(), ctypes.byref(params)):
             raise RuntimeError(f"llama.cpp failed to requantize the bundled model to {kind}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(dst, quantize)
     return dst
 
 
