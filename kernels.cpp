@@ -63,7 +63,6 @@ struct Cache {
 
 static inline f32x16 load16(const float* p) { f32x16 v; memcpy(&v, p, 64); return v; }
 static inline void store16(float* p, f32x16 v) { memcpy(p, &v, 64); }
-static inline f32x16 splat(float x) { return f32x16{} + x; }
 static const f32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -185,7 +184,6 @@ typedef u32x8 SoftU;
 typedef i32x8 SoftI;
 #endif
 static const int SOFT_LANES = sizeof(SoftF) / sizeof(float);
-static inline SoftF soft_splat(float x) { return SoftF{} + x; }
 
 // out[i0..i1) of the RMS norm of x (d,) with weights w: the mean square over all of x, whatever the range.
 static void rms_norm(const float* x, const float* w, float* out, int d, float eps, int i0, int i1) {
@@ -570,7 +568,8 @@ static inline void packed_tile(const uint32_t* p, int pairs, const uint16_t* xb,
 #else
 // A long pass's bf16 rows on AVX2, as on AVX-512 with 8 rows to a block (pack_rows: lane i of vector c holds row i's
 // inputs 2c and 2c + 1), split by a shift and a mask into fp32 lanes once for 12 tokens, each token's two inputs
-// (converted to fp32 once per product: xf) broadcast against them, two FMAs into its 8 rows' sums.
+// (converted to fp32 once per product by prepare: Acts.xf, by pair) broadcast against them, two FMAs into its 8
+// rows' sums.
 static const int PACK_ROWS = 8, PACK_TOKENS = 12;  // 12 sums in registers
 
 // PACK_ROWS rows of k inputs (k a multiple of 16) -> p (k / 2, PACK_ROWS) input pairs: 8 x 8 transposes of 32 bits.
@@ -617,7 +616,7 @@ static inline void packed_tile(const uint32_t* p, int pairs, const float* xf, in
 #ifdef RIVER_AVX512
 typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
 #else
-typedef float PackedInput;     // the tokens' inputs converted to fp32 (rows_bf16)
+typedef float PackedInput;     // the tokens' inputs converted to fp32 (prepare, Acts.xf)
 #endif
 static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, int token_step, float* y, int ys,
                           int T) {
@@ -1048,7 +1047,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     for (int g = 0; g < G; g++) {
         float* s = scores + g * TILE;
         const SoftF first = load_as<SoftF>(&lanes);  // 0, 1, 2, ...
-        SoftF vmax = soft_splat(-INFINITY);
+        SoftF vmax = SoftF{} - INFINITY;
         for (int j = 0; j < n; j += SOFT_LANES) {
             const SoftF v = load_as<SoftF>(s + j);
             vmax = first + (float)j < (float)n && v > vmax ? v : vmax;
