@@ -882,10 +882,8 @@ struct Scratch {
     int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
-// A long pass's attention works on bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair
-// by pair into an fp32 lane, the high halves' product added first (vdpbf16ps; on AVX2 its twin, two FMAs of exact
-// products). Lanes run over a unit's rows (query head and query), so that no key or value is ever transposed: a key
-// pair or a value pair is broadcast.
+// bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair by pair into an fp32 lane, the high
+// halves' product added first (vdpbf16ps).
 static inline u32x16 loadu32(const uint32_t* p) { u32x16 v; memcpy(&v, p, 64); return v; }
 static inline void storeu32(uint32_t* p, u32x16 v) { memcpy(p, &v, 64); }
 static inline u32x16 splat32(uint32_t x) { return u32x16{} + x; }
@@ -1151,14 +1149,16 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
     }
 }
 
+// A long pass's attention unit holds its operands in the layouts its tiles read: the queries (Q), a key block's
+// scores (St: (keys, rows) fp32), its probabilities (P) and values, and the outputs (Ot: (hd, rows) fp32). A unit's
+// rows (query head and query) run along the lanes, so that no key or value is ever transposed: a key's or a value's
+// element (or pair) is broadcast against a vector of rows. Every product is exact (bf16 times bf16), each sum fp32.
 #ifdef RIVER_AVX512
-static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes
-#else
-static const int ATT_KEYS = 4, ATT_ROWS = 1, ATT_DIMS = 4;  // 8 sums of 8 lanes: a vector of 16 rows is 2 of AVX2's
-#endif
+// AVX-512 keeps them bf16 pairs (Q: (hd / 2, rows) pairs, P: (keys / 2, rows) pairs, values (keys / 2, hd) pairs)
+// for vdpbf16ps, and reads the keys from the cache as they are.
+static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes (16 rows each)
 static const uint32_t ZERO_PAIRS[MAX_HEAD_DIM / 2] = {};
 
-#ifdef RIVER_AVX512
 // Scores of ATT_KEYS keys (pair rows kp[i], hd / 2 pairs each) for NR vectors of rows (query pairs Qp, (hd / 2, nrv)
 // vectors), into St (keys, nrv) vectors.
 template <int NR>
@@ -1199,176 +1199,263 @@ static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, i
         for (int i = 0; i < NR; i++) store16(Ot + ((int64_t)c * nrv + i) * 16, acc[c][i]);
 }
 
-#else
-// AVX2: the same tiles on halves of the 16-row vectors; a bf16 pair's two products are two FMAs (low_halves,
-// high_halves), the odd product first as vdpbf16ps adds it.
+// Floats of each operand of a unit of `rows` rows (a multiple of 16) and the key block's own area.
+static inline int64_t query_floats(int rows, int hd) { return (int64_t)rows * hd / 2; }
+static inline int64_t probability_floats(int rows) { return (int64_t)rows * KEY_BLOCK / 2; }
+static inline int64_t block_floats(int hd) { return (int64_t)KEY_BLOCK / 2 * hd; }
 
-template <int NR>
-static inline void score_tile(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale,
-                              float* St) {
-    __m256 acc[ATT_KEYS][2 * NR];
-    for (int k = 0; k < ATT_KEYS; k++)
-        for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_setzero_ps();
-    for (int c = 0; c < pairs; c++) {
-        __m256 qe[2 * NR], qo[2 * NR];
-        for (int i = 0; i < 2 * NR; i++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(Qp + (int64_t)c * nrv * 16 + i * 8));
-            qe[i] = low_halves(q), qo[i] = high_halves(q);
-        }
-        for (int k = 0; k < ATT_KEYS; k++) {
-            const __m256i key = _mm256_set1_epi32((int)kp[k][c]);
-            const __m256 ke = low_halves(key), ko = high_halves(key);
-            for (int i = 0; i < 2 * NR; i++) acc[k][i] = _mm256_fmadd_ps(qe[i], ke, _mm256_fmadd_ps(qo[i], ko, acc[k][i]));
-        }
-    }
-    for (int k = 0; k < ATT_KEYS; k++)
-        for (int i = 0; i < 2 * NR; i++)
-            _mm256_storeu_ps(St + (int64_t)k * nrv * 16 + i * 8, _mm256_mul_ps(acc[k][i], _mm256_set1_ps(scale)));
+static inline void store_query(float* Q, int rows, int r, int c, const float* q) {  // query r's pair c
+    ((uint32_t*)Q)[(int64_t)c * rows + r] = to_bf16(q[2 * c]) | (uint32_t)to_bf16(q[2 * c + 1]) << 16;
 }
 
-template <int NR>
-static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs,
-                               const float* rescale, float* Ot) {
-    __m256 acc[ATT_DIMS][2 * NR];
-    for (int c = 0; c < ATT_DIMS; c++)
-        for (int i = 0; i < 2 * NR; i++)
-            acc[c][i] = _mm256_mul_ps(_mm256_loadu_ps(Ot + (int64_t)c * nrv * 16 + i * 8), _mm256_loadu_ps(rescale + i * 8));
-    for (int j = 0; j < n_pairs; j++) {
-        __m256 pe[2 * NR], po[2 * NR];
-        for (int i = 0; i < 2 * NR; i++) {
-            const __m256i p = _mm256_loadu_si256((const __m256i*)(Pp + (int64_t)j * nrv * 16 + i * 8));
-            pe[i] = low_halves(p), po[i] = high_halves(p);
-        }
-        for (int c = 0; c < ATT_DIMS; c++) {
-            const __m256i v = _mm256_set1_epi32((int)Vp[(int64_t)j * hd + c]);
-            const __m256 ve = low_halves(v), vo = high_halves(v);
-            for (int i = 0; i < 2 * NR; i++) acc[c][i] = _mm256_fmadd_ps(pe[i], ve, _mm256_fmadd_ps(po[i], vo, acc[c][i]));
-        }
-    }
-    for (int c = 0; c < ATT_DIMS; c++)
-        for (int i = 0; i < 2 * NR; i++) _mm256_storeu_ps(Ot + (int64_t)c * nrv * 16 + i * 8, acc[c][i]);
+static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p) {  // keys j, j + 1: rows v..
+    store_as((uint32_t*)P + (j / 2) * rows + v, p);
 }
-#endif
 
-static void score_tiles(const uint32_t* const* kp, const uint32_t* Qp, int nrv, int pairs, float scale, float* St) {
-    for (int r = 0; r < nrv; r += ATT_ROWS) {
-        const uint32_t* q = Qp + (int64_t)r * 16;
-        float* s = St + (int64_t)r * 16;
-        switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
-            case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
-#ifdef RIVER_AVX512
-            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
-            case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
-            case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
-            case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
-            case 6: score_tile<6>(kp, q, nrv, pairs, scale, s); break;
-#endif
+// The scores St (kn, rows) of keys K (kn, hd) for the unit's queries.
+static void block_scores(const uint16_t* K, int kn, int hd, const float* Q, int rows, float scale, float* St, float*) {
+    const int nrv = rows / 16, pairs = hd / 2;
+    for (int j = 0; j < kn; j += ATT_KEYS) {
+        const uint32_t* kp[ATT_KEYS];
+        for (int i = 0; i < ATT_KEYS; i++) kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(j + i) * hd) : ZERO_PAIRS;
+        for (int r = 0; r < nrv; r += ATT_ROWS) {
+            const uint32_t* q = (const uint32_t*)Q + (int64_t)r * 16;
+            float* s = St + ((int64_t)j * nrv + r) * 16;
+            switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
+                case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
+                case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
+                case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
+                case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
+                case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
+                case 6: score_tile<6>(kp, q, nrv, pairs, scale, s); break;
+            }
         }
     }
 }
 
-static void output_tiles(const uint32_t* Vp, int hd, const uint32_t* Pp, int nrv, int n_pairs, const float* rescale,
-                         float* Ot) {
+// Ot (hd, rows) = Ot * rescale + P (kn, rows) V (kn, hd); `block` holds the values as pairs.
+static void block_outputs(const uint16_t* V, int kn, int hd, const float* P, int rows, const float* rescale, float* Ot,
+                          float* block) {
+    const int nrv = rows / 16, n_pairs = (kn + 1) / 2;
+    uint32_t* Vp = (uint32_t*)block;
+    for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
+        const uint16_t* v0 = V + (int64_t)2 * j * hd;
+        for (int c = 0; c < hd; c += 16)
+            storeu32(Vp + (int64_t)j * hd + c, widen16(v0 + c) | (2 * j + 1 < kn ? widen16(v0 + hd + c) << 16 : u32x16{}));
+    }
     for (int c = 0; c < hd; c += ATT_DIMS)
         for (int r = 0; r < nrv; r += ATT_ROWS) {
-            const uint32_t *v = Vp + c, *p = Pp + (int64_t)r * 16;
+            const uint32_t *v = Vp + c, *p = (const uint32_t*)P + (int64_t)r * 16;
             const float* sc = rescale + (int64_t)r * 16;
             float* o = Ot + ((int64_t)c * nrv + r) * 16;
             switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
                 case 1: output_tile<1>(v, hd, p, nrv, n_pairs, sc, o); break;
-#ifdef RIVER_AVX512
                 case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 3: output_tile<3>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 4: output_tile<4>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 5: output_tile<5>(v, hd, p, nrv, n_pairs, sc, o); break;
                 case 6: output_tile<6>(v, hd, p, nrv, n_pairs, sc, o); break;
-#endif
             }
         }
 }
 
+#else
+// AVX2 has no bf16 pair product: a pair's two products are two FMAs wherever its operands are converted, so the
+// conversions leave the inner loops. The queries (rounded to bf16) are made fp32 once per unit, a block's keys and
+// values once per block, its probabilities stored as fp32 (bf16 values): every product stays exact, and each sum
+// takes a pair's odd product first, as vdpbf16ps does. Q: (hd, rows), P: (keys, rows), keys and values (keys, hd).
+static const int ATT_KEYS = 4, ATT_ROWS = 3, ATT_DIMS = 4;  // register tiles: 12 sums of 8 lanes (8 rows each)
+
+// Scores of ATT_KEYS keys (Kf, rows hd apart) for NR vectors of rows (Q: dims `rows` apart), into St (keys, rows).
+template <int NR>
+static inline void score_tile(const float* Kf, int hd, const float* Q, int rows, float scale, float* St) {
+    __m256 acc[ATT_KEYS][NR];  // every loop over it unrolled: else GCC keeps a copy on the stack, stored at every step
+#pragma GCC unroll 16
+    for (int k = 0; k < ATT_KEYS; k++)
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++) acc[k][i] = _mm256_setzero_ps();
+    for (int e = 0; e < hd; e++) {
+        const int d = e ^ 1;  // a pair's odd dimension first
+        __m256 q[NR];
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++) q[i] = _mm256_loadu_ps(Q + (int64_t)d * rows + 8 * i);
+#pragma GCC unroll 16
+        for (int k = 0; k < ATT_KEYS; k++) {
+            const __m256 key = _mm256_broadcast_ss(Kf + k * hd + d);
+#pragma GCC unroll 16
+            for (int i = 0; i < NR; i++) acc[k][i] = _mm256_fmadd_ps(q[i], key, acc[k][i]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < ATT_KEYS; k++)
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++)
+            _mm256_storeu_ps(St + (int64_t)k * rows + 8 * i, _mm256_mul_ps(acc[k][i], _mm256_set1_ps(scale)));
+}
+
+// Outputs of ATT_DIMS dimensions (values Vf + c, rows hd apart) for NR vectors of rows: Ot (hd, rows) rescaled, plus
+// the block's probabilities P (keys, rows) times the values, over keys 0..2 n_pairs - 1.
+template <int NR>
+static inline void output_tile(const float* Vf, int hd, const float* P, int rows, int n_pairs, const float* rescale,
+                               float* Ot) {
+    __m256 acc[ATT_DIMS][NR];
+#pragma GCC unroll 16
+    for (int c = 0; c < ATT_DIMS; c++)
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++)
+            acc[c][i] = _mm256_mul_ps(_mm256_loadu_ps(Ot + (int64_t)c * rows + 8 * i), _mm256_loadu_ps(rescale + 8 * i));
+    for (int j = 0; j < 2 * n_pairs; j++) {
+        const int key = j ^ 1;  // a pair's odd key first
+        __m256 p[NR];
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++) p[i] = _mm256_loadu_ps(P + (int64_t)key * rows + 8 * i);
+#pragma GCC unroll 16
+        for (int c = 0; c < ATT_DIMS; c++) {
+            const __m256 v = _mm256_broadcast_ss(Vf + (int64_t)key * hd + c);
+#pragma GCC unroll 16
+            for (int i = 0; i < NR; i++) acc[c][i] = _mm256_fmadd_ps(p[i], v, acc[c][i]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < ATT_DIMS; c++)
+#pragma GCC unroll 16
+        for (int i = 0; i < NR; i++) _mm256_storeu_ps(Ot + (int64_t)c * rows + 8 * i, acc[c][i]);
+}
+
+static inline int64_t query_floats(int rows, int hd) { return (int64_t)rows * hd; }
+static inline int64_t probability_floats(int rows) { return (int64_t)rows * KEY_BLOCK; }
+static inline int64_t block_floats(int hd) { return (int64_t)KEY_BLOCK * hd; }
+
+static inline void store_query(float* Q, int rows, int r, int c, const float* q) {
+    Q[(int64_t)2 * c * rows + r] = bf16_value(to_bf16(q[2 * c]));
+    Q[(int64_t)(2 * c + 1) * rows + r] = bf16_value(to_bf16(q[2 * c + 1]));
+}
+
+static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p) {
+    store_as(P + j * rows + v, (SoftF)(p << 16));
+    store_as(P + (j + 1) * rows + v, (SoftF)(p & 0xffff0000u));
+}
+
+// Rows 0..n-1 of x (bf16, hd apart) as fp32 into out, rows n..padded-1 zero.
+static void rows_to_fp32(const uint16_t* x, int n, int padded, int hd, float* out) {
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < hd; c += 8) {
+            const __m128i h = _mm_loadu_si128((const __m128i*)(x + (int64_t)j * hd + c));
+            _mm256_storeu_ps(out + (int64_t)j * hd + c, low_halves(_mm256_cvtepu16_epi32(h)));
+        }
+    memset(out + (int64_t)n * hd, 0, sizeof(float) * (padded - n) * hd);
+}
+
+// The scores St (kn, rows) of keys K (kn, hd) for the unit's queries; `block` holds the keys as fp32. A tile of rows
+// runs over the whole block before the next, its queries staying in the L1 cache.
+static void block_scores(const uint16_t* K, int kn, int hd, const float* Q, int rows, float scale, float* St,
+                         float* block) {
+    const int keys = (kn + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS, nv = rows / 8;
+    rows_to_fp32(K, kn, keys, hd, block);
+    for (int r = 0; r < nv; r += ATT_ROWS)
+        for (int j = 0; j < keys; j += ATT_KEYS) {
+            const float *k = block + (int64_t)j * hd, *q = Q + 8 * r;
+            float* s = St + (int64_t)j * rows + 8 * r;
+            switch (nv - r < ATT_ROWS ? nv - r : ATT_ROWS) {
+                case 1: score_tile<1>(k, hd, q, rows, scale, s); break;
+                case 2: score_tile<2>(k, hd, q, rows, scale, s); break;
+                case 3: score_tile<3>(k, hd, q, rows, scale, s); break;
+            }
+        }
+}
+
+// Ot (hd, rows) = Ot * rescale + P (kn, rows) V (kn, hd); `block` holds the values as fp32.
+static void block_outputs(const uint16_t* V, int kn, int hd, const float* P, int rows, const float* rescale, float* Ot,
+                          float* block) {
+    const int n_pairs = (kn + 1) / 2, nv = rows / 8;
+    rows_to_fp32(V, kn, 2 * n_pairs, hd, block);  // a missing odd key: value zero (and its probability zero)
+    for (int r = 0; r < nv; r += ATT_ROWS)
+        for (int c = 0; c < hd; c += ATT_DIMS) {
+            const float *v = block + c, *p = P + 8 * r, *sc = rescale + 8 * r;
+            float* o = Ot + (int64_t)c * rows + 8 * r;
+            switch (nv - r < ATT_ROWS ? nv - r : ATT_ROWS) {
+                case 1: output_tile<1>(v, hd, p, rows, n_pairs, sc, o); break;
+                case 2: output_tile<2>(v, hd, p, rows, n_pairs, sc, o); break;
+                case 3: output_tile<3>(v, hd, p, rows, n_pairs, sc, o); break;
+            }
+        }
+}
+#endif
+
+// Rows of a long pass's attention unit: its G query heads times QUERY_BLOCK queries, in whole vectors of 16.
+static inline int unit_rows(const Dims& D) { return (D.n_heads / D.n_kv_heads * QUERY_BLOCK + 15) / 16 * 16; }
+
 // Floats of one thread's work area for a long pass's attention unit.
 static int64_t long_unit_floats(const Dims& D) {
-    const int64_t nrv = ((int64_t)D.n_heads / D.n_kv_heads * QUERY_BLOCK + 15) / 16, hd = D.head_dim;
-    return nrv * 16 * (hd / 2 + KEY_BLOCK + KEY_BLOCK / 2 + hd + 4) + KEY_BLOCK / 2 * hd;
+    const int rows = unit_rows(D), hd = D.head_dim;
+    return query_floats(rows, hd) + (int64_t)rows * (KEY_BLOCK + hd + 4) + probability_floats(rows) + block_floats(hd);
 }
 
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
-// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Row r (query q0 + r / G, head
-// r % G) is lane r % 16 of vector r / 16; per row a running max m, sum l and output o (Ot: (hd, rows)), rescaled by
-// e^(m_old - m_new) as each block raises the max; keys past a row's query masked for it. The query and each block's
-// probabilities are rounded to bf16 (K and V are bf16 already), each score and output an fp32 sum of exact products.
+// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Per row a running max m, sum l
+// and output o (Ot), rescaled by e^(m_old - m_new) as each block raises the max; keys past a row's query masked for
+// it. The query and each block's probabilities are rounded to bf16 (K and V are bf16 already), each score and output
+// an fp32 sum of exact products.
 static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* K, const uint16_t* V,
                            int pos0, int q0, int q1, float* work, float* att, int att_stride) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, rows = G * (q1 - q0), KB = KEY_BLOCK, pairs = hd / 2;
-    const int nrv = (G * QUERY_BLOCK + 15) / 16;  // vectors of rows (the last block's unused rows: zero queries)
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, used = G * (q1 - q0), KB = KEY_BLOCK;
+    const int rows = unit_rows(D);  // the last block's unused rows: zero queries
     const float scale = 1.0f / sqrtf((float)hd);
-    uint32_t* Qp = (uint32_t*)work;                         // (hd / 2, nrv) vectors: query pairs
-    float* St = (float*)(Qp + (int64_t)pairs * nrv * 16);   // (KB, nrv): a key block's scores
-    uint32_t* Pp = (uint32_t*)(St + (int64_t)KB * nrv * 16); // (KB / 2, nrv): its probability pairs
-    float* Ot = (float*)(Pp + (int64_t)KB / 2 * nrv * 16);   // (hd, nrv): outputs
-    float* m = Ot + (int64_t)hd * nrv * 16;                  // (nrv,) vectors each: running max, sum, rescale, position
-    float* l = m + nrv * 16;
-    float* rescale = l + nrv * 16;
-    float* rpos = rescale + nrv * 16;
-    uint32_t* Vp = (uint32_t*)(rpos + nrv * 16);             // (KB / 2, hd): the block's value pairs
-    for (int r = 0; r < nrv * 16; r++) {
+    float* Q = work;
+    float* St = Q + query_floats(rows, hd);     // (KB, rows): a key block's scores
+    float* P = St + (int64_t)KB * rows;         // its probabilities
+    float* Ot = P + probability_floats(rows);   // (hd, rows): outputs
+    float* m = Ot + (int64_t)hd * rows;         // (rows,) each: running max, sum, rescale, position
+    float* l = m + rows;
+    float* rescale = l + rows;
+    float* rpos = rescale + rows;
+    float* block = rpos + rows;                 // the key block's keys or values as the tiles read them
+    for (int r = 0; r < rows; r++) {
         const float* q = qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd;
-        for (int c = 0; c < pairs; c++)
-            Qp[(int64_t)c * nrv * 16 + r] = r < rows ? to_bf16(q[2 * c]) | (uint32_t)to_bf16(q[2 * c + 1]) << 16 : 0;
+        static const float zeros[MAX_HEAD_DIM] = {};
+        for (int c = 0; c < hd / 2; c++) store_query(Q, rows, r, c, r < used ? q : zeros);
         m[r] = -INFINITY, l[r] = 0;
-        rpos[r] = r < rows ? (float)(pos0 + q0 + r / G) : 1e30f;  // unused rows see every key (of zero score)
+        rpos[r] = r < used ? (float)(pos0 + q0 + r / G) : 1e30f;  // unused rows see every key (of zero score)
     }
-    memset(Ot, 0, sizeof(float) * hd * nrv * 16);
+    memset(Ot, 0, sizeof(float) * hd * rows);
     const int last = pos0 + q1 - 1;  // the last position any query here reads
     for (int k0 = 0; k0 <= last; k0 += KB) {
-        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB, n_pairs = (kn + 1) / 2;
+        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB;
         const bool diagonal = k0 + kn - 1 > pos0 + q0;  // some key here is past some row's query
-        for (int j = 0; j < kn; j += ATT_KEYS) {
-            const uint32_t* kp[ATT_KEYS];
-            for (int i = 0; i < ATT_KEYS; i++)
-                kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(k0 + j + i) * hd) : ZERO_PAIRS;
-            score_tiles(kp, Qp, nrv, pairs, scale, St + (int64_t)j * nrv * 16);
-        }
-        const int64_t ks = (int64_t)nrv * 16;  // floats from a key's scores (or a pair's weights) to the next's
-        for (int v = 0; v < nrv * 16; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
+        block_scores(K + (int64_t)k0 * hd, kn, hd, Q, rows, scale, St, block);
+        for (int v = 0; v < rows; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
             const SoftF at = load_as<SoftF>(rpos + v), none = SoftF{} - INFINITY;
             SoftF mx = load_as<SoftF>(m + v);
             for (int j = 0; j < kn; j++) {
-                SoftF s = load_as<SoftF>(St + j * ks + v);
-                if (diagonal) store_as(St + j * ks + v, s = (float)(k0 + j) <= at ? s : none);
+                SoftF s = load_as<SoftF>(St + j * rows + v);
+                if (diagonal) store_as(St + j * rows + v, s = (float)(k0 + j) <= at ? s : none);
                 mx = s > mx ? s : mx;
             }
             const SoftF rs = exp_lanes<SoftF, SoftI>(load_as<SoftF>(m + v) - mx);
             store_as(rescale + v, rs);
             SoftF total = {};
             for (int j = 0; j < kn; j += 2) {
-                const SoftF s0 = load_as<SoftF>(St + j * ks + v);
+                const SoftF s0 = load_as<SoftF>(St + j * rows + v);
                 SoftF e0 = exp_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
                 if (diagonal) e0 = s0 == none ? SoftF{} : e0;
                 if (j + 1 < kn) {
-                    const SoftF s1 = load_as<SoftF>(St + (j + 1) * ks + v);
+                    const SoftF s1 = load_as<SoftF>(St + (j + 1) * rows + v);
                     e1 = exp_lanes<SoftF, SoftI>(s1 - mx);
                     if (diagonal) e1 = s1 == none ? SoftF{} : e1;
                 }
                 const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
-                store_as(Pp + (j / 2) * ks + v, p);
+                store_probabilities(P, rows, j, v, p);
                 total += (SoftF)(p << 16) + (SoftF)(p & 0xffff0000u);  // the sum of the rounded weights, so that the
             }                                                           // output is their weighted mean
             store_as(l + v, load_as<SoftF>(l + v) * rs + total);
             store_as(m + v, mx);
         }
-        for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
-            const uint16_t* v0 = V + (int64_t)(k0 + 2 * j) * hd;
-            for (int c = 0; c < hd; c += 16)
-                storeu32(Vp + (int64_t)j * hd + c, widen16(v0 + c) | (2 * j + 1 < kn ? widen16(v0 + hd + c) << 16 : u32x16{}));
-        }
-        output_tiles(Vp, hd, Pp, nrv, n_pairs, rescale, Ot);
+        block_outputs(V + (int64_t)k0 * hd, kn, hd, P, rows, rescale, Ot, block);
     }
-    for (int r = 0; r < rows; r++) {
+    for (int r = 0; r < used; r++) {
         float* out = att + (int64_t)(q0 + r / G) * att_stride + (r % G) * hd;
         const float inv = 1.0f / l[r];
-        for (int c = 0; c < hd; c++) out[c] = Ot[(int64_t)c * nrv * 16 + r] * inv;
+        for (int c = 0; c < hd; c++) out[c] = Ot[(int64_t)c * rows + r] * inv;
     }
 }
 
