@@ -1149,14 +1149,17 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
     }
 }
 
-// A long pass's attention unit holds its operands in the layouts its tiles read: the queries (Q), a key block's
-// scores (St: (keys, rows) fp32), its probabilities (P) and values, and the outputs (Ot: (hd, rows) fp32). A unit's
-// rows (query head and query) run along the lanes, so that no key or value is ever transposed: a key's or a value's
-// element (or pair) is broadcast against a vector of rows. Every product is exact (bf16 times bf16), each sum fp32.
+// A long pass's attention unit: the G query heads of one KV head for a block of QUERY_BLOCK queries. Its rows (query
+// head and query) run along the lanes, so that no key or value is ever transposed: a key's or a value's element (or
+// pair) is broadcast against a vector of rows. The rows are cut into tiles of ATT_ROWS vectors, each tile's operands
+// side by side in the layouts its register tiles read: the queries (Q), a key block's scores (St: (keys, rows) fp32)
+// and probabilities (P), the outputs (Ot: (hd, rows) fp32), and per row the online softmax's state. Every product is
+// exact (bf16 times bf16), each sum fp32.
 #ifdef RIVER_AVX512
-// AVX-512 keeps them bf16 pairs (Q: (hd / 2, rows) pairs, P: (keys / 2, rows) pairs, values (keys / 2, hd) pairs)
-// for vdpbf16ps, and reads the keys from the cache as they are.
+// AVX-512 keeps them bf16 pairs (Q: (hd / 2, rows) pairs, P: (keys / 2, rows) pairs, a block's values (keys / 2, hd)
+// pairs) for vdpbf16ps, and reads the keys from the cache as they are.
 static const int ATT_KEYS = 4, ATT_ROWS = 6, ATT_DIMS = 4;  // register tiles: 24 sums of 16 lanes (16 rows each)
+static const int ATT_LANES = 16;
 static const uint32_t ZERO_PAIRS[MAX_HEAD_DIM / 2] = {};
 
 // Scores of ATT_KEYS keys (pair rows kp[i], hd / 2 pairs each) for NR vectors of rows (query pairs Qp, (hd / 2, nrv)
@@ -1199,12 +1202,12 @@ static inline void output_tile(const uint32_t* Vp, int hd, const uint32_t* Pp, i
         for (int i = 0; i < NR; i++) store16(Ot + ((int64_t)c * nrv + i) * 16, acc[c][i]);
 }
 
-// Floats of each operand of a unit of `rows` rows (a multiple of 16) and the key block's own area.
 static inline int64_t query_floats(int rows, int hd) { return (int64_t)rows * hd / 2; }
 static inline int64_t probability_floats(int rows) { return (int64_t)rows * KEY_BLOCK / 2; }
-static inline int64_t block_floats(int hd) { return (int64_t)KEY_BLOCK / 2 * hd; }
+static inline int64_t key_floats(int) { return 0; }
+static inline int64_t value_floats(int hd) { return (int64_t)KEY_BLOCK / 2 * hd; }
 
-static inline void store_query(float* Q, int rows, int r, int c, const float* q) {  // query r's pair c
+static inline void store_query(float* Q, int rows, int r, int c, const float* q) {  // row r's pair c
     ((uint32_t*)Q)[(int64_t)c * rows + r] = to_bf16(q[2 * c]) | (uint32_t)to_bf16(q[2 * c + 1]) << 16;
 }
 
@@ -1212,51 +1215,52 @@ static inline void store_probabilities(float* P, int64_t rows, int j, int v, Sof
     store_as((uint32_t*)P + (j / 2) * rows + v, p);
 }
 
-// The scores St (kn, rows) of keys K (kn, hd) for the unit's queries.
-static void block_scores(const uint16_t* K, int kn, int hd, const float* Q, int rows, float scale, float* St, float*) {
-    const int nrv = rows / 16, pairs = hd / 2;
-    for (int j = 0; j < kn; j += ATT_KEYS) {
-        const uint32_t* kp[ATT_KEYS];
-        for (int i = 0; i < ATT_KEYS; i++) kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(j + i) * hd) : ZERO_PAIRS;
-        for (int r = 0; r < nrv; r += ATT_ROWS) {
-            const uint32_t* q = (const uint32_t*)Q + (int64_t)r * 16;
-            float* s = St + ((int64_t)j * nrv + r) * 16;
-            switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
-                case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
-                case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
-                case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
-                case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
-                case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
-                case 6: score_tile<6>(kp, q, nrv, pairs, scale, s); break;
-            }
-        }
-    }
-}
-
-// Ot (hd, rows) = Ot * rescale + P (kn, rows) V (kn, hd); `block` holds the values as pairs.
-static void block_outputs(const uint16_t* V, int kn, int hd, const float* P, int rows, const float* rescale, float* Ot,
-                          float* block) {
-    const int nrv = rows / 16, n_pairs = (kn + 1) / 2;
-    uint32_t* Vp = (uint32_t*)block;
-    for (int j = 0; j < n_pairs; j++) {  // value pairs (keys 2j, 2j + 1), the missing odd one zero
+// A key block's operands: its values (kn, hd) as pairs of keys, the missing odd one zero.
+static void block_operands(const uint16_t*, const uint16_t* V, int kn, int hd, float*, float* values) {
+    uint32_t* Vp = (uint32_t*)values;
+    for (int j = 0; j < (kn + 1) / 2; j++) {
         const uint16_t* v0 = V + (int64_t)2 * j * hd;
         for (int c = 0; c < hd; c += 16)
             storeu32(Vp + (int64_t)j * hd + c, widen16(v0 + c) | (2 * j + 1 < kn ? widen16(v0 + hd + c) << 16 : u32x16{}));
     }
-    for (int c = 0; c < hd; c += ATT_DIMS)
-        for (int r = 0; r < nrv; r += ATT_ROWS) {
-            const uint32_t *v = Vp + c, *p = (const uint32_t*)P + (int64_t)r * 16;
-            const float* sc = rescale + (int64_t)r * 16;
-            float* o = Ot + ((int64_t)c * nrv + r) * 16;
-            switch (nrv - r < ATT_ROWS ? nrv - r : ATT_ROWS) {
-                case 1: output_tile<1>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 2: output_tile<2>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 3: output_tile<3>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 4: output_tile<4>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 5: output_tile<5>(v, hd, p, nrv, n_pairs, sc, o); break;
-                case 6: output_tile<6>(v, hd, p, nrv, n_pairs, sc, o); break;
-            }
+}
+
+// The scores St (kn, rows) of keys K (kn, hd) for a tile's queries Q.
+static void tile_scores(const uint16_t* K, const float*, int kn, int hd, const float* Q, int rows, float scale,
+                        float* St) {
+    const int nrv = rows / 16, pairs = hd / 2;
+    for (int j = 0; j < kn; j += ATT_KEYS) {
+        const uint32_t* kp[ATT_KEYS];
+        for (int i = 0; i < ATT_KEYS; i++) kp[i] = j + i < kn ? (const uint32_t*)(K + (int64_t)(j + i) * hd) : ZERO_PAIRS;
+        const uint32_t* q = (const uint32_t*)Q;
+        float* s = St + (int64_t)j * rows;
+        switch (nrv) {
+            case 1: score_tile<1>(kp, q, nrv, pairs, scale, s); break;
+            case 2: score_tile<2>(kp, q, nrv, pairs, scale, s); break;
+            case 3: score_tile<3>(kp, q, nrv, pairs, scale, s); break;
+            case 4: score_tile<4>(kp, q, nrv, pairs, scale, s); break;
+            case 5: score_tile<5>(kp, q, nrv, pairs, scale, s); break;
+            case 6: score_tile<6>(kp, q, nrv, pairs, scale, s); break;
         }
+    }
+}
+
+// A tile's outputs Ot (hd, rows) = Ot * rescale + P (kn, rows) V (kn, hd).
+static void tile_outputs(const float* values, int kn, int hd, const float* P, int rows, const float* rescale,
+                         float* Ot) {
+    const int nrv = rows / 16, n_pairs = (kn + 1) / 2;
+    const uint32_t *Vp = (const uint32_t*)values, *p = (const uint32_t*)P;
+    for (int c = 0; c < hd; c += ATT_DIMS) {
+        float* o = Ot + (int64_t)c * rows;
+        switch (nrv) {
+            case 1: output_tile<1>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+            case 2: output_tile<2>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+            case 3: output_tile<3>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+            case 4: output_tile<4>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+            case 5: output_tile<5>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+            case 6: output_tile<6>(Vp + c, hd, p, nrv, n_pairs, rescale, o); break;
+        }
+    }
 }
 
 #else
@@ -1265,6 +1269,7 @@ static void block_outputs(const uint16_t* V, int kn, int hd, const float* P, int
 // values once per block, its probabilities stored as fp32 (bf16 values): every product stays exact, and each sum
 // takes a pair's odd product first, as vdpbf16ps does. Q: (hd, rows), P: (keys, rows), keys and values (keys, hd).
 static const int ATT_KEYS = 4, ATT_ROWS = 3, ATT_DIMS = 4;  // register tiles: 12 sums of 8 lanes (8 rows each)
+static const int ATT_LANES = 8;
 
 // Scores of ATT_KEYS keys (Kf, rows hd apart) for NR vectors of rows (Q: dims `rows` apart), into St (keys, rows).
 template <int NR>
@@ -1324,7 +1329,8 @@ static inline void output_tile(const float* Vf, int hd, const float* P, int rows
 
 static inline int64_t query_floats(int rows, int hd) { return (int64_t)rows * hd; }
 static inline int64_t probability_floats(int rows) { return (int64_t)rows * KEY_BLOCK; }
-static inline int64_t block_floats(int hd) { return (int64_t)KEY_BLOCK * hd; }
+static inline int64_t key_floats(int hd) { return (int64_t)KEY_BLOCK * hd; }
+static inline int64_t value_floats(int hd) { return (int64_t)KEY_BLOCK * hd; }
 
 static inline void store_query(float* Q, int rows, int r, int c, const float* q) {
     Q[(int64_t)2 * c * rows + r] = bf16_value(to_bf16(q[2 * c]));
@@ -1346,116 +1352,153 @@ static void rows_to_fp32(const uint16_t* x, int n, int padded, int hd, float* ou
     memset(out + (int64_t)n * hd, 0, sizeof(float) * (padded - n) * hd);
 }
 
-// The scores St (kn, rows) of keys K (kn, hd) for the unit's queries; `block` holds the keys as fp32. A tile of rows
-// runs over the whole block before the next, its queries staying in the L1 cache.
-static void block_scores(const uint16_t* K, int kn, int hd, const float* Q, int rows, float scale, float* St,
-                         float* block) {
-    const int keys = (kn + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS, nv = rows / 8;
-    rows_to_fp32(K, kn, keys, hd, block);
-    for (int r = 0; r < nv; r += ATT_ROWS)
-        for (int j = 0; j < keys; j += ATT_KEYS) {
-            const float *k = block + (int64_t)j * hd, *q = Q + 8 * r;
-            float* s = St + (int64_t)j * rows + 8 * r;
-            switch (nv - r < ATT_ROWS ? nv - r : ATT_ROWS) {
-                case 1: score_tile<1>(k, hd, q, rows, scale, s); break;
-                case 2: score_tile<2>(k, hd, q, rows, scale, s); break;
-                case 3: score_tile<3>(k, hd, q, rows, scale, s); break;
-            }
-        }
+// A key block's operands: its keys and values (kn, hd) as fp32, zero past kn (to whole tiles of keys, whole pairs).
+static void block_operands(const uint16_t* K, const uint16_t* V, int kn, int hd, float* keys, float* values) {
+    rows_to_fp32(K, kn, (kn + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS, hd, keys);
+    rows_to_fp32(V, kn, (kn + 1) / 2 * 2, hd, values);
 }
 
-// Ot (hd, rows) = Ot * rescale + P (kn, rows) V (kn, hd); `block` holds the values as fp32.
-static void block_outputs(const uint16_t* V, int kn, int hd, const float* P, int rows, const float* rescale, float* Ot,
-                          float* block) {
-    const int n_pairs = (kn + 1) / 2, nv = rows / 8;
-    rows_to_fp32(V, kn, 2 * n_pairs, hd, block);  // a missing odd key: value zero (and its probability zero)
-    for (int r = 0; r < nv; r += ATT_ROWS)
-        for (int c = 0; c < hd; c += ATT_DIMS) {
-            const float *v = block + c, *p = P + 8 * r, *sc = rescale + 8 * r;
-            float* o = Ot + (int64_t)c * rows + 8 * r;
-            switch (nv - r < ATT_ROWS ? nv - r : ATT_ROWS) {
-                case 1: output_tile<1>(v, hd, p, rows, n_pairs, sc, o); break;
-                case 2: output_tile<2>(v, hd, p, rows, n_pairs, sc, o); break;
-                case 3: output_tile<3>(v, hd, p, rows, n_pairs, sc, o); break;
-            }
+static void tile_scores(const uint16_t*, const float* keys, int kn, int hd, const float* Q, int rows, float scale,
+                        float* St) {
+    for (int j = 0; j < kn; j += ATT_KEYS) {
+        const float* k = keys + (int64_t)j * hd;
+        float* s = St + (int64_t)j * rows;
+        switch (rows / 8) {
+            case 1: score_tile<1>(k, hd, Q, rows, scale, s); break;
+            case 2: score_tile<2>(k, hd, Q, rows, scale, s); break;
+            case 3: score_tile<3>(k, hd, Q, rows, scale, s); break;
         }
+    }
+}
+
+static void tile_outputs(const float* values, int kn, int hd, const float* P, int rows, const float* rescale,
+                         float* Ot) {
+    const int n_pairs = (kn + 1) / 2;
+    for (int c = 0; c < hd; c += ATT_DIMS) {
+        float* o = Ot + (int64_t)c * rows;
+        switch (rows / 8) {
+            case 1: output_tile<1>(values + c, hd, P, rows, n_pairs, rescale, o); break;
+            case 2: output_tile<2>(values + c, hd, P, rows, n_pairs, rescale, o); break;
+            case 3: output_tile<3>(values + c, hd, P, rows, n_pairs, rescale, o); break;
+        }
+    }
 }
 #endif
+
+static const int TILE_ROWS = ATT_ROWS * ATT_LANES;
 
 // Rows of a long pass's attention unit: its G query heads times QUERY_BLOCK queries, in whole vectors of 16.
 static inline int unit_rows(const Dims& D) { return (D.n_heads / D.n_kv_heads * QUERY_BLOCK + 15) / 16 * 16; }
 
-// Floats of one thread's work area for a long pass's attention unit.
+// One tile of a unit's rows: its operands and each row's running max m, sum l, rescale and position.
+struct RowTile {
+    float *Q, *St, *P, *Ot, *m, *l, *rescale, *pos;
+    int rows;
+};
+
+static inline int64_t tile_floats(int hd) {
+    return query_floats(TILE_ROWS, hd) + (int64_t)TILE_ROWS * (KEY_BLOCK + hd + 4) + probability_floats(TILE_ROWS);
+}
+
+// Tile t of a unit of `rows` rows, in its part of the work area.
+static RowTile row_tile(float* work, int t, int rows, int hd) {
+    RowTile a;
+    a.rows = rows - t * TILE_ROWS < TILE_ROWS ? rows - t * TILE_ROWS : TILE_ROWS;
+    a.Q = work + t * tile_floats(hd);
+    a.St = a.Q + query_floats(a.rows, hd);  // (KEY_BLOCK, rows)
+    a.P = a.St + (int64_t)KEY_BLOCK * a.rows;
+    a.Ot = a.P + probability_floats(a.rows);  // (hd, rows)
+    a.m = a.Ot + (int64_t)hd * a.rows;
+    a.l = a.m + a.rows;
+    a.rescale = a.l + a.rows;
+    a.pos = a.rescale + a.rows;
+    return a;
+}
+
+// Floats of one thread's work area for a long pass's attention unit: its tiles, then a key block's operands.
 static int64_t long_unit_floats(const Dims& D) {
-    const int rows = unit_rows(D), hd = D.head_dim;
-    return query_floats(rows, hd) + (int64_t)rows * (KEY_BLOCK + hd + 4) + probability_floats(rows) + block_floats(hd);
+    const int tiles = (unit_rows(D) + TILE_ROWS - 1) / TILE_ROWS;
+    return tiles * tile_floats(D.head_dim) + key_floats(D.head_dim) + value_floats(D.head_dim);
+}
+
+// The online softmax's step over a key block (keys k0..k0+kn-1, scores in a.St) for a tile's rows: the running max
+// raised, the rescale e^(m_old - m_new) of what came before, the probabilities e^(s - m) rounded to bf16 into a.P,
+// the sum grown by them (the rounded ones, so that the output is their weighted mean). Keys past a row's position
+// are masked for it where the block reaches past the tile's first query (`diagonal`).
+static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
+    const int64_t rows = a.rows;
+    for (int v = 0; v < a.rows; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
+        const SoftF at = load_as<SoftF>(a.pos + v), none = SoftF{} - INFINITY;
+        SoftF mx = load_as<SoftF>(a.m + v);
+        for (int j = 0; j < kn; j++) {
+            SoftF s = load_as<SoftF>(a.St + j * rows + v);
+            if (diagonal) store_as(a.St + j * rows + v, s = (float)(k0 + j) <= at ? s : none);
+            mx = s > mx ? s : mx;
+        }
+        const SoftF rs = exp_lanes<SoftF, SoftI>(load_as<SoftF>(a.m + v) - mx);
+        store_as(a.rescale + v, rs);
+        SoftF total = {};
+        for (int j = 0; j < kn; j += 2) {
+            const SoftF s0 = load_as<SoftF>(a.St + j * rows + v);
+            SoftF e0 = exp_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
+            if (diagonal) e0 = s0 == none ? SoftF{} : e0;
+            if (j + 1 < kn) {
+                const SoftF s1 = load_as<SoftF>(a.St + (j + 1) * rows + v);
+                e1 = exp_lanes<SoftF, SoftI>(s1 - mx);
+                if (diagonal) e1 = s1 == none ? SoftF{} : e1;
+            }
+            const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
+            store_probabilities(a.P, rows, j, v, p);
+            total += (SoftF)(p << 16) + (SoftF)(p & 0xffff0000u);
+        }
+        store_as(a.l + v, load_as<SoftF>(a.l + v) * rs + total);
+        store_as(a.m + v, mx);
+    }
 }
 
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
-// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK with an online softmax. Per row a running max m, sum l
-// and output o (Ot), rescaled by e^(m_old - m_new) as each block raises the max; keys past a row's query masked for
-// it. The query and each block's probabilities are rounded to bf16 (K and V are bf16 already), each score and output
-// an fp32 sum of exact products.
+// pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK, each block's keys and values made operands once and then
+// run through every tile (its scores, softmax step and outputs, the tile's data staying in the L1 cache). The query
+// and each block's probabilities are rounded to bf16 (K and V are bf16 already).
 static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* K, const uint16_t* V,
                            int pos0, int q0, int q1, float* work, float* att, int att_stride) {
-    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, used = G * (q1 - q0), KB = KEY_BLOCK;
-    const int rows = unit_rows(D);  // the last block's unused rows: zero queries
+    const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, used = G * (q1 - q0), rows = unit_rows(D);
+    const int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
     const float scale = 1.0f / sqrtf((float)hd);
-    float* Q = work;
-    float* St = Q + query_floats(rows, hd);     // (KB, rows): a key block's scores
-    float* P = St + (int64_t)KB * rows;         // its probabilities
-    float* Ot = P + probability_floats(rows);   // (hd, rows): outputs
-    float* m = Ot + (int64_t)hd * rows;         // (rows,) each: running max, sum, rescale, position
-    float* l = m + rows;
-    float* rescale = l + rows;
-    float* rpos = rescale + rows;
-    float* block = rpos + rows;                 // the key block's keys or values as the tiles read them
-    for (int r = 0; r < rows; r++) {
-        const float* q = qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd;
-        static const float zeros[MAX_HEAD_DIM] = {};
-        for (int c = 0; c < hd / 2; c++) store_query(Q, rows, r, c, r < used ? q : zeros);
-        m[r] = -INFINITY, l[r] = 0;
-        rpos[r] = r < used ? (float)(pos0 + q0 + r / G) : 1e30f;  // unused rows see every key (of zero score)
-    }
-    memset(Ot, 0, sizeof(float) * hd * rows);
-    const int last = pos0 + q1 - 1;  // the last position any query here reads
-    for (int k0 = 0; k0 <= last; k0 += KB) {
-        const int kn = last + 1 - k0 < KB ? last + 1 - k0 : KB;
-        const bool diagonal = k0 + kn - 1 > pos0 + q0;  // some key here is past some row's query
-        block_scores(K + (int64_t)k0 * hd, kn, hd, Q, rows, scale, St, block);
-        for (int v = 0; v < rows; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
-            const SoftF at = load_as<SoftF>(rpos + v), none = SoftF{} - INFINITY;
-            SoftF mx = load_as<SoftF>(m + v);
-            for (int j = 0; j < kn; j++) {
-                SoftF s = load_as<SoftF>(St + j * rows + v);
-                if (diagonal) store_as(St + j * rows + v, s = (float)(k0 + j) <= at ? s : none);
-                mx = s > mx ? s : mx;
-            }
-            const SoftF rs = exp_lanes<SoftF, SoftI>(load_as<SoftF>(m + v) - mx);
-            store_as(rescale + v, rs);
-            SoftF total = {};
-            for (int j = 0; j < kn; j += 2) {
-                const SoftF s0 = load_as<SoftF>(St + j * rows + v);
-                SoftF e0 = exp_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
-                if (diagonal) e0 = s0 == none ? SoftF{} : e0;
-                if (j + 1 < kn) {
-                    const SoftF s1 = load_as<SoftF>(St + (j + 1) * rows + v);
-                    e1 = exp_lanes<SoftF, SoftI>(s1 - mx);
-                    if (diagonal) e1 = s1 == none ? SoftF{} : e1;
-                }
-                const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
-                store_probabilities(P, rows, j, v, p);
-                total += (SoftF)(p << 16) + (SoftF)(p & 0xffff0000u);  // the sum of the rounded weights, so that the
-            }                                                           // output is their weighted mean
-            store_as(l + v, load_as<SoftF>(l + v) * rs + total);
-            store_as(m + v, mx);
+    float* keys = work + tiles * tile_floats(hd);
+    float* values = keys + key_floats(hd);
+    static const float zeros[MAX_HEAD_DIM] = {};
+    for (int t = 0; t < tiles; t++) {
+        const RowTile a = row_tile(work, t, rows, hd);
+        for (int i = 0; i < a.rows; i++) {  // unit row r = t * TILE_ROWS + i: query r / G, head r % G
+            const int r = t * TILE_ROWS + i;
+            const float* q = r < used ? qkv + (int64_t)(q0 + r / G) * qkv_stride + (r % G) * hd : zeros;
+            for (int c = 0; c < hd / 2; c++) store_query(a.Q, a.rows, i, c, q);
+            a.m[i] = -INFINITY, a.l[i] = 0;
+            a.pos[i] = r < used ? (float)(pos0 + q0 + r / G) : 1e30f;  // unused rows see every key (of zero score)
         }
-        block_outputs(V + (int64_t)k0 * hd, kn, hd, P, rows, rescale, Ot, block);
+        memset(a.Ot, 0, sizeof(float) * hd * a.rows);
     }
-    for (int r = 0; r < used; r++) {
-        float* out = att + (int64_t)(q0 + r / G) * att_stride + (r % G) * hd;
-        const float inv = 1.0f / l[r];
-        for (int c = 0; c < hd; c++) out[c] = Ot[(int64_t)c * rows + r] * inv;
+    const int last = pos0 + q1 - 1;  // the last position any query here reads
+    for (int k0 = 0; k0 <= last; k0 += KEY_BLOCK) {
+        const int kn = last + 1 - k0 < KEY_BLOCK ? last + 1 - k0 : KEY_BLOCK;
+        const bool diagonal = k0 + kn - 1 > pos0 + q0;  // some key here is past some row's query
+        block_operands(K + (int64_t)k0 * hd, V + (int64_t)k0 * hd, kn, hd, keys, values);
+        for (int t = 0; t < tiles; t++) {
+            const RowTile a = row_tile(work, t, rows, hd);
+            tile_scores(K + (int64_t)k0 * hd, keys, kn, hd, a.Q, a.rows, scale, a.St);
+            block_softmax(a, k0, kn, diagonal);
+            tile_outputs(values, kn, hd, a.P, a.rows, a.rescale, a.Ot);
+        }
+    }
+    for (int t = 0; t < tiles; t++) {
+        const RowTile a = row_tile(work, t, rows, hd);
+        for (int i = 0; i < a.rows && t * TILE_ROWS + i < used; i++) {
+            const int r = t * TILE_ROWS + i;
+            float* out = att + (int64_t)(q0 + r / G) * att_stride + (r % G) * hd;
+            const float inv = 1.0f / a.l[i];
+            for (int c = 0; c < hd; c++) out[c] = a.Ot[(int64_t)c * a.rows + i] * inv;
+        }
     }
 }
 
