@@ -1458,8 +1458,8 @@ static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
 
 // One unit of a long pass's attention: the G query heads of KV head kv for queries q0..q1-1 of the pass (positions
 // pos0 + q), over keys 0..pos0+q1-1 by blocks of KEY_BLOCK, each block's keys and values made operands once and then
-// run through every tile (its scores, softmax step and outputs, the tile's data staying in the L1 cache). The query
-// and each block's probabilities are rounded to bf16 (K and V are bf16 already).
+// run through every tile: its scores, its softmax step, its outputs, on the tile's own operands. The query and each
+// block's probabilities are rounded to bf16 (K and V are bf16 already).
 static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* K, const uint16_t* V,
                            int pos0, int q0, int q1, float* work, float* att, int att_stride) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, used = G * (q1 - q0), rows = unit_rows(D);
