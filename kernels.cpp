@@ -1424,7 +1424,7 @@ static int64_t long_unit_floats(const Dims& D) {
 // The online softmax's step over a key block (keys k0..k0+kn-1, scores in a.St) for a tile's rows: the running max
 // raised, the rescale e^(m_old - m_new) of what came before, the probabilities e^(s - m) rounded to bf16 into a.P,
 // the sum grown by them (the rounded ones, so that the output is their weighted mean). Keys past a row's position
-// are masked for it where the block reaches past the tile's first query (`diagonal`).
+// are masked for it where the block reaches past the unit's first query (`diagonal`).
 static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
     const int64_t rows = a.rows;
     for (int v = 0; v < a.rows; v += SOFT_LANES) {  // rows v..v+SOFT_LANES-1
