@@ -207,7 +207,7 @@ struct Acts {
     uint16_t* xb;      // bf16 weights: the activations rounded to bf16
     float* xf;         // ... and on AVX2 as fp32, laid out for the kernel that reads them (Fp32Inputs), or null
     int16_t* q;        // low-bit weights: int16 activations per group,
-    int8_t *high, *low;  // split as 256 * high + low, both int8 (the 4-bit products' int8 dot products),
+    int8_t *high, *low;  // split as 256 * high + low, both int8 (AVX-512's products: vpdpbusd takes bytes),
     float *step, *sum; // each group's step and exact sum
     int stride, group_stride;
     uint32_t* pack;    // a long pass's bf16 rows laid out by input pair (pack_rows), pack_stride apart per thread
@@ -264,6 +264,7 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
         step[g] = amax / LEVELS;
         sum[g] = hsum16(vsum);
 #else  // the same arithmetic on 8 lanes: lanes 0-7 and 8-15 of each 16 in two vectors, so the sums keep their order
+        (void)high, (void)low;
         const __m256 sign = _mm256_set1_ps(-0.0f);
         __m256 max_lo = _mm256_setzero_ps(), max_hi = max_lo, sum_lo = max_lo, sum_hi = max_lo;
         for (int i = 0; i < group; i += 16) {
@@ -280,23 +281,14 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         const float inv = amax > 0 ? LEVELS / amax : 0.0f;
         const __m256 vinv = _mm256_set1_ps(inv), magic = _mm256_set1_ps(12582912.0f);
-        const __m256i half = _mm256_set1_epi32(128);
-        for (int i = 0; i < group; i += 16) {
-            __m256i v[2], h[2], l[2];
+        for (int i = 0; i < group; i += 16) {  // AVX2's products read the int16 codes only, not the halves
+            __m256i v[2];
             for (int j = 0; j < 2; j++) {
                 const __m256 r = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8 * j), vinv), magic);
                 v[j] = _mm256_cvttps_epi32(_mm256_sub_ps(r, magic));
-                h[j] = _mm256_srai_epi32(_mm256_add_epi32(v[j], half), 8);
-                l[j] = _mm256_sub_epi32(v[j], _mm256_slli_epi32(h[j], 8));
             }
-            const __m256i v16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);
-            const __m256i h16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(h[0], h[1]), 0xd8);
-            const __m256i l16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(l[0], l[1]), 0xd8);
-            _mm256_storeu_si256((__m256i*)(q + g * group + i), v16);
-            _mm_storeu_si128((__m128i*)(high + g * group + i),
-                             _mm_packs_epi16(_mm256_castsi256_si128(h16), _mm256_extracti128_si256(h16, 1)));
-            _mm_storeu_si128((__m128i*)(low + g * group + i),
-                             _mm_packs_epi16(_mm256_castsi256_si128(l16), _mm256_extracti128_si256(l16, 1)));
+            _mm256_storeu_si256((__m256i*)(q + g * group + i),
+                                _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8));
         }
         step[g] = amax / LEVELS;
         sum[g] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
@@ -332,6 +324,13 @@ static void prepare(const Mat& m, const float* x, const Acts& a, int t, int T, i
             int8_t* l = a.low + o + i;
             const int8_t h1 = h[1], l1 = l[1];
             h[1] = h[2], h[2] = h1, l[1] = l[2], l[2] = l1;
+        }
+#else
+    if (m.kind == KIND_Q4)  // the int16 inputs in the order group_dots pairs a lane's 4-bit codes: 0 2 4 6 1 3 5 7
+        for (int i = 0; i < i1 - i0; i += 8) {
+            int16_t* q = a.q + o + i;
+            const int16_t in_order[8] = {q[0], q[2], q[4], q[6], q[1], q[3], q[5], q[7]};
+            memcpy(q, in_order, sizeof in_order);
         }
 #endif
 }
@@ -681,9 +680,10 @@ static void rows_bf16(const Mat& m, const Acts& a, int T, float* y, int ys, int 
 // Low-bit rows, 16 side by side in the packed layout (one 32-bit lane each): per group, exact integer dot products of
 // the codes with the int16 activations, then y += scale * x_step * dot + low * x_sum, groups in order. A 64-byte
 // chunk holds 8 codes of each row (4 bits) or 4 (8 bits):
-//   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one; a mask or a shift gives
-//           4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd / pmaddubsw) and
-//           combined as 256 * high + low;
+//   4 bits: byte j of a lane holds code j in its low nibble and code 4+j in its high one. AVX-512: a mask or a
+//           shift gives 4 codes as unsigned bytes, multiplied with the activations' int8 halves (vpdpbusd) and
+//           combined as 256 * high + low; AVX2: shifts and a mask give int16 code pairs, multiplied with int16
+//           activation pairs (pmaddwd);
 //   8 bits: the byte at bit 8j is code 2j, the one at bit 16+8j code 2j+1. AVX-512: the 4 codes as unsigned bytes
 //           against the activations' int8 halves in the same order (vpdpbusd, as 4 bits, with no unpacking);
 //           AVX2: a shift and a mask give each row's int16 pair (k, k+1) in its lane, multiplied with an int16 pair
@@ -704,12 +704,12 @@ typedef __m256i Dots;  // 8 rows: a 16-row block is two of them
 static const int LOWBIT_TOKENS = 2;
 #endif
 
-// The exact integer dot products of one group for TT tokens, rows h*8.. (AVX2) or all 16 (AVX-512): codes at p,
-// `chunks` chunks of 64 bytes, activations of token j at offset j * xs from input k0.
+// The exact integer dot products of one group for TT tokens and the block's 16 rows (ROW_VECTORS vectors of them):
+// codes at p, `chunks` chunks of 64 bytes, activations of token j at offset j * xs from input k0. Integer sums are
+// exact, so their order is free: each ISA takes the one its instructions favour.
 template <int BITS, int TT>
-static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64_t k0, int xs, int h, Dots* out) {
+static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64_t k0, int xs, Dots out[][TT]) {
 #ifdef RIVER_AVX512
-    (void)h;
     __m512i d0[TT], d1[TT];
     for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm512_setzero_si512();
     if (BITS == 4) {  // d0: against the high halves, d1: the low halves
@@ -725,7 +725,7 @@ static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64
                 d1[j] = _mm512_dpbusd_epi32(d1[j], hi, _mm512_set1_epi32(four(xl + 4)));
             }
         }
-        for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
+        for (int j = 0; j < TT; j++) out[0][j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
         return;
     }
     for (int c = 0; c < chunks; c++) {  // 8 bits: the codes as they lie, against the halves in their order (prepare)
@@ -736,41 +736,62 @@ static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64
             d1[j] = _mm512_dpbusd_epi32(d1[j], v, _mm512_set1_epi32(four(xl)));
         }
     }
-    for (int j = 0; j < TT; j++) out[j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
+    for (int j = 0; j < TT; j++) out[0][j] = _mm512_add_epi32(_mm512_slli_epi32(d0[j], 8), d1[j]);
 #else
-    __m256i d0[TT], d1[TT];
-    for (int j = 0; j < TT; j++) d0[j] = d1[j] = _mm256_setzero_si256();
+    // AVX2 has no u8 x s8 dot product into int32; vpmaddwd multiplies int16 pairs and adds each pair into a lane. So
+    // the codes are widened to int16 words, a lane's two words being two codes of its row, against a broadcast pair
+    // of int16 activations (a.q), both halves of the block from each chunk (the activations loaded once for both).
+    __m256i d[2][TT];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < TT; j++) d[h][j] = _mm256_setzero_si256();
     if (BITS == 4) {
-        const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-        for (int c = 0; c < chunks; c++) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-            __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        // a lane's words hold codes (0, 4, 1, 5) and (2, 6, 3, 7) by nibble: shifts of 0, 4, 8, 12 and a mask give the
+        // code pairs (0, 2), (4, 6), (1, 3), (5, 7), against the inputs in that order (prepare: 0 2 4 6 1 3 5 7)
+        const __m256i nib = _mm256_set1_epi16(0x000f);
+#pragma GCC unroll 4
+        for (int c = 0; c < chunks; c++) {  // chunks: a multiple of 4 (groups of 32 inputs)
+            __m256i c02[2], c46[2], c13[2], c57[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+                c02[h] = _mm256_and_si256(v, nib);
+                c46[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                c13[h] = _mm256_and_si256(_mm256_srli_epi16(v, 8), nib);
+                c57[h] = _mm256_srli_epi16(v, 12);
+            }
             for (int j = 0; j < TT; j++) {
-                const int8_t *xh = a.high + k0 + (int64_t)j * xs + c * 8, *xl = a.low + k0 + (int64_t)j * xs + c * 8;
-                // codes <= 15 and |x| <= 128: the int16 pair sums of pmaddubsw cannot saturate, nor their sum
-                __m256i ph = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xh))),
-                                              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xh + 4))));
-                __m256i pl = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(xl))),
-                                              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(xl + 4))));
-                d0[j] = _mm256_add_epi32(d0[j], _mm256_madd_epi16(ph, ones));
-                d1[j] = _mm256_add_epi32(d1[j], _mm256_madd_epi16(pl, ones));
+                int32_t x[4];  // the input pairs (0, 2), (4, 6), (1, 3), (5, 7)
+                memcpy(x, a.q + k0 + (int64_t)j * xs + c * 8, 16);
+                const __m256i x02 = _mm256_set1_epi32(x[0]), x46 = _mm256_set1_epi32(x[1]);
+                const __m256i x13 = _mm256_set1_epi32(x[2]), x57 = _mm256_set1_epi32(x[3]);
+                for (int h = 0; h < 2; h++) {
+                    // |sum| <= 8 * 15 * 32639 per chunk: no overflow for groups up to thousands of inputs
+                    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(c02[h], x02), _mm256_madd_epi16(c46[h], x46));
+                    const __m256i u = _mm256_add_epi32(_mm256_madd_epi16(c13[h], x13), _mm256_madd_epi16(c57[h], x57));
+                    d[h][j] = _mm256_add_epi32(d[h][j], _mm256_add_epi32(s, u));
+                }
             }
         }
-        for (int j = 0; j < TT; j++) out[j] = _mm256_add_epi32(_mm256_slli_epi32(d0[j], 8), d1[j]);
-        return;
-    }
-    const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
-    for (int c = 0; c < chunks; c++) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
-        __m256i even = _mm256_and_si256(v, bytes), odd = _mm256_and_si256(_mm256_srli_epi32(v, 8), bytes);
-        for (int j = 0; j < TT; j++) {
-            int32_t xp[2];
-            memcpy(xp, a.q + k0 + (int64_t)j * xs + c * 4, 8);
-            d0[j] = _mm256_add_epi32(d0[j], _mm256_madd_epi16(even, _mm256_set1_epi32(xp[0])));
-            d1[j] = _mm256_add_epi32(d1[j], _mm256_madd_epi16(odd, _mm256_set1_epi32(xp[1])));
+    } else {  // 8 bits: a shift and a mask give each row's code pairs (0, 1) and (2, 3), against the inputs in order
+        const __m256i bytes = _mm256_set1_epi32(0x00ff00ff);
+        for (int c = 0; c < chunks; c++) {
+            __m256i even[2], odd[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(p + c * 64 + h * 32));
+                even[h] = _mm256_and_si256(v, bytes);
+                odd[h] = _mm256_and_si256(_mm256_srli_epi32(v, 8), bytes);
+            }
+            for (int j = 0; j < TT; j++) {
+                int32_t x[2];
+                memcpy(x, a.q + k0 + (int64_t)j * xs + c * 4, 8);
+                const __m256i x01 = _mm256_set1_epi32(x[0]), x23 = _mm256_set1_epi32(x[1]);
+                for (int h = 0; h < 2; h++)
+                    d[h][j] = _mm256_add_epi32(d[h][j], _mm256_add_epi32(_mm256_madd_epi16(even[h], x01),
+                                                                         _mm256_madd_epi16(odd[h], x23)));
+            }
         }
     }
-    for (int j = 0; j < TT; j++) out[j] = _mm256_add_epi32(d0[j], d1[j]);
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < TT; j++) out[h][j] = d[h][j];
 #endif
 }
 
@@ -787,14 +808,14 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
         for (int j = 0; j < TT; j++) acc[j] = _mm512_setzero_ps();
         for (int g = 0; g < groups; g++) {
             const uint8_t* sl = p + g * group_bytes + chunks * 64;
-            Dots dot[TT];
-            group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, h, dot);
+            Dots dot[1][TT];
+            group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, dot);
             __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
             __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
             for (int j = 0; j < TT; j++) {
                 const float* step = a.step + st + (int64_t)j * a.group_stride;
                 const float* sum = a.sum + st + (int64_t)j * a.group_stride;
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), _mm512_mul_ps(scale, _mm512_set1_ps(step[g])),
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0][j]), _mm512_mul_ps(scale, _mm512_set1_ps(step[g])),
                                          acc[j]);
                 acc[j] = _mm512_fmadd_ps(low, _mm512_set1_ps(sum[g]), acc[j]);
             }
@@ -802,21 +823,21 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
         for (int j = 0; j < TT; j++) _mm512_storeu_ps(y + (int64_t)(t + j) * ys + b * 16, acc[j]);
     }
 #else
-    // AVX2: both 8-row halves of each group in turn, so the block's bytes stream once, in order
+    // AVX2: the two 8-row halves' sums side by side, from one pass over each group's chunks
     __m256 acc[2][TT];
     for (int h = 0; h < 2; h++)
         for (int j = 0; j < TT; j++) acc[h][j] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const uint8_t* sl = p + g * group_bytes + chunks * 64;
+        Dots dot[2][TT];
+        group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, dot);
         for (int h = 0; h < 2; h++) {
-            Dots dot[TT];
-            group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, h, dot);
             __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + h * 16)));
             __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sl + 32 + h * 16)));
             for (int j = 0; j < TT; j++) {
                 const float* step = a.step + st + (int64_t)j * a.group_stride;
                 const float* sum = a.sum + st + (int64_t)j * a.group_stride;
-                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
                                          acc[h][j]);
                 acc[h][j] = _mm256_fmadd_ps(low, _mm256_set1_ps(sum[g]), acc[h][j]);
             }
