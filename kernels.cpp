@@ -829,6 +829,10 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
         for (int j = 0; j < TT; j++) acc[h][j] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const uint8_t* sl = p + g * group_bytes + chunks * 64;
+        // the same group of the next block (this thread's next 16 rows), into L1: the hardware prefetcher alone left
+        // a one-token step's products 15-20% slower from memory (a C harness, 30 layers, Zen 3, 2026-12-03)
+        const uint8_t* next = p + (int64_t)(groups + g) * group_bytes;  // a hint: past the matrix it cannot fault
+        for (int64_t i = 0; i < group_bytes; i += 64) _mm_prefetch((const char*)(next + i), _MM_HINT_T0);
         Dots dot[2][TT];
         group_dots<BITS, TT>(p + g * group_bytes, chunks, a, xt + (int64_t)g * m.group, a.stride, dot);
         for (int h = 0; h < 2; h++) {
@@ -837,8 +841,8 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
             for (int j = 0; j < TT; j++) {
                 const float* step = a.step + st + (int64_t)j * a.group_stride;
                 const float* sum = a.sum + st + (int64_t)j * a.group_stride;
-                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][j]), _mm256_mul_ps(scale, _mm256_set1_ps(step[g])),
-                                         acc[h][j]);
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h][j]),
+                                            _mm256_mul_ps(scale, _mm256_set1_ps(step[g])), acc[h][j]);
                 acc[h][j] = _mm256_fmadd_ps(low, _mm256_set1_ps(sum[g]), acc[h][j]);
             }
         }
