@@ -36,8 +36,12 @@ def check_quant_args(bits, group_size, activations="int16"):
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if activations == "bf16" and bits != 4:
         raise ValueError("bf16 activations run PyTorch's 4-bit kernel; 8-bit weights take int16 activations")
+    # A group's dot product is an exact int32 sum of code * activation, |code| <= 2^bits - 1, |activation| <= 32639
     if bits == 8 and group_size > 256:
         raise ValueError(f"8-bit groups hold at most 256 inputs (their int32 dot products must not overflow), "
+                         f"got {group_size}")
+    if bits == 4 and group_size > 4096:
+        raise ValueError(f"4-bit groups hold at most 4096 inputs (their int32 dot products must not overflow), "
                          f"got {group_size}")
 
 

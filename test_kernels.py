@@ -87,7 +87,8 @@ def test_int16_activation_product_equals_dequantized_matmul(bits, n, groups, gro
 
 @pytest.mark.parametrize("bits, group_size, message", [
     (3, 64, "bits must be 4 or 8"), (16, 64, "bits must be 4 or 8"), (4, 0, "group_size must be"),
-    (4, 48, "group_size must be"), (4, 96, "does not divide in_features 64"), (8, 512, "at most 256")])
+    (4, 48, "group_size must be"), (4, 96, "does not divide in_features 64"), (8, 512, "at most 256"),
+    (4, 4128, "at most 4096")])
 def test_quantizer_rejects_bad_arguments(bits, group_size, message):
     with pytest.raises(ValueError, match=message):
         quantize_weight(torch.randn(8, 64), bits, group_size)
