@@ -83,16 +83,22 @@ static inline float hsum16(f32x16 v) {
     c += d;
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
-static inline float max16(f32x16 v) {  // as hsum16, a tree (a loop of fmaxf compiled to a call per lane)
+// The larger of two floats by a compare and a select: fmaxf compiles to a call (GCC keeps its NaN rule), eight or
+// sixteen of them per head in a step's attention tile. A NaN never wins here, as with fmaxf, unless both are NaN.
+static inline float larger(float a, float b) { return b > a ? b : a == a ? a : b; }
+// The largest lane, as a tree like hsum16's, of lanes that are never NaN (running maxima kept by compare and select).
+static inline float max_lanes(f32x8 v) {
+    f32x4 c, d;
+    memcpy(&c, &v, 16);
+    memcpy(&d, (const char*)&v + 16, 16);
+    c = c > d ? c : d;
+    return larger(larger(c[0], c[2]), larger(c[1], c[3]));
+}
+static inline float max_lanes(f32x16 v) {
     f32x8 a, b;
     memcpy(&a, &v, 32);
     memcpy(&b, (const char*)&v + 32, 32);
-    a = a > b ? a : b;
-    f32x4 c, d;
-    memcpy(&c, &a, 16);
-    memcpy(&d, (const char*)&a + 16, 16);
-    c = c > d ? c : d;
-    return fmaxf(fmaxf(c[0], c[2]), fmaxf(c[1], c[3]));
+    return max_lanes(a > b ? a : b);
 }
 
 // 16 uint16 at p widened to 32 bits (one vpmovzxwd on AVX-512: GCC splits the generic conversion in halves).
@@ -249,7 +255,7 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
             vmax = a > vmax ? a : vmax;
             vsum += v;
         }
-        const float amax = max16(vmax);
+        const float amax = max_lanes(vmax);
         const float inv = amax > 0 ? LEVELS / amax : 0.0f;
         for (int i = 0; i < group; i += 16) {
             f32x16 r = load16(xg + i) * inv + 12582912.0f;  // round half to even through the mantissa, |v| < 2^22
@@ -276,7 +282,7 @@ static void quantize_activations(const float* x, int k, int group, int16_t* q, i
         }
         const __m256 m8 = _mm256_max_ps(max_lo, max_hi);
         const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
-        const float amax = fmaxf(fmaxf(m4[0], m4[2]), fmaxf(m4[1], m4[3]));
+        const float amax = larger(larger(m4[0], m4[2]), larger(m4[1], m4[3]));
         const __m256 s8 = _mm256_add_ps(sum_lo, sum_hi);
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         const float inv = amax > 0 ? LEVELS / amax : 0.0f;
@@ -1075,8 +1081,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const SoftF v = load_as<SoftF>(s + j);
             vmax = first + (float)j < (float)n && v > vmax ? v : vmax;
         }
-        float mx = -INFINITY;
-        for (int i = 0; i < SOFT_LANES; i++) mx = fmaxf(mx, vmax[i]);
+        const float mx = max_lanes(vmax);
         f32x16 total;  // lane i: the weights of positions i, 16 + i, ... in order, whatever SOFT_LANES
         SoftF part_sum[16 / SOFT_LANES] = {};
         for (int j = 0; j < n; j += SOFT_LANES) {
@@ -1159,7 +1164,7 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
         const int t = th / D.n_heads, h = th % D.n_heads, n_tiles = tiles_upto(pos0 + t);
         const float* part = s.partial + (int64_t)th * part_head;
         float mx = -INFINITY, total = 0;
-        for (int i = 0; i < n_tiles; i++) mx = fmaxf(mx, part[(int64_t)i * (hd + 2)]);
+        for (int i = 0; i < n_tiles; i++) mx = larger(mx, part[(int64_t)i * (hd + 2)]);
         float* out = att + (int64_t)t * att_stride + h * hd;
         memset(out, 0, sizeof(float) * hd);
         for (int i = 0; i < n_tiles; i++) {
