@@ -770,7 +770,7 @@ static inline void group_dots(const uint8_t* p, int chunks, const Acts& a, int64
                 const __m256i x02 = _mm256_set1_epi32(x[0]), x46 = _mm256_set1_epi32(x[1]);
                 const __m256i x13 = _mm256_set1_epi32(x[2]), x57 = _mm256_set1_epi32(x[3]);
                 for (int h = 0; h < 2; h++) {
-                    // |sum| <= 8 * 15 * 32639 per chunk: no overflow for groups up to thousands of inputs
+                    // |sum| <= 8 * 15 * 32639 a chunk: a group's stays in int32 up to 4096 inputs (quantize.py)
                     const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(c02[h], x02), _mm256_madd_epi16(c46[h], x46));
                     const __m256i u = _mm256_add_epi32(_mm256_madd_epi16(c13[h], x13), _mm256_madd_epi16(c57[h], x57));
                     d[h][j] = _mm256_add_epi32(d[h][j], _mm256_add_epi32(s, u));
