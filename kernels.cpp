@@ -1084,12 +1084,16 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
         const float mx = max_lanes(vmax);
         f32x16 total;  // lane i: the weights of positions i, 16 + i, ... in order, whatever SOFT_LANES
         SoftF part_sum[16 / SOFT_LANES] = {};
-        for (int j = 0; j < n; j += SOFT_LANES) {
-            SoftF e = exp_lanes<SoftF, SoftI>(load_as<SoftF>(s + j) - mx);
-            e = first + (float)j < (float)n ? e : SoftF{};
-            store_as(s + j, e);
-            part_sum[j / SOFT_LANES % (16 / SOFT_LANES)] += e;
-        }
+        for (int j0 = 0; j0 < n; j0 += 16)
+#pragma GCC unroll 2
+            for (int k = 0; k < 16 / SOFT_LANES; k++) {  // k known when compiled: the sums stay in registers
+                const int j = j0 + k * SOFT_LANES;
+                if (j >= n) break;
+                SoftF e = exp_lanes<SoftF, SoftI>(load_as<SoftF>(s + j) - mx);
+                e = first + (float)j < (float)n ? e : SoftF{};
+                store_as(s + j, e);
+                part_sum[k] += e;
+            }
         memcpy(&total, part_sum, sizeof total);
         float* o = part + g * (hd + 2);
         o[0] = mx;
