@@ -821,8 +821,8 @@ static inline void block_lowbit(const Mat& m, const Acts& a, int t, float* y, in
             for (int j = 0; j < TT; j++) {
                 const float* step = a.step + st + (int64_t)j * a.group_stride;
                 const float* sum = a.sum + st + (int64_t)j * a.group_stride;
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0][j]), _mm512_mul_ps(scale, _mm512_set1_ps(step[g])),
-                                         acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0][j]),
+                                         _mm512_mul_ps(scale, _mm512_set1_ps(step[g])), acc[j]);
                 acc[j] = _mm512_fmadd_ps(low, _mm512_set1_ps(sum[g]), acc[j]);
             }
         }
