@@ -205,7 +205,7 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
     g = torch.Generator().manual_seed(0)
     for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16), (200, 64)]:  # the LM head; row and input tails
         w = torch.randn(N, K, generator=g).bfloat16()
-        for T in (1, 3, 5, 16, 17, 30):  # a step, short passes, long ones (12 tokens at a time, and the rest)
+        for T in (1, 3, 5, 16, 17, 30, 33):  # a step, short passes, long ones (tiles of 5 or 12 tokens, and the rest)
             x = torch.randn(T, K, generator=g)
             expected = x.bfloat16().float() @ w.float().T
             torch.testing.assert_close(native_product(lib, w, x), expected, rtol=1e-5, atol=1e-5 * K ** 0.5)
