@@ -178,6 +178,30 @@ static inline F exp_lanes(F x) {
     return p * scale;
 }
 
+// 2^x for x <= 0, 8 or 16 lanes: 2^n * p(f), n = round(x), f = x - n in [-1/2, 1/2], p a degree-5 fit with p(0) = 1;
+// relative error under 2e-7; below 2^-125 (-inf too) it gives 2^-125 times about 1, where a softmax weight adds
+// nothing. Softmax scores carry log2(e) in their scale, so their weights are 2^(s - max): 7 operations fewer per
+// vector than exp_lanes (no upper clamp, no reduction by ln 2), and the decode tile's and long pass's softmax are
+// mostly these.
+template <typename F, typename I>
+static inline F exp2_lanes(F x) {
+    x = x < -125.0f ? F{} - 125.0f : x;
+    const F t = x + 12582912.0f;  // 1.5 * 2^23: x rounded to an integer n, kept in t's low mantissa bits
+    const F f = x - (t - 12582912.0f);
+    F p = 9.67151299e-3f + f * 1.32647261e-3f;  // 2^f = 1 + f (c1 + f (c2 + ...))
+    p = 5.55073358e-2f + f * p;
+    p = 2.40222424e-1f + f * p;
+    p = 6.93147004e-1f + f * p;
+    p = 1.0f + f * p;
+    I bits;
+    memcpy(&bits, &t, sizeof(F));
+    const I e = (bits + 127) << 23;  // t's bits are 0x4b400000 + n: shifted, only n + 127 stays, as the exponent
+    F scale;
+    memcpy(&scale, &e, sizeof(F));
+    return p * scale;
+}
+static const float LOG2E = 1.44269504f;
+
 // The lanes of the element-wise work (softmax, SiLU): 16 on AVX-512, 8 on AVX2, whose 16-lane vector-extension code
 // GCC compiles through the stack.
 #ifdef RIVER_AVX512
@@ -1040,7 +1064,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
                         float* work, float* part) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
     const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = LOG2E / sqrtf((float)hd);  // weights 2^(s - max)
     float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
 #ifdef RIVER_AVX512
     const int pairs = hd / 2;
@@ -1111,7 +1135,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             for (int k = 0; k < 16 / SOFT_LANES; k++) {  // k known when compiled: the sums stay in registers
                 const int j = j0 + k * SOFT_LANES;
                 if (j >= n) break;
-                SoftF e = exp_lanes<SoftF, SoftI>(load_as<SoftF>(s + j) - mx);
+                SoftF e = exp2_lanes<SoftF, SoftI>(load_as<SoftF>(s + j) - mx);
                 e = first + (float)j < (float)n ? e : SoftF{};
                 store_as(s + j, e);
                 part_sum[k] += e;
@@ -1195,7 +1219,7 @@ static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const 
         memset(out, 0, sizeof(float) * hd);
         for (int i = 0; i < n_tiles; i++) {
             const float* p = part + (int64_t)i * (hd + 2);
-            const float w = expf(p[0] - mx);
+            const float w = exp2f(p[0] - mx);
             total += w * p[1];
             for (int j = 0; j < hd; j += SOFT_LANES)
                 store_as(out + j, load_as<SoftF>(out + j) + load_as<SoftF>(p + 2 + j) * w);
@@ -1491,16 +1515,16 @@ static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
             if (diagonal) store_as(a.St + j * rows + v, s = (float)(k0 + j) <= at ? s : none);
             mx = s > mx ? s : mx;
         }
-        const SoftF rs = exp_lanes<SoftF, SoftI>(load_as<SoftF>(a.m + v) - mx);
+        const SoftF rs = exp2_lanes<SoftF, SoftI>(load_as<SoftF>(a.m + v) - mx);
         store_as(a.rescale + v, rs);
         SoftF total = {};
         for (int j = 0; j < kn; j += 2) {
             const SoftF s0 = load_as<SoftF>(a.St + j * rows + v);
-            SoftF e0 = exp_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
+            SoftF e0 = exp2_lanes<SoftF, SoftI>(s0 - mx), e1 = {};
             if (diagonal) e0 = s0 == none ? SoftF{} : e0;
             if (j + 1 < kn) {
                 const SoftF s1 = load_as<SoftF>(a.St + (j + 1) * rows + v);
-                e1 = exp_lanes<SoftF, SoftI>(s1 - mx);
+                e1 = exp2_lanes<SoftF, SoftI>(s1 - mx);
                 if (diagonal) e1 = s1 == none ? SoftF{} : e1;
             }
             const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
@@ -1520,7 +1544,7 @@ static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, cons
                            int pos0, int q0, int q1, float* work, float* att, int att_stride) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads, used = G * (q1 - q0), rows = unit_rows(D);
     const int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = LOG2E / sqrtf((float)hd);  // weights 2^(s - max)
     float* keys = work + tiles * tile_floats(hd);
     float* values = keys + key_floats(hd);
     static const float zeros[MAX_HEAD_DIM] = {};
@@ -1893,6 +1917,11 @@ extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int
     free(a.high);
     free(a.step);
     free(a.pack);
+}
+
+// The softmax weights' 2^x, lane by lane (n a multiple of 16), as attention computes them.
+extern "C" void river_exp2(const float* x, int n, float* y) {
+    for (int i = 0; i < n; i += SOFT_LANES) store_as(y + i, exp2_lanes<SoftF, SoftI>(load_as<SoftF>(x + i)));
 }
 
 // Floats of scratch memory a one-token run of blocks at position pos needs (river_run_blocks, river_run_products).

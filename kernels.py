@@ -157,6 +157,9 @@ class Kernels:
         self.product = lib.river_product
         self.product.argtypes = [ptr, ptr, i32, ptr, i32]
         self.product.restype = None
+        self.exp2 = lib.river_exp2
+        self.exp2.argtypes = [ptr, i32, ptr]
+        self.exp2.restype = None
         # for measuring: blocks and products alone
         self.run_blocks = lib.river_run_blocks
         self.run_blocks.argtypes = [ptr, ptr, i32, i32, ptr, ptr, i32, ptr, ptr, ptr, i32]

@@ -212,6 +212,21 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
 
 
 @each_isa_here
+def test_the_softmax_weights_are_2_to_the_x_within_2e_7(isa):
+    """Attention's weights are 2^(s - max) (its scores carry log2 e): within 2e-7 relative of float64's 2^x for x in
+    [-125, 0], exactly 1 at the max, and a negligible 2^-125 (never a NaN) below, -inf included."""
+    lib = kernels.native(isa)
+    x = torch.cat([torch.linspace(-125, 0, 1 << 20), torch.tensor([0.0, -0.5, -1.0, -1e-30, -126, -1e4, -float("inf")]),
+                   torch.zeros(9)])
+    y = torch.empty_like(x)
+    lib.exp2(x.data_ptr(), x.numel(), y.data_ptr())
+    inside = x >= -125
+    rel = (y[inside].double() / torch.exp2(x[inside].double()) - 1).abs()
+    assert rel.max() < 2e-7, (rel.max().item(), x[inside][rel.argmax()].item())
+    assert (y[x == 0] == 1).all() and (y[~inside] <= 2.0 ** -124).all() and (y[~inside] >= 0).all()
+
+
+@each_isa_here
 def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_short_pass(isa):
     """Up to SHORT_PASS tokens, every bf16 sum runs in one order, whatever tile of rows and tokens holds it: each token
     of a pass of T tokens gets the bits a one-token product gives it (the verifier's logits equal one-token steps'
