@@ -921,10 +921,8 @@ static void rows_lowbit(const Mat& m, const Acts& a, int T, float* y, int ys, in
 
 static inline int row_unit(const Mat& m) { return m.kind == KIND_BF16 ? 4 : 16; }
 
-// This thread's rows of y = W x for T tokens, rows first..first+count-1 of W going to y[t * ys + 0..count).
-static void product(const Mat& m, const Acts& a, int T, float* y, int ys, int first, int count) {
-    int r0, r1;
-    my_share(count, row_unit(m), &r0, &r1);
+// Rows r0..r1 of W (rows first.. of m) into y[t * ys + r] for T tokens.
+static void rows_of(const Mat& m, const Acts& a, int T, float* y, int ys, int first, int r0, int r1) {
     Mat sub = m;
     if (m.kind == KIND_BF16) {
         sub.w = m.w + (int64_t)first * m.k * 2;
@@ -939,7 +937,27 @@ static void product(const Mat& m, const Acts& a, int T, float* y, int ys, int fi
         rows_lowbit<8>(sub, a, T, y, ys, r0 / 16, r1 / 16);
 }
 
-// x[t][r] += y[t][r] for this thread's rows of a product of `count` rows (the partition `product` used).
+static const int CLAIMED_ROWS = 32;  // a long pass's unit of rows: whole packed blocks (16 or 32) and low-bit blocks
+
+// y = W x for T tokens, rows first..first+count-1 of W going to y[t * ys + 0..count), by the whole team. Up to
+// SHORT_PASS tokens each thread takes its fixed share (row_unit's multiples; their writers fixed, see add_my_rows);
+// a long pass's threads claim CLAIMED_ROWS rows at a time until none are left, so that one slowed core does not
+// hold the other at the next barrier, and all rows are done when it returns. A row's sums do not depend on who
+// computes it.
+static void product(const Mat& m, const Acts& a, int T, float* y, int ys, int first, int count) {
+    if (T > SHORT_PASS) {
+#pragma omp for schedule(dynamic)
+        for (int u = 0; u < (count + CLAIMED_ROWS - 1) / CLAIMED_ROWS; u++)
+            rows_of(m, a, T, y, ys, first, u * CLAIMED_ROWS, (u + 1) * CLAIMED_ROWS < count ? (u + 1) * CLAIMED_ROWS : count);
+        return;
+    }
+    int r0, r1;
+    my_share(count, row_unit(m), &r0, &r1);
+    rows_of(m, a, T, y, ys, first, r0, r1);
+}
+
+// x[t][r] += y[t][r] for this thread's rows of a product of `count` rows (the partition `product` used for a short
+// pass; a long pass's product ends when all its rows are done).
 static void add_my_rows(const Mat& m, const float* y, int ys, float* x, int xs, int T, int count) {
     int r0, r1;
     my_share(count, row_unit(m), &r0, &r1);
