@@ -1600,15 +1600,16 @@ static void attend_queries(const Dims& D, const float* qkv, int qkv_stride, cons
     }
 }
 
-// Attention of a long pass: units of (KV head, block of QUERY_BLOCK queries) shared out among the threads.
+// Attention of a long pass: units of (KV head, block of QUERY_BLOCK queries), claimed by the threads one at a time,
+// the latest queries first (a unit's cost grows with its queries' positions: the largest first, the smallest fill
+// in at the end). The caller's barrier ends it.
 static void attend_long(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* kl, const uint16_t* vl,
                         int64_t head_stride, int pos0, int T, const Scratch& s, float* att, int att_stride) {
     const int blocks = (T + QUERY_BLOCK - 1) / QUERY_BLOCK, G = D.n_heads / D.n_kv_heads, hd = D.head_dim;
-    int u0, u1;
-    my_share(blocks * D.n_kv_heads, 1, &u0, &u1);
     float* work = s.work + (int64_t)omp_get_thread_num() * s.work_stride;
-    for (int u = u0; u < u1; u++) {
-        const int kv = u / blocks, qb = u % blocks;
+#pragma omp for schedule(dynamic) nowait
+    for (int u = 0; u < blocks * D.n_kv_heads; u++) {
+        const int kv = u % D.n_kv_heads, qb = blocks - 1 - u / D.n_kv_heads;
         const int q0 = qb * QUERY_BLOCK, q1 = q0 + QUERY_BLOCK < T ? q0 + QUERY_BLOCK : T;
         attend_queries(D, qkv + kv * G * hd, qkv_stride, kl + kv * head_stride, vl + kv * head_stride, pos0, q0, q1,
                        work, att + kv * G * hd, att_stride);
