@@ -1752,11 +1752,7 @@ static int64_t fp32_input_floats(const Dims& D, int T) {
 
 // Floats of one thread's packed rows in a long pass of T tokens at once (none where its products keep the tiles).
 static int64_t pack_floats(const Dims& D, int T) {
-#ifdef RIVER_AVX512
-    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
-#else
-    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;
-#endif
+    return T > SHORT_PASS ? (int64_t)PACK_ROWS * widest_input(D) / 2 + 16 : 0;  // (k / 2, PACK_ROWS) 32-bit pairs
 }
 
 // Floats of a pass's intermediates: a chunk's per-token buffers, the activations of one product, a short pass's
