@@ -948,7 +948,8 @@ static void product(const Mat& m, const Acts& a, int T, float* y, int ys, int fi
     if (T > SHORT_PASS) {
 #pragma omp for schedule(dynamic)
         for (int u = 0; u < (count + CLAIMED_ROWS - 1) / CLAIMED_ROWS; u++)
-            rows_of(m, a, T, y, ys, first, u * CLAIMED_ROWS, (u + 1) * CLAIMED_ROWS < count ? (u + 1) * CLAIMED_ROWS : count);
+            rows_of(m, a, T, y, ys, first, u * CLAIMED_ROWS,
+                    (u + 1) * CLAIMED_ROWS < count ? (u + 1) * CLAIMED_ROWS : count);
         return;
     }
     int r0, r1;
@@ -1072,18 +1073,19 @@ static inline void weighted_values8(const float* w, const uint16_t* v, int hd, i
 #endif
 
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
-// positions of tile `tile` (up to pos). For each head: its max score, its sum of exp(score - max) and its output
-// sum of exp(score - max) * v, written to part (G * (hd + 2) floats). Scores, AVX-512: each query split into two bf16
-// parts (q = high + low to 16 bits), each multiplied with the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes,
-// the lanes of 16 positions summed together (sums16); AVX2: the fp32 query against each key's dims (a shift and a
-// mask split them), 4 keys' sums added across together (sums4). Outputs: fp32 weights times the values, each value
-// converted once for up to 4 heads. work: G * (hd + 2 TILE) floats.
+// positions of tile `tile` (up to pos). For each head: its max score, its sum of 2^(score - max) and its output
+// sum of 2^(score - max) * v (scores in log2 units: their scale carries log2 e), written to part (G * (hd + 2)
+// floats). Scores, AVX-512: each query split into two bf16 parts (q = high + low to 16 bits), each multiplied with
+// the bf16 keys in exact pairs (vdpbf16ps) into fp32 lanes, the lanes of 16 positions summed together (sums16);
+// AVX2: the fp32 query against each key's dims (a shift and a mask split them), 4 keys' sums added across together
+// (sums4). Outputs: fp32 weights times the values, each value converted once for up to 4 heads. work: G * (hd + 2
+// TILE) floats.
 static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const uint16_t* V, int pos, int tile,
                         float* work, float* part) {
     const int hd = D.head_dim, G = D.n_heads / D.n_kv_heads;
     const int p0 = tile * TILE, p1 = (tile + 1) * TILE < pos + 1 ? (tile + 1) * TILE : pos + 1, n = p1 - p0;
     const float scale = LOG2E / sqrtf((float)hd);  // weights 2^(s - max)
-    float* scores = work + G * hd;     // (G, TILE), then the weights exp(score - max)
+    float* scores = work + G * hd;     // (G, TILE), then the weights 2^(score - max)
 #ifdef RIVER_AVX512
     const int pairs = hd / 2;
     uint16_t* qh = (uint16_t*)work;    // (G, hd) the query heads' high and low bf16 parts
@@ -1201,7 +1203,7 @@ static inline int tiles_upto(int pos) { return pos / TILE + 1; }
 
 // Attention of a short pass (T <= SHORT_PASS tokens at positions pos0..pos0+T-1, each over the cache up to itself):
 // units of (token, KV head, tile of positions) shared out among the threads, then each (token, head) merged over its
-// tiles in order: out = sum_tiles e^(max_tile - max) out_tile / sum_tiles e^(max_tile - max) sum_tile. The units and
+// tiles in order: out = sum_tiles 2^(max_tile - max) out_tile / sum_tiles 2^(max_tile - max) sum_tile. The units and
 // the merge do not depend on T or on the thread count.
 static void attend_short(const Dims& D, const float* qkv, int qkv_stride, const uint16_t* kl, const uint16_t* vl,
                          int64_t head_stride, int pos0, int T, const Scratch& s, float* att, int att_stride) {
@@ -1520,7 +1522,7 @@ static int64_t long_unit_floats(const Dims& D) {
 }
 
 // The online softmax's step over a key block (keys k0..k0+kn-1, scores in a.St) for a tile's rows: the running max
-// raised, the rescale e^(m_old - m_new) of what came before, the probabilities e^(s - m) rounded to bf16 into a.P,
+// raised, the rescale 2^(m_old - m_new) of what came before, the probabilities 2^(s - m) rounded to bf16 into a.P,
 // the sum grown by them (the rounded ones, so that the output is their weighted mean). Keys past a row's position
 // are masked for it where the block reaches past the unit's first query (`diagonal`).
 static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
