@@ -192,8 +192,8 @@ static inline F exp_lanes(F x) {
 template <typename F, typename I>
 static inline F exp2_lanes(F x) {
     x = x < -125.0f ? F{} - 125.0f : x;
-    const F t = x + 12582912.0f;  // 1.5 * 2^23: x rounded to an integer n, kept in t's low mantissa bits
-    const F f = x - (t - 12582912.0f);
+    const F t = x + 12583039.0f;  // 1.5 * 2^23 + 127: x rounded to an integer n, t's low mantissa bits n + 127
+    const F f = x - (t - 12583039.0f);
     F p = 9.67151299e-3f + f * 1.32647261e-3f;  // 2^f = 1 + f (c1 + f (c2 + ...))
     p = 5.55073358e-2f + f * p;
     p = 2.40222424e-1f + f * p;
@@ -201,7 +201,7 @@ static inline F exp2_lanes(F x) {
     p = 1.0f + f * p;
     I bits;
     memcpy(&bits, &t, sizeof(F));
-    const I e = (bits + 127) << 23;  // t's bits are 0x4b400000 + n: shifted, only n + 127 stays, as the exponent
+    const I e = bits << 23;  // t's bits are 0x4b400000 + n + 127: shifted, only n + 127 stays, as the exponent
     F scale;
     memcpy(&scale, &e, sizeof(F));
     return p * scale;
@@ -994,12 +994,14 @@ static inline f32x16 dot_pairs(f32x16 acc, u32x16 a, u32x16 b) {
     return (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
 }
 #endif
-// Lanes rounded to bf16 (to nearest even; finite inputs), as bf16 bits in the low halves.
+// Lanes rounded to bf16 (to nearest even; finite inputs): as fp32 bits (low halves zero), or as bf16 bits.
 template <typename F, typename U>
-static inline U bf16_bits_of(F x) {
+static inline U bf16_rounded(F x) {
     const U u = (U)x;
-    return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+    return (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
 }
+template <typename F, typename U>
+static inline U bf16_bits_of(F x) { return bf16_rounded<F, U>(x) >> 16; }
 static inline u32x16 bf16_bits(f32x16 x) { return bf16_bits_of<f32x16, u32x16>(x); }
 
 // The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
@@ -1317,8 +1319,9 @@ static inline void store_query(float* Q, int rows, int r, int c, const float* q)
     ((uint32_t*)Q)[(int64_t)c * rows + r] = to_bf16(q[2 * c]) | (uint32_t)to_bf16(q[2 * c + 1]) << 16;
 }
 
-static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p) {  // keys j, j + 1: rows v..
-    store_as((uint32_t*)P + (j / 2) * rows + v, p);
+// Keys j and j + 1's probabilities (bf16-rounded fp32 bits) for rows v..: one bf16 pair each.
+static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p0, SoftU p1) {
+    store_as((uint32_t*)P + (j / 2) * rows + v, p0 >> 16 | p1);
 }
 
 // A key block's operands: its values (kn, hd) as pairs of keys, the missing odd one zero.
@@ -1443,9 +1446,9 @@ static inline void store_query(float* Q, int rows, int r, int c, const float* q)
     Q[(int64_t)(2 * c + 1) * rows + r] = bf16_value(to_bf16(q[2 * c + 1]));
 }
 
-static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p) {
-    store_as(P + j * rows + v, (SoftF)(p << 16));
-    store_as(P + (j + 1) * rows + v, (SoftF)(p & 0xffff0000u));
+static inline void store_probabilities(float* P, int64_t rows, int j, int v, SoftU p0, SoftU p1) {
+    store_as(P + j * rows + v, (SoftF)p0);
+    store_as(P + (j + 1) * rows + v, (SoftF)p1);
 }
 
 // Rows 0..n-1 of x (bf16, hd apart) as fp32 into out, rows n..padded-1 zero.
@@ -1553,9 +1556,9 @@ static void block_softmax(const RowTile& a, int k0, int kn, bool diagonal) {
                 e1 = exp2_lanes<SoftF, SoftI>(s1 - mx);
                 if (diagonal) e1 = s1 == none ? SoftF{} : e1;
             }
-            const SoftU p = bf16_bits_of<SoftF, SoftU>(e0) | bf16_bits_of<SoftF, SoftU>(e1) << 16;
-            store_probabilities(a.P, rows, j, v, p);
-            total += (SoftF)(p << 16) + (SoftF)(p & 0xffff0000u);
+            const SoftU p0 = bf16_rounded<SoftF, SoftU>(e0), p1 = bf16_rounded<SoftF, SoftU>(e1);
+            store_probabilities(a.P, rows, j, v, p0, p1);
+            total += (SoftF)p0 + (SoftF)p1;
         }
         store_as(a.l + v, load_as<SoftF>(a.l + v) * rs + total);
         store_as(a.m + v, mx);
