@@ -675,26 +675,21 @@ typedef uint16_t PackedInput;  // the tokens' bf16 inputs as they are
 #else
 typedef float PackedInput;     // the tokens' inputs converted to fp32 (prepare, Acts.xf)
 #endif
+// The last n < PACK_TOKENS tokens: packed_tile<n>, instantiated only for the sizes this ISA's tiles leave.
+template <int TT>
+static inline void packed_rest(const uint32_t* p, int pairs, const PackedInput* x, int xs, float* y, int ys, int n) {
+    if (n == TT)
+        packed_tile<TT>(p, pairs, x, xs, y, ys);
+    else if constexpr (TT > 1)
+        packed_rest<TT - 1>(p, pairs, x, xs, y, ys, n);
+}
+
 static void packed_tokens(const uint32_t* p, int pairs, const PackedInput* xb, int xs, int token_step, float* y, int ys,
                           int T) {
     int t = 0;
     for (; t + PACK_TOKENS <= T; t += PACK_TOKENS)
         packed_tile<PACK_TOKENS>(p, pairs, xb + (int64_t)t * token_step, xs, y + (int64_t)t * ys, ys);
-    const PackedInput* x = xb + (int64_t)t * token_step;
-    float* out = y + (int64_t)t * ys;
-    switch (T - t) {
-        case 1: packed_tile<1>(p, pairs, x, xs, out, ys); break;
-        case 2: packed_tile<2>(p, pairs, x, xs, out, ys); break;
-        case 3: packed_tile<3>(p, pairs, x, xs, out, ys); break;
-        case 4: packed_tile<4>(p, pairs, x, xs, out, ys); break;
-        case 5: packed_tile<5>(p, pairs, x, xs, out, ys); break;
-        case 6: packed_tile<6>(p, pairs, x, xs, out, ys); break;
-        case 7: packed_tile<7>(p, pairs, x, xs, out, ys); break;
-        case 8: packed_tile<8>(p, pairs, x, xs, out, ys); break;
-        case 9: packed_tile<9>(p, pairs, x, xs, out, ys); break;
-        case 10: packed_tile<10>(p, pairs, x, xs, out, ys); break;
-        case 11: packed_tile<11>(p, pairs, x, xs, out, ys); break;
-    }
+    packed_rest<PACK_TOKENS - 1>(p, pairs, xb + (int64_t)t * token_step, xs, y + (int64_t)t * ys, ys, T - t);
 }
 
 // Rows r0..r1 of a bf16 matrix for tokens 0..T-1: y[t * ys + r]. Each weight tile is loaded once for all the tokens
