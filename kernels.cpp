@@ -995,9 +995,7 @@ static inline U bf16_rounded(F x) {
     const U u = (U)x;
     return (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
 }
-template <typename F, typename U>
-static inline U bf16_bits_of(F x) { return bf16_rounded<F, U>(x) >> 16; }
-static inline u32x16 bf16_bits(f32x16 x) { return bf16_bits_of<f32x16, u32x16>(x); }
+static inline u32x16 bf16_bits(f32x16 x) { return bf16_rounded<f32x16, u32x16>(x) >> 16; }
 
 // The pairs (bf16 values 2i, 2i + 1) of a row of `pairs` pairs from i = c on, zero past its end.
 static inline u32x16 pairs_at(const uint16_t* row, int c, int pairs) {
