@@ -608,28 +608,35 @@ static inline void packed_tile(const uint32_t* p, int pairs, const uint16_t* xb,
 // need one register more than AVX2 has and GCC spills: 5 tokens, 10-20% faster than either, 2026-12-03, Zen 3.)
 static const int PACK_ROWS = 16, PACK_TOKENS = 5;  // 10 sums, 2 weight vectors, a mask and a broadcast
 
+// r[i] lane j <- r[j] lane i, for 8 vectors of 8 32-bit lanes: pairs, then quads, then 128-bit halves swapped.
+static inline void transpose8(__m256i r[8]) {
+    __m256i t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
 // PACK_ROWS rows of k inputs (k a multiple of 16) -> p (k / 2, PACK_ROWS) input pairs: 8 x 8 transposes of 32 bits.
 static void pack_rows(const uint16_t* w, int k, uint32_t* p) {
     for (int h = 0; h < PACK_ROWS / 8; h++)
         for (int c = 0; c < k / 2; c += 8) {
-            __m256i r[8], t[8];
+            __m256i r[8];
             for (int i = 0; i < 8; i++)
                 r[i] = _mm256_loadu_si256((const __m256i*)((const uint32_t*)(w + (int64_t)(8 * h + i) * k) + c));
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-                r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-                r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-                r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-            }
-            for (int i = 0; i < 4; i++) {
-                t[i] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x20);
-                t[i + 4] = _mm256_permute2x128_si256(r[i], r[i + 4], 0x31);
-            }
-            for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i*)(p + (int64_t)(c + i) * PACK_ROWS + 8 * h), t[i]);
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i*)(p + (int64_t)(c + i) * PACK_ROWS + 8 * h), r[i]);
         }
 }
 
