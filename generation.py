@@ -52,10 +52,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def greedy(logits):
+    """The id of the largest of (vocab,) logits, as torch.argmax picks it (the first of equal maxima, a NaN above
+    all): on CPU through numpy, whose argmax scans a 49152-word row in ~9 us where torch's takes ~120 (a decode step
+    of the bundled model is 5 to 12 ms)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return int((logits.detach() if logits.requires_grad else logits).numpy().argmax())
+    return int(logits.argmax())
+
+
 def sample(logits, temperature, top_p, generator):
     """Next id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
     if temperature == 0:
-        return int(logits.argmax())
+        return greedy(logits)
     sorted_probs, order = sorted_nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
 

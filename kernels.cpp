@@ -1853,11 +1853,14 @@ extern "C" int64_t river_forward_scratch_floats(const Dims* dims, int T, int pos
 // T tokens at positions pos..pos+T-1 through the model: embedding, backbone blocks until the exit rule says leave
 // (one depth for the pass: the minimum similarity over its tokens), river copies of the rest, final norm and LM head
 // into logits (the last token's (vocab,), or every token's (T, vocab) with all_logits); one thread team, no return
-// to Python between blocks. Returns the number of backbone blocks run. similarity (n_layers,), never null: s_l of
-// every backbone block run (its minimum over the tokens), when the rule checks it.
-extern "C" int river_forward(const Model* m, const int32_t* tokens, int T, int pos, const Cache* cache,
+// to Python between blocks. Returns the number of backbone blocks run, or -1, having written nothing, where a token
+// id is not a row of the embedding (as many as the head's). similarity (n_layers,), never null: s_l of every
+// backbone block run (its minimum over the tokens), when the rule checks it.
+extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int pos, const Cache* cache,
                              const Exit* rule, float* scratch, float* logits, int all_logits, float* similarity,
                              int threads) {
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->head.n) return -1;
     const Dims D = m->dims;
     const int n = m->n_layers, half = D.head_dim / 2, d = D.d;
     int64_t ws;

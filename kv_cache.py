@@ -28,9 +28,22 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv_heads, capacity, head_dim)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Bookkeeping lives on the host in numpy: one tiny write per block per step, no device sync.
-        self.writer = np.zeros((n_layers, capacity), dtype=np.uint8)  # Writer per (layer, position)
-        self.write_count = np.zeros((n_layers, capacity), dtype=np.int32)
+        self._writer = np.zeros((n_layers, capacity), dtype=np.uint8)  # Writer per (layer, position)
+        self._write_count = np.zeros((n_layers, capacity), dtype=np.int32)
         self.capacity = capacity
+        self.passes = []  # native passes recorded but not yet written into the arrays (record_pass)
+
+    @property
+    def writer(self):
+        """(n_layers, capacity) uint8: the Writer of each (layer, position)."""
+        self.settle()
+        return self._writer
+
+    @property
+    def write_count(self):
+        """(n_layers, capacity) int32: how many times each (layer, position) was written."""
+        self.settle()
+        return self._write_count
 
     def check_range(self, start, length):
         if start < 0 or start + length > self.capacity:
@@ -43,6 +56,21 @@ class KVCache:
         end = start + length
         self.writer[layers, start:end] = writer
         self.write_count[layers, start:end] += 1
+
+    def record_pass(self, depth, start, length):
+        """Record a native pass of positions start..start+length-1 through every layer: the backbone's blocks wrote
+        layers 0..depth-1, the river's copies the rest. Kept as a tuple until the record is read: a decode step is a
+        few ms, and three numpy writes right after one, with the caches swept by its weights, cost ~0.1 ms."""
+        self.check_range(start, length)
+        self.passes.append((depth, start, start + length))
+
+    def settle(self):
+        """Write the passes recorded since the last read into the arrays, in order."""
+        for depth, start, end in self.passes:
+            self._writer[:depth, start:end] = Writer.BACKBONE
+            self._writer[depth:, start:end] = Writer.RIVER
+            self._write_count[:, start:end] += 1
+        self.passes.clear()
 
     def claim(self, layer, start, length, writer):
         """Record a write of positions start..start+length-1 of `layer`; return the layer's whole K and V

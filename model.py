@@ -257,6 +257,11 @@ def check_held(held, n_layers):
     return held
 
 
+def token_ids_error(tokens, vocab_size):
+    """The error for ids outside [0, vocab_size): Transformer.embed_tokens' and the native pass's."""
+    return ValueError(f"token ids must lie in [0, {vocab_size}), got {tokens.min().item()}..{tokens.max().item()}")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg, held=None):
         """held: hold only blocks 0 .. held - 1 (default all): a depth-capped River runs the rest as river copies
@@ -306,8 +311,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), "
-                             f"got {tokens.min().item()}..{tokens.max().item()}")
+            raise token_ids_error(tokens, self.cfg.vocab_size)
         return self.embed(tokens)
 
     def head(self, x):

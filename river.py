@@ -20,7 +20,7 @@ from generation import (Generation, check_fits_context, check_generation, check_
                         check_temperature, check_top_p, sample, sync)
 from gptq import CalibrationInputs, load_stored_river, rounded, save_whole, stored_river_path
 from kv_cache import Writer
-from model import check_held
+from model import check_held, token_ids_error
 from speculative import check_draft_length, default_draft_length, check_speculative, generate_speculative
 from quantize import ACTIVATIONS, QuantizedLinear, check_quant_args, quantize_weight
 
@@ -222,6 +222,7 @@ class Engine:
             if lib is not None:
                 self.native = NativeDecoder(lib, model, river)
         self.compiled = compile
+        self.rules_checked = set()  # the exit rules check_rule has passed on this engine
 
     @property
     def path(self):
@@ -243,14 +244,20 @@ class Engine:
             raise ValueError(f"this model holds only its first {held} of {n_layers} backbone blocks: its rule must "
                              f"leave by then (ExitRule.capped({held})), got {rule}")
 
-    @torch.inference_mode()
     def forward(self, tokens, start, cache, rule, all_logits=False):
         """tokens (B, T) at positions start..start+T-1 -> (logits, backbone blocks run). Logits are (B, 1, vocab) for
         the last token, or (B, T, vocab) with all_logits: a prefill only needs the last. A prefill (T > 1) leaves at
         one depth for all its tokens: the rule sees the minimum over them."""
-        self.check_rule(rule)
+        if not isinstance(rule, ExitRule) or rule not in self.rules_checked:  # a decode loop brings one rule each step
+            self.check_rule(rule)
+            self.rules_checked.add(rule)
         if self.native is not None and tokens.shape[0] == 1 and cache is not None:
-            return self.native.forward(tokens, start, cache, rule, all_logits)
+            return self.native.forward(tokens, start, cache, rule, all_logits)  # no autograd there to switch off
+        return self.torch_forward(tokens, start, cache, rule, all_logits)
+
+    @torch.inference_mode()
+    def torch_forward(self, tokens, start, cache, rule, all_logits=False):
+        """Engine.forward through PyTorch's modules, block by block."""
         model, n_layers = self.model, self.model.cfg.n_layers
         x = model.embed_tokens(tokens).to(self.act_dtype)                     # h_0: (B, T, d_model)
         pos = model.positions(start, tokens.shape[1], cache, self.act_dtype)
@@ -333,6 +340,7 @@ class NativeDecoder:
         self.decoder = decoder(model.lm_head.weight)
         # the river's head, for passes that may leave the backbone (Engine.head)
         self.river_decoder = self.decoder if river is None or river.head is None else decoder(matrix_of(river.head))
+        self.exits = {}  # ExitRule -> its C struct, filled once (a decode step runs the same rule again and again)
 
     @staticmethod
     def unsupported(model, river):
@@ -355,11 +363,14 @@ class NativeDecoder:
             raise ValueError("a pass needs at least one token")
         cache.check_range(start, T)  # before the kernel writes
         decoder = self.decoder if rule.whole_backbone else self.river_decoder
-        logits, depth = decoder.forward(tokens[0], start, cache.k, cache.v, native_exit(rule, self.model),
-                                        torch.get_num_threads(), all_logits, similarity)
-        cache.record(slice(0, depth), start, T, Writer.BACKBONE)
-        cache.record(slice(depth, None), start, T, Writer.RIVER)
-        return logits.view(1, -1, logits.shape[-1]), depth
+        if rule not in self.exits:
+            self.exits[rule] = native_exit(rule, self.model)
+        logits, depth = decoder.forward(tokens[0], start, cache.k, cache.v, self.exits[rule], torch.get_num_threads(),
+                                        all_logits, similarity)
+        if depth < 0:  # the kernel checks the ids before anything else, and ran nothing
+            raise token_ids_error(tokens, self.model.cfg.vocab_size)
+        cache.record_pass(depth, start, T)
+        return logits, depth
 
 
 def native_exit(rule, model):

@@ -15,6 +15,7 @@ import plots
 from calibrate import humaneval_problems, quality_sequences, teacher_forced
 from cli import check_argument, reading_files
 from exit_policy import NEVER, ExitRule, similarity
+from generation import greedy
 from kernels import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
 from measure import block_split_us, exit_histogram, log, machine_info, seconds
@@ -125,7 +126,7 @@ def decode(engine, cache, start, token, rules):
     for i, rule in enumerate(rules):
         t = time.perf_counter()
         logits, depth = engine.forward(torch.tensor([[token]], device=engine.model.device), start + i, cache, rule)
-        token = int(logits[0, -1].argmax())  # reads the logits: syncs
+        token = greedy(logits[0, -1])  # reads the logits: syncs
         times.append(time.perf_counter() - t)
         depths.append(depth)
     return times, depths
@@ -151,7 +152,7 @@ def prefill(engine, prompt, capacity):
     cache = engine.model.new_cache(capacity)
     t = time.perf_counter()
     logits, _ = engine.forward(torch.tensor([prompt], device=engine.model.device), 0, cache, NEVER)
-    return cache, int(logits[0, -1].argmax()), time.perf_counter() - t
+    return cache, greedy(logits[0, -1]), time.perf_counter() - t
 
 
 # --------------------------------------------------------------------------------------------- bandwidth model

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from exit_policy import NEVER, ExitRule
-from generation import Generation, check_generation, nucleus, sync
+from generation import Generation, check_generation, greedy, nucleus, sync
 
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
@@ -155,13 +155,13 @@ class Chooser:
 
     def sample(self, logits):
         if self.temperature == 0:
-            return int(logits.argmax())
+            return greedy(logits)
         return int(torch.multinomial(self.distribution(logits), 1, generator=self.generator))
 
     def draft(self, logits):
         """A drafted token and the distribution it was drawn from (None when greedy)."""
         if self.temperature == 0:
-            return int(logits.argmax()), None
+            return greedy(logits), None
         probs = self.distribution(logits)
         return int(torch.multinomial(probs, 1, generator=self.generator)), probs
 
@@ -171,7 +171,7 @@ class Chooser:
         kept = []
         for i, token in enumerate(drafted):
             if self.temperature == 0:
-                choice = int(logits[i].argmax())
+                choice = greedy(logits[i])
                 if choice != token:
                     return kept + [choice]
             else:

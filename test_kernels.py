@@ -443,6 +443,28 @@ def test_the_native_decoder_refuses_a_rule_deeper_than_its_blocks(isa):
     assert held.native.forward(torch.tensor([[1]]), 0, cache, after(2))[1] == 2
 
 
+@each_isa_here
+def test_a_native_pass_refuses_token_ids_outside_the_vocabulary(isa):
+    """The kernel reads each id's row of the embedding: an id outside [0, vocab) is refused as the torch path refuses
+    it, before anything runs (a step, or a prompt with one bad id among good ones), and the cache is not written;
+    ids in another integer type or a strided view run as the same ids in int64."""
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
+                      max_seq_len=16)
+    model = tiny_model(cfg, 0, torch.bfloat16)
+    engine, plain = Engine(model, ExitRiver(model, 4, 32), native=isa), Engine(model, native=False)
+    assert engine.native is not None
+    cache = model.new_cache(8)
+    for bad in ([[64]], [[-1]], [[2**40]], [[3, 1, 64, 1]], [[-5, 2]]):
+        for e, rule in ((engine, NEVER), (engine, similarity(0.5)), (plain, NEVER)):
+            with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
+                e.forward(torch.tensor(bad), 0, cache, rule)
+    assert not cache.k.any() and (cache.writer == Writer.EMPTY).all()
+    logits = [engine.forward(ids, 0, model.new_cache(8), NEVER)[0] for ids in
+              (torch.tensor([[3, 1, 4]]), torch.tensor([[3, 1, 4]], dtype=torch.int32),
+               torch.tensor([[3, 9, 1, 9, 4]])[:, ::2])]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
 def test_native_decode_equals_the_torch_path_on_the_bundled_model():
     """Teacher-forced over two HumanEval prompts (each prefilled by one native pass), River at the default tau:
     logits within a few bf16 units of the same arithmetic in plain torch at every position, and the same exit depth

@@ -19,6 +19,7 @@ import river as river_module
 from conftest import (PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer, holding_first_blocks,
                       reference_forward, step_similarities, tiny_configs, tiny_model, tiny_river, write_checkpoint)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
+from generation import greedy
 from kv_cache import KVCache, Writer
 from load_weights import load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
@@ -223,6 +224,41 @@ def test_quantized_mode_equals_a_decoder_built_from_dequantized_weights(cfg, bit
     assert depth == 0
     # bf16 activations inside the low-bit kernels set the tolerance.
     assert_close_bf16(got, dequantized(tokens))
+
+
+def test_a_native_pass_record_reads_as_the_same_writes_made_one_by_one():
+    """KVCache.record_pass keeps a native pass's record until the record is read: after passes, a drop and a block's
+    own record between them, the arrays equal those of the same writes recorded one layer at a time as they came."""
+    lazy, eager = (KVCache(n_layers=3, n_kv_heads=1, head_dim=4, capacity=8) for _ in range(2))
+    history = [("pass", 3, 0, 4), ("pass", 1, 4, 1), ("pass", 0, 5, 2), ("drop", 5), ("block", 2, 5, 1),
+               ("pass", 2, 5, 3), ("pass", 3, 4, 1)]
+    for event in history:
+        if event[0] == "pass":
+            _, depth, start, length = event
+            lazy.record_pass(depth, start, length)
+            for layer in range(3):
+                eager.record(layer, start, length, Writer.BACKBONE if layer < depth else Writer.RIVER)
+        elif event[0] == "drop":
+            lazy.drop(event[1])
+            eager.drop(event[1])
+        else:
+            for cache in (lazy, eager):
+                cache.record(*event[1:], Writer.PROPAGATED)
+    assert lazy.passes, "the last passes wait for a read"
+    np.testing.assert_array_equal(lazy.writer, eager.writer)
+    np.testing.assert_array_equal(lazy.write_count, eager.write_count)
+    assert not lazy.passes
+    with pytest.raises(IndexError, match="outside its capacity 8"):
+        lazy.record_pass(1, 7, 2)
+    assert (lazy.writer == eager.writer).all(), "a refused pass must leave the record untouched"
+
+
+@PROPERTY
+@given(values=st.lists(st.sampled_from([-1.0, 0.0, 2.5, math.inf, -math.inf, math.nan]), min_size=1, max_size=40))
+def test_greedy_picks_what_torch_argmax_picks(values):
+    """generation.greedy (numpy's argmax on CPU) against torch.argmax: the first of equal maxima, a NaN above all."""
+    logits = torch.tensor(values)
+    assert greedy(logits) == int(logits.argmax())
 
 
 def test_sampling_is_reproducible_and_top_p_narrows_to_greedy():
