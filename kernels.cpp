@@ -980,10 +980,11 @@ static void add_my_rows(const Mat& m, const float* y, int ys, float* x, int xs, 
 struct Scratch {
     float *xn, *qkv, *att, *y, *gate, *up, *hidden;  // per token of a chunk
     Acts acts;
-    float* partial;  // a short pass's attention: per token, query head and tile, (max, sum, output)
+    float* partial;  // a short pass's attention (or a long chunk's last token's): per token, query head and tile,
+                     // (max, sum, output)
+    int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
     float* work;     // each thread's attention work area
     int64_t work_stride;
-    int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
 // bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair by pair into an fp32 lane, the high
@@ -1695,10 +1696,13 @@ static void prepare_tokens(const Mat& m, const float* x, int xs, const float* no
     }
 }
 
-// Block layer `l` on the T tokens of a chunk at positions pos0.., x (T, d) in place, attending over cache layer l
-// (which the block writes at their positions first). Called by every thread of the team.
-static void team_block(const Dims& D, const Layer& L, int l, float* x, int pos0, int T, const Cache& c, const Rope& r,
-                       const Scratch& s) {
+// Block layer `l` on the T tokens of a chunk at positions pos0.., attending over cache layer l (which the block writes
+// at their positions first): x (T, d) in place from token `from` on; the tokens before it only write their K/V (the
+// model's last block, whose outputs past the last token nobody reads, as llama.cpp prunes it). Called by every
+// thread of the team. A short pass's tokens, and a long pass's last token when the rest are pruned, attend token by
+// token as a decode step does.
+static void team_block(const Dims& D, const Layer& L, int l, float* x, int pos0, int T, int from, const Cache& c,
+                       const Rope& r, const Scratch& s) {
     const int hd = D.head_dim, q_dim = D.n_heads * hd, qkv_dim = q_dim + 2 * D.n_kv_heads * hd, d = D.d;
     const uint16_t* kl = c.k + l * c.layer_stride;
     const uint16_t* vl = c.v + l * c.layer_stride;
@@ -1708,10 +1712,13 @@ static void team_block(const Dims& D, const Layer& L, int l, float* x, int pos0,
 #pragma omp barrier
     rotate_and_store(D, s.qkv, qkv_dim, c, l, pos0, T, r);
 #pragma omp barrier
-    if (s.short_pass)
-        attend_short(D, s.qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
+    if (from >= T) return;
+    x += (int64_t)from * d, pos0 += from, T -= from;  // the tokens whose outputs are read, over the whole cache
+    const float* qkv = s.qkv + (int64_t)from * qkv_dim;
+    if (s.short_pass || from > 0)
+        attend_short(D, qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
     else
-        attend_long(D, s.qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
+        attend_long(D, qkv, qkv_dim, kl, vl, c.head_stride, pos0, T, s, s.att, q_dim);
 #pragma omp barrier
     prepare_tokens(L.o, s.att, q_dim, nullptr, 0, nullptr, s.acts, T);
 #pragma omp barrier
@@ -1735,14 +1742,15 @@ static void team_block(const Dims& D, const Layer& L, int l, float* x, int pos0,
 #pragma omp barrier
 }
 
-// Blocks first..last-1 of `layers` on a pass of T tokens at pos0.., x (T, d) in place, CHUNK tokens at a time.
+// Blocks first..last-1 of `layers` on a pass of T tokens at pos0.., x (T, d) in place, CHUNK tokens at a time; the
+// last of them updates x only from token last_from on (0: every token).
 static void team_blocks(const Dims& D, const Layer* layers, int first, int last, float* x, int pos0, int T,
-                        const Cache& c, const Rope& r, const Scratch& s) {
+                        int last_from, const Cache& c, const Rope& r, const Scratch& s) {
     for (int l = first; l < last; l++)
         for (int t = 0; t < T; t += CHUNK) {
-            const int n = T - t < CHUNK ? T - t : CHUNK;
+            const int n = T - t < CHUNK ? T - t : CHUNK, from = l == last - 1 && last_from > t ? last_from - t : 0;
             const Rope chunk{r.cos + (int64_t)t * r.half, r.sin + (int64_t)t * r.half, r.half};
-            team_block(D, layers[l], l, x + (int64_t)t * D.d, pos0 + t, n, c, chunk, s);
+            team_block(D, layers[l], l, x + (int64_t)t * D.d, pos0 + t, n, from, c, chunk, s);
         }
 }
 
@@ -1771,7 +1779,7 @@ static int64_t pack_floats(const Dims& D, int T) {
 static int64_t chunk_floats(const Dims& D, int T, int last_pos, int threads, int64_t* work_stride) {
     const int n = T < CHUNK ? T : CHUNK, hd = D.head_dim, G = D.n_heads / D.n_kv_heads, w = widest_input(D);
     const int qkv = (D.n_heads + 2 * D.n_kv_heads) * hd;
-    const int64_t partial = n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (hd + 2) : 0;
+    const int64_t partial = (int64_t)(n <= SHORT_PASS ? n : 1) * D.n_heads * tiles_upto(last_pos) * (hd + 2);
     const int64_t short_work = (int64_t)G * (hd + 2 * TILE) + G * (hd + 2), long_work = long_unit_floats(D);
     *work_stride = (short_work > long_work ? short_work : long_work) + 16;
     const int64_t acts = floats_of_bytes((int64_t)n * w * 2) * 3 + 2 * (int64_t)n * (w / 32 + 1) + 64 +
@@ -1803,7 +1811,7 @@ static Scratch carve(const Dims& D, int T, int last_pos, int threads, float* p) 
     s.acts.sum = p;               p += (int64_t)n * s.acts.group_stride + 64;
     s.acts.pack_stride = pack_floats(D, n);
     s.acts.pack = (uint32_t*)p;   p += threads * s.acts.pack_stride;
-    s.partial = p;                p += n <= SHORT_PASS ? (int64_t)n * D.n_heads * tiles_upto(last_pos) * (D.head_dim + 2) : 0;
+    s.partial = p;                p += (int64_t)(n <= SHORT_PASS ? n : 1) * D.n_heads * tiles_upto(last_pos) * (D.head_dim + 2);
     s.work = p;
     s.short_pass = T <= SHORT_PASS;
     return s;
@@ -1853,9 +1861,10 @@ extern "C" int64_t river_forward_scratch_floats(const Dims* dims, int T, int pos
 // T tokens at positions pos..pos+T-1 through the model: embedding, backbone blocks until the exit rule says leave
 // (one depth for the pass: the minimum similarity over its tokens), river copies of the rest, final norm and LM head
 // into logits (the last token's (vocab,), or every token's (T, vocab) with all_logits); one thread team, no return
-// to Python between blocks. Returns the number of backbone blocks run, or -1, having written nothing, where a token
-// id is not a row of the embedding (as many as the head's). similarity (n_layers,), never null: s_l of every
-// backbone block run (its minimum over the tokens), when the rule checks it.
+// to Python between blocks. Without all_logits the last block computes only the last token's output (every token's
+// K/V still). Returns the number of backbone blocks run, or -1, having written nothing, where a token id is not a
+// row of the embedding (as many as the head's). similarity (n_layers,), never null: s_l of every backbone block run
+// (its minimum over the tokens it updated), when the rule checks it.
 extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int pos, const Cache* cache,
                              const Exit* rule, float* scratch, float* logits, int all_logits, float* similarity,
                              int threads) {
@@ -1888,23 +1897,25 @@ extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int p
             my_share(T, 1, &t0, &t1);
             memcpy(prev + (int64_t)t0 * d, x + (int64_t)t0 * d, sizeof(float) * (t1 - t0) * d);
 #pragma omp barrier
-            team_blocks(D, m->backbone, depth, depth + 1, x, pos, T, *cache, r, s);
+            const int from = depth == n - 1 ? first_out : 0;  // the last block updates only the tokens read after it
+            team_blocks(D, m->backbone, depth, depth + 1, x, pos, T, from, *cache, r, s);
             if (rule->checks)
-                for (int t = t0; t < t1; t++) cosines[t] = cosine(prev + (int64_t)t * d, x + (int64_t)t * d, d);
+                for (int t = t0 > from ? t0 : from; t < t1; t++)
+                    cosines[t] = cosine(prev + (int64_t)t * d, x + (int64_t)t * d, d);
 #pragma omp barrier
 #pragma omp single
             {
                 const int l = depth++;
                 double sim = 0;
                 if (rule->checks) {
-                    sim = cosines[0];
-                    for (int t = 1; t < T; t++) sim = fmin(sim, cosines[t]);
+                    sim = cosines[from];
+                    for (int t = from + 1; t < T; t++) sim = fmin(sim, cosines[t]);
                     similarity[l] = (float)sim;
                 }
                 leave = depth == n || depth >= rule->max_depth || (rule->checks && l >= rule->min_layer && sim > rule->tau);
             }
         }
-        if (depth < n) team_blocks(D, m->river, depth, n, x, pos, T, *cache, r, s);
+        if (depth < n) team_blocks(D, m->river, depth, n, x, pos, T, first_out, *cache, r, s);
         for (int t = first_out; t < T; t += CHUNK) {  // the activations hold a chunk's tokens
             const int chunk = T - t < CHUNK ? T - t : CHUNK;
             prepare_tokens(m->head, x + (int64_t)t * d, d, m->norm, D.eps, xn, s.acts, chunk);
@@ -1966,7 +1977,7 @@ extern "C" void river_run_blocks(const Dims* dims, const Layer* layers, int firs
     const Scratch s = carve(*dims, 1, pos, threads, scratch);
     const Rope r{cos, sin, dims->head_dim / 2};
 #pragma omp parallel num_threads(threads)
-    team_blocks(*dims, layers, first, last, x, pos, 1, *cache, r, s);
+    team_blocks(*dims, layers, first, last, x, pos, 1, 0, *cache, r, s);
 }
 
 // The four weight products of blocks first..last-1 alone, as a one-token pass runs them (inputs prepared, rows

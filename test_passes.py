@@ -39,21 +39,28 @@ def rules(n_layers):
 @pytest.mark.parametrize("shape", range(len(SHAPES)))
 def test_a_native_prefill_equals_the_torch_path_at_every_length_and_depth(isa, shape):
     """One native pass over a prompt against the torch path's: every token's logits to bf16 resolution, the same
-    exit depth (one for the prompt: the minimum over its tokens), the same K/V in every layer and the same record."""
+    exit depth (one for the prompt: the minimum over its tokens), the same K/V in every layer and the same record.
+    Asked for the last token's logits only, the pass prunes its last block to that token: the same depth, K/V and
+    record still, its logits the torch path's last (and, for a short pass, the whole pass's last row bit for bit)."""
     cfg = SHAPES[shape]
     model, river, fast, plain = engines(cfg, shape, isa)
     g = torch.Generator().manual_seed(shape)
     for n in PROMPT_LENGTHS:
         tokens = torch.randint(0, cfg.vocab_size, (1, n), generator=g)
         for rule in rules(cfg.n_layers):
-            caches = [model.new_cache(n) for _ in range(2)]
+            caches = [model.new_cache(n) for _ in range(3)]
             (got, depth), (expected, expected_depth) = (engine.forward(tokens, 0, cache, rule, all_logits=True)
                                                         for engine, cache in zip((fast, plain), caches))
-            assert depth == expected_depth, (n, rule)
+            last, last_depth = fast.forward(tokens, 0, caches[2], rule)
+            assert depth == expected_depth == last_depth, (n, rule)
             assert_close_bf16(got, expected)
-            for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
-                assert_close_bf16(a, b)
-            assert (caches[0].writer == caches[1].writer).all() and (caches[0].write_count == 1).all()
+            assert_close_bf16(last, expected[:, -1:])
+            if n <= 16:
+                assert torch.equal(last, got[:, -1:]), (n, rule)
+            for cache in caches[0], caches[2]:
+                for a, b in ((cache.k, caches[1].k), (cache.v, caches[1].v)):
+                    assert_close_bf16(a, b)
+                assert (cache.writer == caches[1].writer).all() and (cache.write_count == 1).all()
 
 
 @each_isa_here
