@@ -982,9 +982,9 @@ struct Scratch {
     Acts acts;
     float* partial;  // a short pass's attention (or a long chunk's last token's): per token, query head and tile,
                      // (max, sum, output)
-    int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
     float* work;     // each thread's attention work area
     int64_t work_stride;
+    int short_pass;  // the pass has at most SHORT_PASS tokens: attention token by token, as a decode step
 };
 
 // bf16 pairs: a u32 holding two bf16 (the first in its low half), multiplied pair by pair into an fp32 lane, the high

@@ -381,7 +381,7 @@ class Decoder:
         """tokens: (T,) int64 ids at positions pos..pos+T-1 -> (logits, backbone blocks run): the last token's
         (1, 1, vocab) fp32, or with all_logits every token's (1, T, vocab); depth -1, nothing run or written, where
         an id is not in [0, vocab). rule: an Exit. similarity: optional (n_layers,) fp32 tensor that gets s_l (its
-        minimum over the tokens) of every backbone block run, when the rule checks it.
+        minimum over the tokens the block updated) of every backbone block run, when the rule checks it.
         Right after a step has streamed its weights through the CPU's caches each Python statement costs tens of us
         (0.7 ms of Python around a 6 ms step, measured on a Zen 3): so the ids go in as they come, and the cache's
         table and the scratch are kept from one call to the next."""
