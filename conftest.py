@@ -17,7 +17,7 @@ import load_weights
 from kv_cache import Writer
 from load_weights import load_model
 from model import LlamaConfig, Transformer
-from river import ExitRiver
+from river import DEFAULT_EIGHT_BIT_LAYERS, DEFAULT_HEAD_BITS, ExitRiver
 
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -182,6 +182,16 @@ def tiny_model(cfg, seed, dtype=torch.float32):
 def tiny_river(cfg, seed, bits):
     model = tiny_model(cfg, seed)
     return model, ExitRiver(model, bits, 32)
+
+
+def shipped_tiny_river(cfg, seed, dtype=torch.bfloat16):
+    """A tiny model and its river as river.py and bench.py build one by default, in groups of 32: 4-bit copies rounded
+    with GPTQ (here on random token sequences), the last block 8-bit, an 8-bit LM head."""
+    model = tiny_model(cfg, seed, dtype)
+    g = torch.Generator().manual_seed(seed)
+    sequences = tuple(tuple(torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist()) for _ in range(3))
+    return model, ExitRiver(model, 4, 32, eight_bit_layers=DEFAULT_EIGHT_BIT_LAYERS, head_bits=DEFAULT_HEAD_BITS,
+                            calibration=sequences)
 
 
 def holding_first_blocks(model, depth):

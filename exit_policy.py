@@ -45,12 +45,6 @@ class ExitRule:
     def checks_similarity(self):
         return self.tau != math.inf
 
-    @property
-    def whole_backbone(self):
-        """Whether every token runs every backbone block: the backbone's own pass (NEVER), which ends at the model's
-        own LM head; any rule that may leave ends at the river's head."""
-        return not self.checks_similarity and self.max_depth is None
-
     def leaves(self, layer, h_in, h_out):
         """After block `layer` took h_in (B, T, d) to h_out: leave the backbone now?"""
         fires = self.checks_similarity and layer >= self.min_layer and \

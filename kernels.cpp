@@ -1828,7 +1828,8 @@ struct Model {
     const uint16_t* embed;   // (vocab, d) bf16
     const double* inv_freq;  // (head_dim / 2,) RoPE frequencies
     const float* norm;       // (d,) final norm
-    Mat head;                // (vocab, d): bf16 or low-bit
+    Mat head;                // (vocab, d) the model's own LM head, bf16: where a pass that ran every backbone block ends
+    Mat river_head;          // where a pass that left the backbone ends: the river's low-bit copy, or `head` again
 };
 
 // exit_policy.ExitRule as the pass reads it (river.native_exit fills it): after backbone block l, leave when
@@ -1860,7 +1861,7 @@ extern "C" int64_t river_forward_scratch_floats(const Dims* dims, int T, int pos
 
 // T tokens at positions pos..pos+T-1 through the model: embedding, backbone blocks until the exit rule says leave
 // (one depth for the pass: the minimum similarity over its tokens), river copies of the rest, final norm and LM head
-// into logits (the last token's (vocab,), or every token's (T, vocab) with all_logits); one thread team, no return
+// (the model's own after every backbone block, the river's after an exit) into logits (the last token's (vocab,), or every token's (T, vocab) with all_logits); one thread team, no return
 // to Python between blocks. Without all_logits the last block computes only the last token's output (every token's
 // K/V still). Returns the number of backbone blocks run, or -1, having written nothing, where a token id is not a
 // row of the embedding (as many as the head's). similarity (n_layers,), never null: s_l of every backbone block run
@@ -1916,11 +1917,13 @@ extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int p
             }
         }
         if (depth < n) team_blocks(D, m->river, depth, n, x, pos, T, first_out, *cache, r, s);
+        // A pass that never left the backbone ends exactly as the backbone does; only one that left takes the river's.
+        const Mat& head = depth == n ? m->head : m->river_head;
         for (int t = first_out; t < T; t += CHUNK) {  // the activations hold a chunk's tokens
             const int chunk = T - t < CHUNK ? T - t : CHUNK;
-            prepare_tokens(m->head, x + (int64_t)t * d, d, m->norm, D.eps, xn, s.acts, chunk);
+            prepare_tokens(head, x + (int64_t)t * d, d, m->norm, D.eps, xn, s.acts, chunk);
 #pragma omp barrier
-            product(m->head, s.acts, chunk, logits + (int64_t)(t - first_out) * m->head.n, m->head.n, 0, m->head.n);
+            product(head, s.acts, chunk, logits + (int64_t)(t - first_out) * head.n, head.n, 0, head.n);
 #pragma omp barrier
         }
     }

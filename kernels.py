@@ -131,7 +131,8 @@ class Cache(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [("dims", Dims), ("n_layers", ctypes.c_int32), ("backbone", ctypes.c_void_p), ("river", ctypes.c_void_p),
-                ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Mat)]
+                ("embed", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", Mat),
+                ("river_head", Mat)]
 
 
 class Exit(ctypes.Structure):
@@ -355,11 +356,12 @@ def grown(buffer, floats):
 class Decoder:
     """A model's pass of T tokens in one native call (river_forward): embedding, backbone blocks with the exit rule,
     river copies, final norm and LM head. Takes tensors only: bf16 embedding (vocab, d), RoPE frequencies
-    (head_dim / 2,) float64, final norm (d,), the LM head (bf16, or a low-bit tuple: see `matrix`), and per block the
-    dicts Stack takes. With a river, the backbone may hold only its first blocks (a depth-capped River): every rule
-    must leave by then."""
+    (head_dim / 2,) float64, final norm (d,), the model's LM head (bf16), the river's (a low-bit tuple, see `matrix`;
+    None: the model's serves both), and per block the dicts Stack takes. A pass that ran every backbone block ends at
+    the model's head, one that left at the river's. With a river, the backbone may hold only its first blocks (a
+    depth-capped River): every rule must leave by then."""
 
-    def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head):
+    def __init__(self, lib, dims, backbone, river, embed, inv_freq, norm, head, river_head=None):
         self.lib, self.dims = lib, dims
         self.backbone = Stack(lib, dims, backbone)
         self.river = Stack(lib, dims, river) if river is not None else None
@@ -370,9 +372,12 @@ class Decoder:
         if len(backbone) > n_layers:
             raise ValueError(f"{len(backbone)} backbone blocks but a river of {n_layers}")
         self.head = matrix(head, self.keep)
+        self.river_head = self.head if river_head is None else matrix(river_head, self.keep)
+        if self.river_head.n != self.head.n:
+            raise ValueError(f"the river's head has {self.river_head.n} rows, the model's {self.head.n}")
         self.model = Model(dims, n_layers, ctypes.addressof(self.backbone.layers),
                            ctypes.addressof(self.river.layers) if self.river is not None else None,
-                           embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), self.head)
+                           embed.data_ptr(), inv_freq.data_ptr(), norm.data_ptr(), self.head, self.river_head)
         self.scratch, self.scratch_covers = torch.empty(0), None
         self.similarity = torch.empty(n_layers)  # where a pass's similarities go when the caller wants none
         self.cache, self.cache_key = None, None

@@ -161,7 +161,7 @@ class BaselineEngine(Engine):
             if leaves:
                 break
         strategy.after_exit(x, layer + 1, pos, cache)
-        return self.head(x if all_logits else x[:, -1:]), blocks_run
+        return self.head(x if all_logits else x[:, -1:], layer + 1), blocks_run
 
 
 def strategy_mode(strategy):

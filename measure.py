@@ -199,7 +199,7 @@ def block_split_us(engine, context, repeats=20):
         products = median_us(lambda: stack.run_products(0, n_layers, threads), n_layers, repeats)
         out[name] = {"whole": whole, "products": products, "rest": whole - products}
     logits = torch.empty(model.cfg.vocab_size)
-    for name, head in (("lm_head", decoder.head), ("river_lm_head", engine.native.river_decoder.head)):
+    for name, head in (("lm_head", decoder.head), ("river_lm_head", decoder.river_head)):
         out[name] = median_us(lambda: decoder.lib.product(ctypes.byref(head), x.data_ptr(), 1, logits.data_ptr(),
                                                           threads), 1, repeats)
     return out

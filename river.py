@@ -105,9 +105,9 @@ class ExitRiver(nn.Module):
     blocks: the backbone blocks to copy, in layer order (default model.blocks). An iterator that reads each from the
     checkpoint when asked (load_weights.load_blocks) builds the river of a depth-capped model, whose deep blocks are
     never loaded: each is copied and dropped.
-    head_bits: 4 or 8 for a low-bit copy of the LM head, which every pass that may leave the backbone ends at (the
-    deployment's head: a departure from the paper, which keeps the original head); None keeps the model's bf16 head.
-    The backbone's own pass (exit_policy.NEVER) always ends at the model's head.
+    head_bits: 4 or 8 for a low-bit copy of the LM head, which every pass that left the backbone ends at (a
+    departure from the paper, which keeps the original head); None keeps the model's bf16 head. A pass that ran every
+    backbone block always ends at the model's own head (Engine.head).
     calibration: token sequences (lists of ids) to round every matrix on with GPTQ (gptq.py), each on the inputs the
     backbone gives it on them; None rounds each weight to its own nearest grid (quantize_weight).
     """
@@ -270,12 +270,14 @@ class Engine:
                 break
         for block in self.river.blocks[depth:] if depth < n_layers else ():
             x = self.run_block(block, x, pos, cache)  # river block j writes layer j: the cache stays whole
-        return self.head(x if all_logits else x[:, -1:], rule), depth
+        return self.head(x if all_logits else x[:, -1:], depth), depth
 
-    def head(self, x, rule=NEVER):
-        """The final norm and LM head: the river's low-bit head where the river holds one and the rule may leave the
-        backbone; else the model's, through torch.compile for one position when this engine compiles."""
-        if self.river is not None and self.river.head is not None and not rule.whole_backbone:
+    def head(self, x, depth):
+        """The final norm and LM head after `depth` backbone blocks: the model's own after all of them, so a pass that
+        never left is the backbone's bit for bit; the river's low-bit head, where it holds one, after an exit (this
+        project's departure from the paper: README); the model's through torch.compile for one position when this
+        engine compiles."""
+        if depth < self.model.cfg.n_layers and self.river is not None and self.river.head is not None:
             return self.river.head(self.model.norm(x))
         if self.compiled and x.shape[1] == 1:
             return compiled_function(streamed_head)(self.model, x)
@@ -334,12 +336,9 @@ class NativeDecoder:
         backbone = [block_weights(b) for b in model.blocks]
         blocks = None if river is None else [block_weights(b) for b in river.blocks]
 
-        def decoder(head):  # the weights are shared, not copied: a second decoder costs only its tables
-            return kernels.Decoder(lib, dims, backbone, blocks, model.embed.weight, model.inv_freq, model.norm.weight,
-                                   head)
-        self.decoder = decoder(model.lm_head.weight)
-        # the river's head, for passes that may leave the backbone (Engine.head)
-        self.river_decoder = self.decoder if river is None or river.head is None else decoder(matrix_of(river.head))
+        river_head = None if river is None or river.head is None else matrix_of(river.head)
+        self.decoder = kernels.Decoder(lib, dims, backbone, blocks, model.embed.weight, model.inv_freq,
+                                       model.norm.weight, model.lm_head.weight, river_head)
         self.exits = {}  # ExitRule -> its C struct, filled once (a decode step runs the same rule again and again)
 
     @staticmethod
@@ -354,6 +353,8 @@ class NativeDecoder:
             return f"head_dim {cfg.head_dim} is above the kernels' {kernels.MAX_HEAD_DIM}"
         if river is not None and river.activations != "int16":
             return f"the native river takes int16 activations, not {river.activations}"
+        if river is not None and river.head is not None and cfg.vocab_size % kernels.BLOCK_ROWS:
+            return f"the river's low-bit head has {cfg.vocab_size} rows, not a multiple of {kernels.BLOCK_ROWS}"
         return None
 
     def forward(self, tokens, start, cache, rule, all_logits=False, similarity=None):
@@ -362,10 +363,9 @@ class NativeDecoder:
         if T == 0:
             raise ValueError("a pass needs at least one token")
         cache.check_range(start, T)  # before the kernel writes
-        decoder = self.decoder if rule.whole_backbone else self.river_decoder
         if rule not in self.exits:
             self.exits[rule] = native_exit(rule, self.model)
-        logits, depth = decoder.forward(tokens[0], start, cache.k, cache.v, self.exits[rule], torch.get_num_threads(),
+        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, self.exits[rule], torch.get_num_threads(),
                                         all_logits, similarity)
         if depth < 0:  # the kernel checks the ids before anything else, and ran nothing
             raise token_ids_error(tokens, self.model.cfg.vocab_size)

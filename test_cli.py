@@ -53,6 +53,19 @@ def test_cli_json_output_is_strict_json(capsys, reads):
     assert out["rule"] == {"tau": None, "min_layer": 0, "max_depth": None} and out["held_blocks"] == 30
 
 
+def test_cli_river_with_tau_above_one_writes_the_backbones_reply(capsys):
+    """River's defaults otherwise (GPTQ copies, the last block and the LM head 8-bit) with --tau 1.5: a chat reply
+    token for token the backbone's, every token through all 30 backbone blocks; --json still reports the 8-bit head."""
+    argv = ["--prompt", "Give me three tips for staying focused while studying.", "--chat", "--max-new-tokens", "24",
+            "--json"]
+    river_main(argv + ["--tau", "1.5"])
+    river = strict_json(capsys.readouterr().out)
+    river_main(argv + ["--mode", "backbone"])
+    backbone = strict_json(capsys.readouterr().out)
+    assert river["tokens"] == backbone["tokens"] and len(river["tokens"]) == 24
+    assert river["depths"] == [30] * 24 and river["head_bits"] == 8 and river["mode"] == "river"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", ""], "argument --prompt: the prompt is empty"),
     (["--tau", "nan"], "argument --tau: tau must be a finite real number"),

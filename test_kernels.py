@@ -552,9 +552,11 @@ def test_cuda_engine_matches_cpu_engine():
 @each_isa_here
 @pytest.mark.parametrize("head_bits", [4, 8])
 def test_a_rivers_low_bit_head_runs_natively_as_its_twin_and_never_in_the_backbones_pass(isa, head_bits):
-    """A river holding a low-bit LM head: every pass whose rule may leave the backbone ends at it, native and torch
-    alike (logits within bf16 resolution, and against the dequantized head within int16 rounding); the backbone's own
-    pass (NEVER) ends at the model's bf16 head, bit for bit what an engine without the head gives."""
+    """A river holding a low-bit LM head: every pass that left the backbone ends at it, native and torch alike (logits
+    within bf16 resolution, and against the dequantized head within int16 rounding), one leaving after block L-2
+    included; a pass that ran every backbone block, whatever its rule (NEVER, a fixed depth of L, a cap of L, a
+    similarity rule whose tau is never reached), ends at the model's bf16 head, bit for bit what an engine without the
+    river's head gives."""
     cfg = LlamaConfig(vocab_size=96, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
                       max_seq_len=64)
     model = tiny_model(cfg, 3, torch.bfloat16)
@@ -562,17 +564,22 @@ def test_a_rivers_low_bit_head_runs_natively_as_its_twin_and_never_in_the_backbo
     river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,), head_bits=head_bits)
     assert river.head is not None and plain_river.head is None
     tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(head_bits))
-    for rule in (NEVER, RIVER_ONLY, after(1), similarity(0.5)):
+    L = cfg.n_layers
+    rules = (NEVER, RIVER_ONLY, after(1), after(L - 1), after(L), similarity(1.5).capped(L), similarity(1.5),
+             similarity(0.5), similarity(-1.0))
+    depths = {}
+    for rule in rules:
         results = []
         for engine in (Engine(model, river, native=isa), Engine(model, river, native=False),
-                       Engine(model, plain_river, native=isa)):
+                       Engine(model, plain_river, native=isa), Engine(model, plain_river, native=False)):
             cache = model.new_cache(9)
             results.append(engine.forward(tokens, 0, cache, rule, all_logits=True))
-        (fast, depth), (plain, plain_depth), (bf16_head, _) = results
+        (fast, depth), (plain, plain_depth), (bf16_head, _), (plain_bf16_head, _) = results
         assert depth == plain_depth
+        depths[rule] = depth
         assert_close_bf16(fast, plain)
-        if rule.whole_backbone:
-            assert torch.equal(fast, bf16_head)
+        if depth == L:
+            assert torch.equal(fast, bf16_head) and torch.equal(plain, plain_bf16_head)
         else:
             assert not torch.equal(fast, bf16_head)  # the river's head, not the model's
             # the same hidden states through the dequantized head: the difference is the head's quantization alone
@@ -580,6 +587,8 @@ def test_a_rivers_low_bit_head_runs_natively_as_its_twin_and_never_in_the_backbo
             dequantized = (w[0].float().view(cfg.vocab_size, -1, 32) * w[1][..., None] + w[2][..., None]).flatten(1)
             bf16_err = (bf16_head - fast).abs().max()
             assert bf16_err <= (model.lm_head.weight.float() - dequantized).abs().sum(-1).max() * 10
+    assert depths[after(L - 1)] == L - 1 and depths[RIVER_ONLY] == 0
+    assert {depths[rule] for rule in (NEVER, after(L), similarity(1.5).capped(L), similarity(1.5))} == {L}
 
 
 def test_a_river_head_of_other_widths_is_refused():

@@ -15,17 +15,19 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import calibrate
 import river as river_module
-from conftest import (PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer, holding_first_blocks,
-                      reference_forward, step_similarities, tiny_configs, tiny_model, tiny_river, write_checkpoint)
+from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer, holding_first_blocks,
+                      reference_forward, shipped_tiny_river, step_similarities, tiny_configs, tiny_model, tiny_river,
+                      write_checkpoint)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
 from generation import greedy
 from kv_cache import KVCache, Writer
-from load_weights import load_model
+from load_weights import load_config_and_tokenizer, load_model
 from model import Block, Linear, LlamaConfig, Transformer, attend
 from compiled import streamed_attention, streamed_product
 from quantize import quantize_weight
-from river import Engine, ExitRiver, load_river
+from river import DEFAULT_HEAD_BITS, Engine, ExitRiver, load_river
 
 
 # ---------------------------------------------------------------------------------------- decoder and the cache
@@ -111,27 +113,108 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
 @given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_new=st.integers(1, 6), batch=st.integers(1, 3),
        tau=st.floats(1, 1e6, exclude_min=True))
 def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new, batch, tau):
-    model, river = tiny_river(cfg, seed, 4)
+    """The river as river.py ships it (GPTQ copies, the last block and the LM head 8-bit): tau above 1 generates the
+    backbone's tokens, and its logits and K/V equal the backbone's bit for bit, prefill and decode steps, a batch too."""
+    model, river = shipped_tiny_river(cfg, seed)
+    assert river.head is not None and river.bits[-1] == 8
     engine = Engine(model, river)
+    plain = Engine(model, None, native=engine.native.isa if engine.native else False)  # no river at all, same path
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (5,), generator=g).tolist()
-    backbone = engine.generate(prompt, n_new, NEVER)
+    backbone = plain.generate(prompt, n_new, NEVER)
     for rule in (similarity(tau), NEVER):
         river_run = engine.generate(prompt, n_new, rule)
         assert river_run.tokens == backbone.tokens
         assert river_run.depths == [cfg.n_layers] * len(backbone.tokens)
     tokens = torch.randint(0, cfg.vocab_size, (batch, 5 + n_new), generator=g)
     runs = {}
-    for mode, rule in (("backbone", NEVER), ("river", similarity(tau))):
+    for mode, runner, rule in (("backbone", plain, NEVER), ("river", engine, similarity(tau))):
         cache = model.new_cache(5 + n_new, batch_size=batch)
-        steps = [engine.forward(tokens[:, :5], 0, cache, rule, all_logits=True)]
-        steps += [engine.forward(tokens[:, t:t + 1], t, cache, rule) for t in range(5, 5 + n_new)]
+        steps = [runner.forward(tokens[:, :5], 0, cache, rule, all_logits=True)]
+        steps += [runner.forward(tokens[:, t:t + 1], t, cache, rule) for t in range(5, 5 + n_new)]
         runs[mode] = torch.cat([logits for logits, _ in steps], dim=1), [depth for _, depth in steps], cache
     (logits_a, depths_a, cache_a), (logits_b, depths_b, cache_b) = runs["backbone"], runs["river"]
     assert depths_a == depths_b == [cfg.n_layers] * (1 + n_new)
     assert torch.equal(logits_a, logits_b), "bit-equal logits"
     assert torch.equal(cache_a.k, cache_b.k) and torch.equal(cache_a.v, cache_b.v), "bit-equal K/V"
     assert (cache_b.writer == Writer.BACKBONE).all() and (cache_b.write_count == 1).all()
+
+
+NO_EXIT_PATHS = [False, *ISAS_HERE]  # the torch path and every native instruction set this CPU runs
+
+
+def never_leaving_rules(n_layers, tau):
+    """Every kind of rule that runs all the blocks: NEVER, a similarity rule whose tau is never reached, a fixed depth
+    of L, a cap of L on such a similarity rule."""
+    return {"never": NEVER, "similarity": similarity(tau), "fixed depth L": after(n_layers),
+            "capped at L": similarity(tau).capped(n_layers)}
+
+
+def passes(engine, tokens, n_prompt, rule):
+    """A prefill of the first n_prompt tokens (every position's logits), then one decode step per token after them:
+    (logits (1, T, vocab), each pass's depth, the cache)."""
+    cache = engine.model.new_cache(tokens.shape[1])
+    steps = [engine.forward(tokens[:, :n_prompt], 0, cache, rule, all_logits=True)]
+    steps += [engine.forward(tokens[:, t:t + 1], t, cache, rule) for t in range(n_prompt, tokens.shape[1])]
+    return torch.cat([logits for logits, _ in steps], dim=1), [depth for _, depth in steps], cache
+
+
+def assert_never_leaving_is_the_backbone(model, river, native, tokens, n_prompt, n_new, tau):
+    """Each never-leaving rule on River's engine against an engine with no river at all (the backbone), on one path:
+    logits, depths, K/V, writers and write counts bit for bit, and the greedy tokens; then a rule leaving after block
+    L-2 ends at the river's head, not at the model's."""
+    L = model.cfg.n_layers
+    engine, backbone = Engine(model, river, native=native), Engine(model, None, native=native)
+    assert engine.path == backbone.path == (f"native {native}" if native else "torch, eager")
+    logits, depths, cache = passes(backbone, tokens, n_prompt, NEVER)
+    prompt = tokens[0, :n_prompt].tolist()
+    greedy_tokens = backbone.generate(prompt, n_new, NEVER).tokens
+    for name, rule in never_leaving_rules(L, tau).items():
+        got, got_depths, got_cache = passes(engine, tokens, n_prompt, rule)
+        assert got_depths == depths == [L] * (1 + tokens.shape[1] - n_prompt), (native, name)
+        assert torch.equal(got, logits), (native, name)
+        assert torch.equal(got_cache.k, cache.k) and torch.equal(got_cache.v, cache.v), (native, name)
+        assert (got_cache.writer == cache.writer).all() and (got_cache.write_count == cache.write_count).all()
+        assert engine.generate(prompt, n_new, rule).tokens == greedy_tokens, (native, name)
+    if L > 1:  # after block L-2: the river's last copy, then its head
+        left, left_depths, _ = passes(engine, tokens, n_prompt, after(L - 1))
+        head, river.head = river.head, None
+        try:
+            model_head, _, _ = passes(Engine(model, river, native=native), tokens, n_prompt, after(L - 1))
+        finally:
+            river.head = head
+        assert left_depths == [L - 1] * (1 + tokens.shape[1] - n_prompt)
+        assert not torch.equal(left, model_head), native
+
+
+@PROPERTY
+@given(cfg=tiny_configs(quantizable=True), seed=st.integers(0, 99), n_prompt=st.integers(1, 20),
+       n_steps=st.integers(1, 5), tau=st.floats(1, 1e6, exclude_min=True))
+def test_the_shipped_river_that_never_leaves_is_the_backbone_bit_for_bit(cfg, seed, n_prompt, n_steps, tau):
+    """The card's property in the configuration that ships (GPTQ copies, the last block and the LM head 8-bit), on the
+    torch path and every native instruction set here: under each rule that runs every backbone block, a prefill and
+    the decode steps after it give the backbone's logits, depths, K/V, writers and write counts bit for bit, and
+    greedy generation its tokens; a rule that leaves after block L-2 ends at the river's head (the property is not
+    bought by never using it)."""
+    cfg = dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // 16) * 16)  # the native low-bit head's rows
+    model, river = shipped_tiny_river(cfg, seed)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n_prompt + n_steps), generator=torch.Generator().manual_seed(seed))
+    for native in NO_EXIT_PATHS:
+        assert_never_leaving_is_the_backbone(model, river, native, tokens, n_prompt, n_steps, tau)
+
+
+def test_the_bundled_river_as_river_py_loads_it_never_leaving_is_the_backbone():
+    """The same on the bundled model with the river river.py loads by default (load_river as its command line calls
+    it: GPTQ copies on the rounding split, the last block and the LM head 8-bit), a HumanEval prompt prefilled and
+    twelve of its solution's tokens teacher-forced, on every path."""
+    _, tokenizer = load_config_and_tokenizer()
+    model, river, _ = load_river(head_bits=DEFAULT_HEAD_BITS, calibration=calibrate.rounding_sequences(river_module.calibration_split(tokenizer)))
+    assert river.head is not None and river.head.bits == 8 and river.bits == [4] * 29 + [8]
+    prompt, solution = calibrate.humaneval_problems()[0]
+    context = tokenizer.encode(prompt).ids
+    tokens = torch.tensor([context + tokenizer.encode(solution).ids[:12]])
+    for native in NO_EXIT_PATHS:
+        assert_never_leaving_is_the_backbone(model, river, native, tokens, len(context), 4, 1.5)
 
 
 @PROPERTY
