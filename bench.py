@@ -17,8 +17,8 @@ import kernels
 import llamacpp
 import plots
 import scaling
-from calibrate import (CALIBRATION_MAX_TARGET, CALIBRATION_PROBLEMS, CALIBRATION_TAUS, CAP_SHARE,
-                       calibration_sequences, check_budget, humaneval_problems, quality_sequences)
+from calibrate import (CALIBRATION_TAUS, CAP_SHARE, CHOOSING, MAX_TARGET, ROUNDING, SCORED, check_budget,
+                       choosing_sequences, humaneval_problems, quality_sequences, rounding_sequences)
 from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
@@ -35,17 +35,18 @@ QUICK_TAUS = (0.9, 0.97)
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much the default comparison measures: scored (and as many calibration) problems, their targets' length,
-    the speed prompt's new tokens and repeats, River's tau sweep."""
+    """How much the default comparison measures: scored problems and choosing ones (text windows with --text), their
+    targets' length, the speed prompt's new tokens and repeats, River's tau sweep."""
     problems: int
+    choosing: int
     max_target: int
     new_tokens: int
     repeats: int
     taus: tuple
 
 
-QUICK = Sizes(3, 48, 32, 3, QUICK_TAUS)
-FULL = Sizes(CALIBRATION_PROBLEMS, CALIBRATION_MAX_TARGET, 64, 5, SWEEP_TAUS)
+QUICK = Sizes(3, 4, 48, 32, 3, QUICK_TAUS)
+FULL = Sizes(len(SCORED), len(CHOOSING), MAX_TARGET, 64, 5, SWEEP_TAUS)
 
 
 # -------------------------------------------------------------------------------------------- command line
@@ -91,10 +92,10 @@ def argument_parser():
                         help="draw the --shape and --context speedups, measured beside modelled, as a PNG")
     parser.add_argument("--max-backbone-depth", type=int, default=None, metavar="D",
                         help="the capped River's backbone blocks (default: the depth by which 99%% of the "
-                             "calibration split's tokens leave the backbone at --tau)")
+                             "choosing split's tokens leave the backbone at --tau)")
     parser.add_argument("--quality-budget", type=option(float, check_budget), default=None, metavar="B",
                         help="the calibrated River's NLL increase allowance, nats per token (default: half the "
-                             "whole-model 4-bit increase on the calibration split)")
+                             "whole-model 4-bit increase on the choosing split)")
     return parser
 
 
@@ -122,12 +123,13 @@ def parse(argv):
 
 @dataclass
 class Inputs:
-    """What the comparison reads before any weight: the model's config and tokenizer, the scored and calibration
-    sequences, the speed prompt."""
+    """What the comparison reads before any weight: the model's config and tokenizer, the scored and choosing
+    sequences, those GPTQ rounds the copies on, the speed prompt."""
     cfg: object
     tokenizer: object
     scored: list
-    calibration: list
+    choosing: list
+    rounding: tuple
     prompt: list
 
 
@@ -138,13 +140,14 @@ def read_inputs(args, parser, sizes):
     if args.max_backbone_depth is not None:
         check_argument(parser, "--max-backbone-depth", check_held, args.max_backbone_depth, cfg.n_layers)
     scored = reading_files(quality_sequences, tokenizer, sizes.problems, sizes.max_target, args.text)
-    calibration = reading_files(calibration_sequences, tokenizer, sizes.problems, sizes.max_target, args.text)
-    if not calibration:
-        fail(f"--text {args.text}: no windows left after the {len(scored)} scored ones for the calibration split")
+    choosing = reading_files(choosing_sequences, tokenizer, sizes.choosing, sizes.max_target, args.text, len(scored))
+    if not choosing:
+        fail(f"--text {args.text}: no windows left after the {len(scored)} scored ones for the choosing split")
+    rounding = reading_files(rounding_sequences, tokenizer)  # River's own copies, as river.py rounds them
     prompt = tokenizer.encode(reading_files(humaneval_problems)[0][0]).ids
     if args.isa is not None and args.isa not in kernels.usable_isas():
         fail(f"--isa {args.isa}: this CPU does not run it (it runs {', '.join(kernels.usable_isas()) or 'neither'})")
-    return Inputs(cfg, tokenizer, scored, calibration, prompt)
+    return Inputs(cfg, tokenizer, scored, choosing, rounding, prompt)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -201,8 +204,8 @@ def cap_entry(comparison, modes, calibrated, args, depth_cap):
     deeper = lambda hist: sum(hist[depth_cap + 1:]) / max(1, sum(hist))  # noqa: E731 - share of steps past the cap
     return {"max_backbone_depth": depth_cap, "tau": args.tau,
             "source": "--max-backbone-depth" if args.max_backbone_depth is not None else
-            f"the depth by which {CAP_SHARE:.0%} of the calibration split's decode tokens leave the backbone at tau",
-            "calibration_share_deeper": deeper(exit_histogram(calibrated.result.depths[args.tau], n_layers)),
+            f"the depth by which {CAP_SHARE:.0%} of the choosing split's decode tokens leave the backbone at tau",
+            "choosing_share_deeper": deeper(exit_histogram(calibrated.result.depths[args.tau], n_layers)),
             "forced_share": deeper(modes[comparison.river.name]["exit_histogram"]),
             "forced_share_how": "share of the uncapped River's scored decode tokens (same tau) that ran more than "
                                 "max_backbone_depth backbone blocks: those the cap sends down the river earlier"}
@@ -216,14 +219,17 @@ def speedup_entry(comparison, modes):
             "river_vs_quantized": river / quantized}
 
 
-def calibration_entry(comparison, modes, calibrated, args, sizes):
+def calibration_entry(comparison, modes, calibrated, args, sizes, inputs):
     cal, row = calibrated.result, comparison.calibrated
     mode, base_nll = modes[row.name] if row else None, modes[comparison.backbone.name]["nll"]
-    return {"problems": args.text or f"HumanEval problems {sizes.problems}..{2 * sizes.problems - 1} (disjoint from "
-                                     f"the scored 0..{sizes.problems - 1}), up to {sizes.max_target} tokens",
+    choosing = (f"{args.text}: windows {sizes.problems}..{sizes.problems + sizes.choosing - 1}" if args.text else
+                f"HumanEval problems {CHOOSING.start}..{CHOOSING.start + sizes.choosing - 1}")
+    return {"problems": f"{choosing} (the choosing split: disjoint from the scored ones and from GPTQ's problems "
+                        f"{ROUNDING.start}..{ROUNDING.stop - 1}), up to {sizes.max_target} tokens",
+            "choosing_tokens": sum(len(target) for _, target in inputs.choosing),
             "budget": cal.budget, "budget_source": calibrated.budget_source,
             "whole_model_4bit_nll_increase": calibrated.whole_model_increase, "tau": cal.tau,
-            "calibration_nll_increase": cal.nll_increase.get(cal.tau),
+            "choosing_nll_increase": cal.nll_increase.get(cal.tau),
             "scored_nll_increase": mode["nll"] - base_nll if mode else None,
             "mean_backbone_blocks": mode["mean_backbone_blocks"] if mode else None,
             "per_tau": {f"{t:g}": {"nll_increase": cal.nll_increase[t],
@@ -264,7 +270,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
     return {**run_entry(comparison, args, sizes, inputs), "modes": modes,
             "speedup": speedup_entry(comparison, modes), "block_split_us": measured.split,
             "memory": {key: memory[key] for key in ("idle_peak_rss_mb", "probes", "environment", "how")},
-            "calibration": calibration_entry(comparison, modes, calibrated, args, sizes),
+            "calibration": calibration_entry(comparison, modes, calibrated, args, sizes, inputs),
             "backbone_bandwidth": bandwidth_entry(comparison.backbone.engine.model,
                                                   modes[comparison.backbone.name]["decode_tokens_per_s"],
                                                   measured.copy_gb_per_s),
@@ -327,7 +333,7 @@ def print_summary(result, comparison):
         print(f"calibration: no tau meets the budget of {c['budget']:.4f} nats/token ({c['budget_source']})")
     else:
         print(f"calibration: budget {c['budget']:.4f} nats/token ({c['budget_source']}) -> tau {c['tau']:g}: "
-              f"{c['calibration_nll_increase']:+.4f} on the calibration split, {c['scored_nll_increase']:+.4f} on "
+              f"{c['choosing_nll_increase']:+.4f} on the choosing split, {c['scored_nll_increase']:+.4f} on "
               f"the scored problems, {c['mean_backbone_blocks']:.2f} backbone blocks per token")
     native = [(modes[row.name]["prefill_s"], row.name) for row in comparison.rows
               if row.deployment is not None and row.engine.native is not None]

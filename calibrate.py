@@ -1,4 +1,5 @@
-"""Quality on HumanEval, teacher-forced: the scored and calibration splits, NLL per token, and tau from a budget."""
+"""Quality on HumanEval, teacher-forced: the splits (scored, rounding, held out, choosing), NLL per token, and tau from a
+budget."""
 import gzip
 import importlib.util
 import json
@@ -12,12 +13,15 @@ import torch
 
 from exit_policy import NEVER, similarity
 
-# The split and sweep both command lines use: the scored problems are HumanEval's first CALIBRATION_PROBLEMS, the
-# calibration split the as many after them, solutions cut to CALIBRATION_MAX_TARGET tokens.
-CALIBRATION_PROBLEMS = 12
-CALIBRATION_MAX_TARGET = 128
+# HumanEval's 164 problems in four ranges, each used for one thing only, so that no choice is scored on the data
+# that fitted or chose it. A solution is cut to MAX_TARGET tokens.
+SCORED = range(0, 12)        # every quality figure bench.py reports
+ROUNDING = range(12, 24)     # GPTQ rounds the river's copies on these (gptq.py): 12 problems, 513 target tokens
+HELD_OUT = range(24, 100)    # nothing fits or chooses on them: how the choices hold elsewhere (3,612 target tokens)
+CHOOSING = range(100, 132)   # tau from a budget, the cap's default depth, the draft length (2,227 target tokens)
+MAX_TARGET = 128
 CALIBRATION_TAUS = (0.5, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
-CAP_SHARE = 0.99  # a depth cap's default: the depth by which this share of calibration tokens has left the backbone
+CAP_SHARE = 0.99  # a depth cap's default: the depth by which this share of the choosing split's tokens has left
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -34,7 +38,7 @@ def humaneval_problems():
 
 def quality_sequences(tokenizer, n, max_target, text_file=None, skip=0):
     """(context ids, target ids) pairs: HumanEval prompt -> canonical solution, or windows of a text file; the n
-    after the first `skip` (the scored split is the first n, the calibration split the n after them)."""
+    after the first `skip`."""
     if text_file is None:
         return [(tokenizer.encode(p).ids, tokenizer.encode(s).ids[:max_target])
                 for p, s in humaneval_problems()[skip:skip + n]]
@@ -50,16 +54,26 @@ def quality_sequences(tokenizer, n, max_target, text_file=None, skip=0):
     return [(c, t) for c, t in pairs if len(t) > 1][skip:skip + n]
 
 
-def calibration_sequences(tokenizer, n, max_target, text_file=None, scored=None):
-    """The calibration split: the n sequences after the `scored` (default n) ones bench.py scores, disjoint from
-    them, so a tau chosen here is judged on problems it never saw."""
-    return quality_sequences(tokenizer, n, max_target, text_file, skip=n if scored is None else scored)
+def problems(tokenizer, split, max_target=MAX_TARGET):
+    """(context ids, target ids) of the HumanEval problems in `split` (a range of problem indices)."""
+    return quality_sequences(tokenizer, len(split), max_target, skip=split.start)
 
 
-def rounding_sequences(pairs):
-    """The token sequences GPTQ rounds a river's copies on (gptq.py): each calibration pair's context and target as
-    one sequence, so the copies see the inputs the scored text gives the backbone, on other problems."""
-    return tuple(tuple(context + target) for context, target in pairs)
+def choosing_sequences(tokenizer, n, max_target, text_file=None, scored=len(SCORED)):
+    """The split every choice is made on (tau from a budget, the cap's depth): HumanEval's first n CHOOSING problems,
+    or with a text file the n windows after the `scored` ones bench.py scores. Disjoint from the scored split and
+    from the problems GPTQ rounds on, so a choice made here is judged on data that neither fitted nor chose it."""
+    if text_file is None:
+        if n > len(CHOOSING):
+            raise ValueError(f"the choosing split holds {len(CHOOSING)} problems, not {n}")
+        return problems(tokenizer, CHOOSING[:n], max_target)
+    return quality_sequences(tokenizer, n, max_target, text_file, skip=scored)
+
+
+def rounding_sequences(tokenizer):
+    """The token sequences GPTQ rounds a river's copies on (gptq.py): each ROUNDING problem's context and target as
+    one sequence, so the copies see the inputs code gives the backbone, on problems nothing scores or chooses on."""
+    return tuple(tuple(context + target) for context, target in problems(tokenizer, ROUNDING))
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -106,7 +120,7 @@ def cap_depth(depths, share=CAP_SHARE):
 
 @dataclass
 class Calibration:
-    """Per tau on the calibration split: River's NLL increase over the backbone and mean backbone blocks per decode
+    """Per tau on the choosing split: River's NLL increase over the backbone and mean backbone blocks per decode
     token; the tau picked for `budget` (None: no tau met it)."""
     budget: float
     backbone_nll: float
@@ -129,11 +143,11 @@ def check_budget(budget):
 
 
 def calibrate_tau(engine, sequences, taus, budget, backbone_nll=None, log=lambda message: None):
-    """River at each of `taus` over the calibration sequences, and the fastest tau whose mean NLL increase over the
+    """River at each of `taus` over the choosing split's sequences, and the fastest tau whose mean NLL increase over the
     backbone is at most `budget`. engine: an Engine with its river (uncapped: a cap would bias the choice)."""
     check_budget(budget)
     if not sequences:
-        raise ValueError("calibration needs at least one sequence")
+        raise ValueError("choosing tau needs at least one sequence")
     if backbone_nll is None:
         backbone_nll, _ = mean_nll(engine, NEVER, sequences)
     result = Calibration(budget, backbone_nll)
@@ -141,6 +155,6 @@ def calibrate_tau(engine, sequences, taus, budget, backbone_nll=None, log=lambda
         nll, depths = mean_nll(engine, similarity(tau), sequences)
         result.nll_increase[tau], result.depths[tau] = nll - backbone_nll, depths
         result.mean_backbone_blocks[tau] = statistics.mean(depths)
-        log(f"  calibration tau {tau:g}: NLL {nll - backbone_nll:+.4f}, {result.mean_backbone_blocks[tau]:.2f} blocks")
+        log(f"  choosing split, tau {tau:g}: NLL {nll - backbone_nll:+.4f}, {result.mean_backbone_blocks[tau]:.2f} blocks")
     result.pick()
     return result

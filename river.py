@@ -454,11 +454,10 @@ def parser_for(modes):
     exit_rule.add_argument("--quality-budget", type=option(float, calibrate.check_budget), default=None, metavar="B",
                            help="--mode river: pick tau instead of --tau, the fastest (fewest backbone blocks per "
                                 f"token) of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} whose mean NLL "
-                                "increase over the backbone is at most B nats per token on HumanEval's calibration "
-                                f"split (problems {calibrate.CALIBRATION_PROBLEMS}.."
-                                f"{2 * calibrate.CALIBRATION_PROBLEMS - 1}, disjoint from "
-                                "the ones bench.py scores), teacher-forced once per tau and once through the whole "
-                                "backbone before generating")
+                                "increase over the backbone is at most B nats per token on HumanEval's choosing "
+                                f"split (problems {calibrate.CHOOSING.start}..{calibrate.CHOOSING.stop - 1}, disjoint "
+                                "from the ones bench.py scores and GPTQ rounds on), teacher-forced once per tau and "
+                                "once through the whole backbone before generating (a few minutes)")
     parser.add_argument("--max-backbone-depth", type=int, default=None, metavar="D",
                         help="--mode river: every token leaves the backbone after block D - 1 at the latest, and the "
                              "backbone's blocks from D on are never loaded (their river copies are made one block at "
@@ -545,32 +544,25 @@ def load_weights_of(mode, args, device, eight_bit, tokenizer):
     calibration = None
     if args.rounding == "gptq":
         import calibrate
-        calibration = calibrate.rounding_sequences(calibration_split(tokenizer))
+        calibration = reading_files(calibrate.rounding_sequences, tokenizer)
     model, river, _ = reading_files(load_river, args.model, device, held, args.bits, args.group_size,
                                     args.activations, eight_bit, torch.bfloat16, head_bits, calibration)
     return model, river
 
 
-def calibration_split(tokenizer):
-    """HumanEval's calibration split as the command line uses it (to round the river on, to pick tau on): the
-    problems after the ones bench.py scores."""
-    import calibrate
-    return reading_files(calibrate.calibration_sequences, tokenizer, calibrate.CALIBRATION_PROBLEMS,
-                         calibrate.CALIBRATION_MAX_TARGET, None, calibrate.CALIBRATION_PROBLEMS)
-
-
 def calibrated_tau(engine, tokenizer, budget):
-    """--quality-budget: the fastest tau within the budget on HumanEval's calibration split, with the whole backbone
+    """--quality-budget: the fastest tau within the budget on HumanEval's choosing split, with the whole backbone
     (a cap would bias the choice: calibrate.calibrate_tau); a one-line error when none is."""
     import calibrate
-    calibration = calibrate.calibrate_tau(engine, calibration_split(tokenizer), calibrate.CALIBRATION_TAUS, budget,
+    split = reading_files(calibrate.choosing_sequences, tokenizer, len(calibrate.CHOOSING), calibrate.MAX_TARGET)
+    calibration = calibrate.calibrate_tau(engine, split, calibrate.CALIBRATION_TAUS, budget,
                                           log=lambda message: print(message, file=sys.stderr))
     if calibration.tau is None:
         best = min(calibration.nll_increase, key=calibration.nll_increase.get)
         fail(f"no tau of {' '.join(map(str, calibrate.CALIBRATION_TAUS))} meets the quality budget {budget:g}: the "
-             f"smallest NLL increase on the calibration split is {calibration.nll_increase[best]:+.4f} (tau {best:g})")
+             f"smallest NLL increase on the choosing split is {calibration.nll_increase[best]:+.4f} (tau {best:g})")
     print(f"quality budget {budget:g}: tau {calibration.tau:g} (NLL increase "
-          f"{calibration.nll_increase[calibration.tau]:+.4f} on the calibration split, "
+          f"{calibration.nll_increase[calibration.tau]:+.4f} on the choosing split, "
           f"{calibration.mean_backbone_blocks[calibration.tau]:.2f} backbone blocks per token)", file=sys.stderr)
     return calibration
 

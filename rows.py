@@ -1,11 +1,11 @@
 """The rows of the bench's comparison as values: what a row runs (an engine and an exit rule), what a fresh process
 loads to run it alone (its deployment), how the table and plot show it; and the rows of the default comparison
-(bench.py), built with River's engines and a tau calibrated on the calibration split."""
+(bench.py), built with River's engines and a tau chosen on the choosing split."""
 from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, rounding_sequences, teacher_forced
+from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, teacher_forced
 from cli import fail
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_strategies import STRATEGIES, BaselineEngine
@@ -232,7 +232,7 @@ def comparison(model, args, sizes, main, w4a16, eight_bit, capped, nearest, cali
 
 @dataclass
 class Calibrated:
-    """calibrate.calibrate_tau's result on the calibration split, where its budget came from, and the whole-model
+    """calibrate.calibrate_tau's result on the choosing split, where its budget came from, and the whole-model
     4-bit NLL increase there (the default budget's source)."""
     result: Calibration
     budget_source: str
@@ -240,32 +240,32 @@ class Calibrated:
 
 
 def tau_from_budget(main, w4a16, sequences, taus, budget=None):
-    """tau from a quality budget on the calibration split (calibrate.calibrate_tau) with River's own copies. Default
+    """tau from a quality budget on the choosing split (calibrate.calibrate_tau) with River's own copies. Default
     budget: half of the whole-model 4-bit NLL increase (the W4A16 control) on the same split."""
     backbone_nll, _ = mean_nll(main.engine, NEVER, sequences)
     whole_model, _ = mean_nll(w4a16.engine, RIVER_ONLY, sequences)
     increase = whole_model - backbone_nll
     if budget is None and increase <= 0:
-        fail(f"the whole-model 4-bit NLL increase on the calibration split is {increase:+.4f}: no default budget; "
+        fail(f"the whole-model 4-bit NLL increase on the choosing split is {increase:+.4f}: no default budget; "
              "give --quality-budget")
     source = "--quality-budget" if budget is not None else \
-        "half the whole-model 4-bit (W4A16 control) NLL increase on the calibration split"
+        "half the whole-model 4-bit (W4A16 control) NLL increase on the choosing split"
     budget = increase / 2 if budget is None else budget
     return Calibrated(calibrate_tau(main.engine, sequences, taus, budget, backbone_nll, log), source, increase)
 
 
 def build_comparison(model, args, sizes, inputs):
-    """(Comparison, Calibrated, the capped River's depth): River's engines, tau calibrated on the calibration split
-    with them, the cap from that calibration (or --max-backbone-depth), then the rows."""
-    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}; GPTQ on the calibration split, "
+    """(Comparison, Calibrated, the capped River's depth): River's engines, tau chosen on the choosing split with
+    them, the cap from that choice (or --max-backbone-depth), then the rows."""
+    log(f"backbone in {args.dtype}; building the rivers (groups of {args.group_size}; GPTQ on the rounding split, "
         "about 25 s each the first time) ...")
-    gptq_on = rounding_sequences(inputs.calibration)
+    gptq_on = inputs.rounding
     main, w4a16 = build(model, own_river(model.device, calibration=gptq_on), args), build(model, W4A16, args)
     nearest = build(model, own_river(model.device, name="nearest"), args)
     eight_bit = eight_bit_river(model.device, gptq_on)
     eight_bit = None if eight_bit is None else build(model, eight_bit, args)
-    log(f"calibration: {len(inputs.calibration)} sequences after the scored ones, teacher-forced")
-    calibrated = tau_from_budget(main, w4a16, inputs.calibration, sorted(set(sizes.taus) | {args.tau}),
+    log(f"choosing split: {len(inputs.choosing)} sequences, teacher-forced")
+    calibrated = tau_from_budget(main, w4a16, inputs.choosing, sorted(set(sizes.taus) | {args.tau}),
                                  args.quality_budget)
     depth_cap = args.max_backbone_depth
     if depth_cap is None:

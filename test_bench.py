@@ -83,10 +83,12 @@ def test_quality_text_windows_and_humaneval(bundled, tmp_path):
     windows = calibrate.quality_sequences(tokenizer, 3, 16, text)
     assert len(windows) == 3 and all(len(c) == 32 and 1 < len(t) <= 16 for c, t in windows)
     problems = calibrate.humaneval_problems()
-    scored, held_out = calibrate.quality_sequences(tokenizer, 2, 16), calibrate.calibration_sequences(tokenizer, 2, 16)
-    assert len(problems) == 164 and len(scored) == len(held_out) == 2
-    assert [c for c, _ in scored + held_out] == [tokenizer.encode(p).ids for p, _ in problems[:4]]
-    assert [t for _, t in scored + held_out] == [tokenizer.encode(s).ids[:16] for _, s in problems[:4]]
+    scored, choosing = calibrate.quality_sequences(tokenizer, 2, 16), calibrate.choosing_sequences(tokenizer, 2, 16)
+    assert len(problems) == 164 and len(scored) == len(choosing) == 2
+    assert [c for c, _ in scored + choosing] == [tokenizer.encode(p).ids for p, _ in problems[:2] + problems[100:102]]
+    assert [t for _, t in scored + choosing] == [tokenizer.encode(s).ids[:16] for _, s in problems[:2] + problems[100:102]]
+    whole = calibrate.choosing_sequences(tokenizer, len(calibrate.CHOOSING), calibrate.MAX_TARGET)
+    assert sum(len(t) for _, t in whole) >= 1500, "a choice on fewer target tokens is noise"
 
 
 # Published parameter counts of the checkpoints whose shapes --shape runs (tied embeddings counted once).
@@ -248,12 +250,12 @@ def test_the_default_comparison_runs_end_to_end_on_a_tiny_model(tmp_path, monkey
     fp32 backbone (the torch path throughout: seconds where bf16 on the torch path takes minutes; the native rows
     are test_every_row_of_the_default_comparison_runs_its_rule's)."""
     import bench
-    short = [(prompt[:80], solution) for prompt, solution in calibrate.humaneval_problems()[:4]]  # prefills of ~20
-    monkeypatch.setattr(calibrate, "humaneval_problems", lambda: short)                           # tokens, not ~130
+    short = [(prompt[:80], solution) for prompt, solution in calibrate.humaneval_problems()]  # prefills of ~20
+    monkeypatch.setattr(calibrate, "humaneval_problems", lambda: short)                       # tokens, not ~130
     monkeypatch.setattr(bench, "humaneval_problems", lambda: short)
     monkeypatch.setattr(measure, "probe", in_process_probe)
     monkeypatch.setattr(measure, "PROBE_REPEATS", 1)
-    monkeypatch.setattr(bench, "QUICK", bench.Sizes(2, 12, 6, 2, (0.9, 0.97)))
+    monkeypatch.setattr(bench, "QUICK", bench.Sizes(2, 2, 12, 6, 2, (0.9, 0.97)))
     model = tiny_checkpoint(tmp_path / "ckpt")
     plot = ["--plot", str(tmp_path / "q.png")] if importlib_util_find("matplotlib") else []
     threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
-"""Calibration (calibrate.py): the calibration split never reads a scored problem, teacher-forced NLL equals the one
-computed by hand, and the picked tau is the fastest within the quality budget."""
+"""Calibration (calibrate.py): the splits are disjoint and each reads only its own problems, teacher-forced NLL equals
+the one computed by hand, and the picked tau is the fastest within the quality budget."""
 import math
 import types
 
@@ -28,10 +28,10 @@ class WordTokenizer:
 
 
 class ScoredProblem:
-    """A scored problem: reading it fails the test."""
+    """A problem of another split: reading it fails the test."""
 
     def __iter__(self):
-        raise AssertionError("the calibration split read a scored problem")
+        raise AssertionError("the choosing split read a problem of another split")
 
     __getitem__ = __len__ = __str__ = __iter__
 
@@ -59,29 +59,37 @@ class Problems(list):
 
 @pytest.mark.parametrize("n, scored", [(1, None), (3, None), (2, 5), (12, 12)])
 def test_the_calibration_split_never_reads_a_scored_problem(n, scored, monkeypatch):
-    """calibration_sequences(n, scored=S) reads problems S..S+n-1 (S default n) and nothing else: the scored ones
-    would fail the test if read, and each problem's prompt and solution are encoded as its context and target."""
-    skip = n if scored is None else scored
+    """choosing_sequences(n) reads HumanEval problems 100..100+n-1 and nothing else, however many are scored (every
+    other problem fails the test if read), and each problem's prompt and solution are encoded as its context and
+    target; the four splits are disjoint, hold every problem, and the choosing one at least 1,500 target tokens' worth
+    of problems (checked on the real data in test_bench)."""
+    chosen = range(100, 100 + n)
     problem = lambda i: (f"w{2 * i}", " ".join(f"w{j}" for j in range(1000 * i, 1000 * i + 20)))  # noqa: E731
-    problems = Problems([ScoredProblem() for _ in range(skip)] + [problem(i) for i in range(skip, 40)])
+    problems = Problems([problem(i) if i in chosen else ScoredProblem() for i in range(164)])
     monkeypatch.setattr(calibrate, "humaneval_problems", lambda: problems)
     tokenizer = WordTokenizer()
-    sequences = calibrate.calibration_sequences(tokenizer, n, 16, scored=scored)
-    assert problems.read() == list(range(skip, skip + n))
-    assert sorted(tokenizer.texts) == sorted(text for i in range(skip, skip + n) for text in problem(i))
-    assert sequences == [([2 * i], list(range(1000 * i, 1000 * i + 16))) for i in range(skip, skip + n)]
+    sequences = calibrate.choosing_sequences(tokenizer, n, 16, **({} if scored is None else {"scored": scored}))
+    assert problems.read() == list(chosen)
+    assert sorted(tokenizer.texts) == sorted(text for i in chosen for text in problem(i))
+    assert sequences == [([2 * i], list(range(1000 * i, 1000 * i + 16))) for i in chosen]
+    splits = (calibrate.SCORED, calibrate.ROUNDING, calibrate.HELD_OUT, calibrate.CHOOSING)
+    assert sorted(i for split in splits for i in split) == list(range(calibrate.CHOOSING.stop))
+    with pytest.raises(ValueError, match="the choosing split holds 32 problems, not 33"):
+        calibrate.choosing_sequences(tokenizer, 33, 16)
 
 
 @pytest.mark.parametrize("n, scored, max_target", [(1, None, 8), (3, None, 16), (2, 5, 4)])
 def test_calibration_text_windows_are_disjoint_from_the_scored_ones(n, scored, max_target, tmp_path):
     """With --text, the scored split is the text's first n windows (32 tokens of context, up to max_target of
-    target) and the calibration split the n windows after the `scored` ones: no token of one is in the other."""
-    skip = n if scored is None else scored
+    target) and the choosing split the n windows after the `scored` ones (default as many as HumanEval's scored
+    problems): no token of one is in the other."""
+    skip = len(calibrate.SCORED) if scored is None else scored
     window = 32 + max_target
     text = tmp_path / "words.txt"
     text.write_text(" ".join(f"w{i}" for i in range((skip + n + 1) * window)), encoding="utf-8")
     scored_split = calibrate.quality_sequences(WordTokenizer(), skip, max_target, text)
-    held_out = calibrate.calibration_sequences(WordTokenizer(), n, max_target, text, scored=scored)
+    held_out = calibrate.choosing_sequences(WordTokenizer(), n, max_target, text, **(
+        {} if scored is None else {"scored": scored}))
     def by_hand(k):  # window k: its 32 context tokens, then max_target of target
         return list(range(k * window, k * window + 32)), list(range(k * window + 32, (k + 1) * window))
     assert scored_split == [by_hand(k) for k in range(skip)]

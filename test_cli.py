@@ -235,18 +235,18 @@ def test_the_stream_is_not_timed(monkeypatch):
 
 @pytest.fixture
 def small_calibration(monkeypatch):
-    """--quality-budget on a split of two problems with targets of 6 tokens (the wiring, in seconds), recording each
-    call of calibration_sequences, the backbone blocks held by the model calibrate_tau ran on, and the exit rule of
-    each NLL it computed."""
-    monkeypatch.setattr(calibrate, "CALIBRATION_PROBLEMS", 2)
-    monkeypatch.setattr(calibrate, "CALIBRATION_MAX_TARGET", 6)
+    """--quality-budget on a choosing split of two problems with targets of 6 tokens (the wiring, in seconds),
+    recording each call of choosing_sequences, the backbone blocks held by the model calibrate_tau ran on, and the exit
+    rule of each NLL it computed."""
+    monkeypatch.setattr(calibrate, "CHOOSING", range(100, 102))
+    monkeypatch.setattr(calibrate, "MAX_TARGET", 6)
     calls = types.SimpleNamespace(sequences=[], engine_depths=[], rules=[])
-    calibration_sequences, calibrate_tau, mean_nll = (calibrate.calibration_sequences, calibrate.calibrate_tau,
-                                                      calibrate.mean_nll)
+    choosing_sequences, calibrate_tau, mean_nll = (calibrate.choosing_sequences, calibrate.calibrate_tau,
+                                                   calibrate.mean_nll)
 
     def recorded_sequences(*args, **kwargs):
         calls.sequences.append((args[1:], kwargs))
-        return calibration_sequences(*args, **kwargs)
+        return choosing_sequences(*args, **kwargs)
 
     def recorded_tau(engine, *args, **kwargs):
         calls.engine_depths.append(len(engine.model.blocks))
@@ -255,23 +255,22 @@ def small_calibration(monkeypatch):
     def recorded_nll(engine, rule, sequences):
         calls.rules.append(rule)
         return mean_nll(engine, rule, sequences)
-    monkeypatch.setattr(calibrate, "calibration_sequences", recorded_sequences)
+    monkeypatch.setattr(calibrate, "choosing_sequences", recorded_sequences)
     monkeypatch.setattr(calibrate, "calibrate_tau", recorded_tau)
     monkeypatch.setattr(calibrate, "mean_nll", recorded_nll)
     return calls
 
 
 def test_cli_quality_budget_picks_tau_on_the_calibration_split(deep_checkpoint, small_calibration, capsys):
-    """--quality-budget on a tiny checkpoint: tau calibrated on the split after the scored problems with the whole
-    backbone loaded, the fastest tau within the budget by the reported per-tau results, the cap applied to the run
+    """--quality-budget on a tiny checkpoint: tau chosen on the choosing split with the whole backbone loaded, the fastest tau within the budget by the reported per-tau results, the cap applied to the run
     after it; strict JSON with the budget, the tau and every tau's results; the tau named on stderr."""
-    budget = 0.007  # on this checkpoint, between the increases of the two taus that exit early
+    budget = 0.001  # on this checkpoint and split, between the increases of the two taus that exit earliest
     river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "3", "--json",
                 "--quality-budget", str(budget), "--max-backbone-depth", "2", "--eight-bit-layers", "-1",
                 "--rounding", "nearest"])  # the budget lies between two taus' increases with nearest rounding
     captured = capsys.readouterr()
     out = strict_json(captured.out)
-    assert [args for args, _ in small_calibration.sequences] == [(2, 6, None, 2)]
+    assert [args for args, _ in small_calibration.sequences] == [(2, 6)]
     assert small_calibration.engine_depths == [DEEP.n_layers], "calibrated on a capped backbone"
     assert [rule.max_depth for rule in small_calibration.rules] == [None] * (1 + len(calibrate.CALIBRATION_TAUS))
     calibration = out["calibration"]
@@ -300,7 +299,7 @@ def test_cli_quality_budget_no_tau_meets_is_a_one_line_error(deep_checkpoint, sm
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert re.fullmatch(r"error: no tau of 0.5 0.8 .* 0.99 meets the quality budget 0.5: the smallest NLL increase "
-                        r"on the calibration split is \+\d\.\d{4} \(tau [\d.]+\)", err.splitlines()[-1]), err
+                        r"on the choosing split is \+\d\.\d{4} \(tau [\d.]+\)", err.splitlines()[-1]), err
     assert len(err.splitlines()) == 1 + len(calibrate.CALIBRATION_TAUS)
 
 
@@ -362,8 +361,9 @@ def test_strategies_command_line_runs_a_strategy(capsys):
 
 @pytest.mark.parametrize("rounding", ["gptq", "nearest", None])
 def test_cli_rounds_the_river_with_gptq_on_the_calibration_split_by_default(deep_checkpoint, monkeypatch, rounding):
-    """river.py's default river is GPTQ-rounded on the calibration split's sequences (context and target as one,
-    never the scored problems); --rounding nearest rounds without data."""
+    """river.py's default river is GPTQ-rounded on the rounding split's sequences (context and target as one, HumanEval
+    problems 12..23: never the scored problems, nor the ones choices are made on); --rounding nearest rounds without
+    data."""
     seen = []
     real = river_module.load_river
     monkeypatch.setattr(river_module, "load_river", lambda *a: seen.append(a[-1]) or real(*a))
@@ -373,7 +373,8 @@ def test_cli_rounds_the_river_with_gptq_on_the_calibration_split_by_default(deep
         assert seen == [None]
         return
     _, tokenizer = load_weights.load_config_and_tokenizer(deep_checkpoint)
-    split = calibrate.calibration_sequences(tokenizer, calibrate.CALIBRATION_PROBLEMS, calibrate.CALIBRATION_MAX_TARGET)
+    problems = calibrate.humaneval_problems()
+    split = [(tokenizer.encode(p).ids, tokenizer.encode(s).ids[:calibrate.MAX_TARGET]) for p, s in problems[12:24]]
     assert seen == [tuple(tuple(c + t) for c, t in split)]
-    scored = calibrate.quality_sequences(tokenizer, calibrate.CALIBRATION_PROBLEMS, calibrate.CALIBRATION_MAX_TARGET)
-    assert not {tuple(c + t) for c, t in scored} & set(seen[0])
+    others = [calibrate.problems(tokenizer, part) for part in (calibrate.SCORED, calibrate.CHOOSING)]
+    assert not {tuple(c + t) for part in others for c, t in part} & set(seen[0])

@@ -208,7 +208,7 @@ def test_the_bundled_river_as_river_py_loads_it_never_leaving_is_the_backbone():
     it: GPTQ copies on the rounding split, the last block and the LM head 8-bit), a HumanEval prompt prefilled and
     twelve of its solution's tokens teacher-forced, on every path."""
     _, tokenizer = load_config_and_tokenizer()
-    model, river, _ = load_river(head_bits=DEFAULT_HEAD_BITS, calibration=calibrate.rounding_sequences(river_module.calibration_split(tokenizer)))
+    model, river, _ = load_river(head_bits=DEFAULT_HEAD_BITS, calibration=calibrate.rounding_sequences(tokenizer))
     assert river.head is not None and river.head.bits == 8 and river.bits == [4] * 29 + [8]
     prompt, solution = calibrate.humaneval_problems()[0]
     context = tokenizer.encode(prompt).ids
