@@ -187,15 +187,21 @@ def measure(comparison, args, sizes, inputs):
 
 # ------------------------------------------------------------------------------------------------- assembling
 
-def mode_entry(row, measured):
-    """One row's figures: speed, quality, its weights, its rule's tau, the code that ran it, its memory alone."""
+def mode_entry(row, measured, n_weights):
+    """One row's figures: speed, quality, its weights, its rule's tau, the code that ran it, its memory alone, and
+    its size: resident weight MB (a peer's: its file's), those bytes in bits per model weight (n_weights) and the MB
+    a decode step reads."""
     weights, bits, activations = row.description()
     probe = measured.memory["row_probe"].get(row.name)
     memory = measured.memory["probes"][probe] if probe else {}
+    weight_mb = memory.get("weight_mb") if row.file is None else row.file["weight_mb"]
+    step = measured.speed[row.name]["bytes_per_step"]
     return {**measured.speed[row.name], **measured.quality[row.name], "weights": weights, "bits_per_block": bits,
             "activations": activations, "tau": row.tau, "path": row.path,
-            "peak_rss_mb": memory.get("peak_rss_mb_over_idle"), "weight_mb": memory.get("weight_mb"),
-            "memory_probe": probe}
+            "peak_rss_mb": memory.get("peak_rss_mb_over_idle"), "weight_mb": weight_mb,
+            "bits_per_weight": None if weight_mb is None else weight_mb * 2**20 * 8 / n_weights,
+            "step_mb": None if step is None else step / 2**20,
+            "tensor_types": None if row.file is None else row.file["tensor_types"], "memory_probe": probe}
 
 
 def cap_entry(comparison, modes, calibrated, args, depth_cap):
@@ -264,7 +270,9 @@ def run_entry(comparison, args, sizes, inputs):
 
 def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t_start):
     """The result: every figure, as strict JSON writes it."""
-    modes = {row.name: mode_entry(row, measured) for row in comparison.rows}
+    model = comparison.backbone.engine.model
+    n_weights = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    modes = {row.name: mode_entry(row, measured, n_weights) for row in comparison.rows}
     modes[comparison.capped.name]["cap"] = cap_entry(comparison, modes, calibrated, args, depth_cap)
     memory = measured.memory
     return {**run_entry(comparison, args, sizes, inputs), "modes": modes,
@@ -284,18 +292,20 @@ def print_table(result, rows, backbone):
     modes = result["modes"]
     base = modes[backbone.name]
     header = (f"{'mode':<18}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
-              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'RSS MB':>7}  path")
+              f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'bits/w':>7}{'step MB':>8}"
+              f"{'RSS MB':>7}  path")
     print(header)
     print("-" * len(header))
     for row in rows:
         m = modes[row.name]
         tau = f"{row.tau:g}" if row.tau is not None else "-"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
-        wts, rss = (f"{m[k]:.0f}" if m[k] is not None else "-" for k in ("weight_mb", "peak_rss_mb"))
+        wts, bpw, step, rss = (f"{m[k]:.{digits}f}" if m[k] is not None else "-" for k, digits in (
+            ("weight_mb", 0), ("bits_per_weight", 2), ("step_mb", 0), ("peak_rss_mb", 0)))
         print(f"{row.name:<18}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
-              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{rss:>7}  {m['path']}")
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{bpw:>7}{step:>8}{rss:>7}  {m['path']}")
 
 
 def print_header(result, sizes, prompt_tokens):
@@ -376,8 +386,7 @@ def main(argv=None):
     model = scaling.load_backbone(args.model, device, args.dtype)
     comparison, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
     if not (args.no_llamacpp or args.model or args.text) and model.device.type == "cpu":  # the bundled model's peer
-        comparison.peers = llamacpp.peer_rows(args.llamacpp_types, kernels.cache_dir() / "llamacpp",
-                                              model.cfg.n_layers, log)
+        comparison.peers = llamacpp.peer_rows(args.llamacpp_types, kernels.cache_dir() / "llamacpp", model.cfg, log)
         comparison.rows += comparison.peers
     measured = measure(comparison, args, sizes, inputs)
     result = assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t_start)

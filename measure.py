@@ -107,6 +107,7 @@ def measure_speed(rows, prompt, new_tokens, repeats):
     for row in rows:  # warm-up
         row.generate(prompt, 4)
     tps, steps, prefill, blocks = ({row.name: [] for row in rows} for _ in range(4))
+    positions = range(len(prompt), len(prompt) + new_tokens - 1)  # the decode steps
     for r in range(repeats):
         log(f"  speed repeat {r + 1}/{repeats}")
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:
@@ -119,7 +120,31 @@ def measure_speed(rows, prompt, new_tokens, repeats):
                        "decode_tokens_per_s_per_repeat": tps[row.name],
                        "decode_step_ms_median": 1e3 * statistics.median(steps[row.name]),
                        "prefill_s": statistics.median(prefill[row.name]),
-                       "generation_mean_backbone_blocks": statistics.mean(blocks[row.name])} for row in rows}
+                       "generation_mean_backbone_blocks": statistics.mean(blocks[row.name]),
+                       "bytes_per_step": row.bytes_per_step(blocks[row.name], positions)} for row in rows}
+
+
+def block_weight_bytes(block):
+    """Bytes of weights a step streams for one block: its four matrices as they are held (bf16, or a low-bit copy's
+    codes with its scales and lows: QuantizedLinear's buffers) and its two norms in fp32, as kernels.cpp holds them."""
+    matrices = (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down)
+    return 2 * 4 * block.attn_norm.weight.numel() + sum(tensor_bytes(m) for m in matrices)
+
+
+def step_bytes(model, river, depths, positions):
+    """Mean bytes a decode step reads over steps of these depths (backbone blocks run; river copies after) at these
+    positions: the blocks' weights, the LM head it ends at (the model's bf16 head after every backbone block, the
+    river's low-bit copy, where it has one, after an exit), and every layer's bf16 K and V up to the position (once
+    per KV head: the query heads sharing it read it from cache). The embedding row is left out."""
+    cfg = model.cfg
+    backbone = [block_weight_bytes(b) for b in model.blocks]
+    copies = [block_weight_bytes(b) for b in river.blocks] if river is not None else []
+    model_head = model.lm_head.weight.nbytes
+    river_head = model_head if river is None or river.head is None else river.head.packed.nbytes
+    weights = statistics.mean(sum(backbone[:d]) + sum(copies[d:]) + (model_head if d == cfg.n_layers else river_head)
+                              for d in depths)
+    kv_per_position = cfg.n_layers * 2 * cfg.kv_dim * model.dtype.itemsize
+    return weights + kv_per_position * (statistics.mean(positions) + 1)
 
 
 def torch_path_prefill_s(engine, prompt, repeats):

@@ -9,7 +9,7 @@ from calibrate import Calibration, calibrate_tau, cap_depth, mean_nll, teacher_f
 from cli import fail
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, similarity
 from kv_strategies import STRATEGIES, BaselineEngine
-from measure import log
+from measure import log, step_bytes
 from river import DEFAULT_HEAD_BITS, Engine, ExitRiver, default_activations, default_eight_bit_layers
 from speculative import generate_speculative
 
@@ -102,6 +102,7 @@ class Row:
     deployment: Deployment
     in_sweep: bool = False
     mark: Mark | None = None
+    file = None  # what a peer's weight file holds (llamacpp.gguf_weights); this project's rows have none
 
     def generate(self, prompt, new_tokens):
         return self.engine.generate(prompt, new_tokens, self.rule)
@@ -123,6 +124,10 @@ class Row:
         """The ExitRiver this row runs: None for the backbone and the KV strategies."""
         return self.engine.river if self.deployment.river is not None else None
 
+    def bytes_per_step(self, depths, positions):
+        """Mean bytes a decode step of this row reads at these depths and positions (measure.step_bytes)."""
+        return step_bytes(self.engine.model, self.river, depths, positions)
+
     def description(self):
         """The table's and JSON's words for its weights: (weights, bits per block or None, activations)."""
         river = self.river
@@ -142,6 +147,9 @@ class SpeculativeRow(Row):
 
     def score(self, context, target):
         return teacher_forced(self.engine, NEVER, context, target)
+
+    def bytes_per_step(self, depths, positions):
+        return None  # a round is drafts and a check: no step of its own
 
     @property
     def tau(self):

@@ -18,9 +18,8 @@ from exit_policy import NEVER, ExitRule, similarity
 from generation import greedy
 from kernels import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
-from measure import block_split_us, exit_histogram, log, machine_info, seconds
+from measure import block_split_us, exit_histogram, log, machine_info, seconds, step_bytes
 from model import LlamaConfig, Transformer
-from quantize import QuantizedLinear
 from river import Engine, check_group_size_fits
 from rows import own_river
 
@@ -161,31 +160,6 @@ def read_bandwidth(device):
     """GB/s of summing a 512 MB tensor: how fast a decode step's weights and K/V can stream at best."""
     a = torch.ones(128 * 2**20, device=device)
     return a.numel() * a.element_size() / min(seconds(lambda: a.sum(), device) for _ in range(5)) / 1e9
-
-
-def block_weight_bytes(block):
-    """Bytes of weights kernels.cpp streams for one block: bf16 matrices, or low-bit codes with an fp16 scale and
-    low per row and group (QuantizedLinear.packed, kernels.pack_lowbit); its two norms in fp32."""
-    total = 2 * 4 * block.attn_norm.weight.numel()
-    for linear in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down):
-        weight = linear.packed if isinstance(linear, QuantizedLinear) else linear.weight
-        total += weight.numel() * weight.element_size()
-    return total
-
-
-def step_bytes(model, river, depths, positions):
-    """Mean bytes a decode step reads over steps of these depths (backbone blocks run; river copies after) at these
-    positions: the blocks' weights, the LM head it ends at (the river's low-bit copy where the river has one, else the
-    bf16 head), and every layer's bf16 K and V up to the position (once per KV head: the query heads sharing it read
-    it from cache). The embedding row is left out."""
-    cfg = model.cfg
-    backbone = [block_weight_bytes(b) for b in model.blocks]
-    copies = [block_weight_bytes(b) for b in river.blocks] if river is not None else []
-    weights = statistics.mean(sum(backbone[:d]) + sum(copies[d:]) for d in depths)
-    head = model.lm_head.weight if river is None or river.head is None else river.head.packed
-    head = head.numel() * head.element_size()
-    kv_per_position = cfg.n_layers * 2 * cfg.kv_dim * model.dtype.itemsize
-    return weights + head + kv_per_position * (statistics.mean(positions) + 1)
 
 
 def bandwidth_model(model, river, depths, positions, read_gb_per_s):

@@ -347,8 +347,8 @@ def test_the_bench_files_are_small_and_their_functions_short(module):
 @pytest.mark.parametrize("head_bits", [None, 8])
 def test_the_bandwidth_model_counts_the_bytes_each_step_reads(head_bits):
     """step_bytes, by hand: the backbone blocks a step runs (bf16 matrices, two fp32 norms), the river copies after
-    (their packed bytes), the head the step ends at (the river's low-bit copy where it has one) and every layer's
-    bf16 K and V up to the mean position plus one."""
+    (their packed bytes), the head the step ends at (the river's low-bit copy where it has one after an exit, the
+    model's bf16 head after every backbone block) and every layer's bf16 K and V up to the mean position plus one."""
     model = tiny_model(SMALL, 0, torch.bfloat16)
     river = ExitRiver(model, 4, 32, eight_bit_layers=(-1,), head_bits=head_bits)
     cfg = model.cfg
@@ -360,7 +360,12 @@ def test_the_bandwidth_model_counts_the_bytes_each_step_reads(head_bits):
     kv = cfg.n_layers * 2 * cfg.kv_dim * 2 * (sum(range(10, 14)) / 4 + 1)
     head = cfg.vocab_size * cfg.d_model * 2 if head_bits is None else river.head.packed.numel()
     backbone = sum(block_bytes(b) for b in model.blocks) + cfg.vocab_size * cfg.d_model * 2 + kv
-    assert scaling.step_bytes(model, None, [cfg.n_layers], range(10, 14)) == pytest.approx(backbone)
+    assert measure.step_bytes(model, None, [cfg.n_layers], range(10, 14)) == pytest.approx(backbone)
     mixed = [sum(block_bytes(b) for b in model.blocks[:d]) + sum(block_bytes(b) for b in river.blocks[d:])
              for d in (1, 3)]
-    assert scaling.step_bytes(model, river, [1, 3], range(10, 14)) == pytest.approx(sum(mixed) / 2 + head + kv)
+    assert measure.step_bytes(model, river, [1, 3], range(10, 14)) == pytest.approx(sum(mixed) / 2 + head + kv)
+    bf16_head = cfg.vocab_size * cfg.d_model * 2
+    whole = sum(block_bytes(b) for b in model.blocks) + bf16_head  # a step that never left
+    assert measure.step_bytes(model, river, [1, cfg.n_layers], range(10, 14)) == pytest.approx(
+        (mixed[0] + head + whole) / 2 + kv)
+

@@ -13,6 +13,7 @@ import torch
 
 import calibrate
 import llamacpp
+import load_weights
 import scaling
 from exit_policy import NEVER
 from river import Engine
@@ -64,7 +65,8 @@ def test_without_llama_cpp_one_line_on_how_to_install_and_no_rows(no_llama_cpp, 
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "llama_cpp is not importable" in lines[0] and "pip install llama-cpp-python==" in lines[0]
     lines.clear()
-    assert llamacpp.peer_rows(["BF16", "Q4_K_M"], tmp_path / "llamacpp", 30, lines.append) == []
+    cfg, _ = load_weights.load_config_and_tokenizer()
+    assert llamacpp.peer_rows(["BF16", "Q4_K_M"], tmp_path / "llamacpp", cfg, lines.append) == []
     assert lines == [llamacpp.INSTALL] and not (tmp_path / "llamacpp").exists()
     args = types.SimpleNamespace(no_llamacpp=False, model=None, context=[16])
     assert scaling.peer_contexts(args, list(range(32)), 8) is None
@@ -84,7 +86,7 @@ def bf16_row(llama_cpp, bundled, tmp_path_factory):
     """The bench's llama.cpp BF16 row of the bundled model."""
     model, _ = bundled
     gguf = llamacpp.requantized(llama_cpp, "BF16", tmp_path_factory.mktemp("llamacpp"))
-    return llamacpp.LlamaCppRow("llama.cpp BF16", "BF16", gguf, 2, model.cfg.n_layers, llama_cpp)
+    return llamacpp.LlamaCppRow("llama.cpp BF16", "BF16", gguf, 2, model.cfg.n_layers, 0, llama_cpp)
 
 
 def by_hand_nll(llama_cpp, gguf, context, target):
@@ -126,6 +128,24 @@ def test_llama_cpp_bf16_nll_is_the_backbones(bf16_row, bundled):
     for backbone in (model, scaling.load_backbone(None, "cpu", "bfloat16")):
         backbone_nll, _ = calibrate.mean_nll(Engine(backbone), NEVER, [(context, target)])
         assert abs(nll - backbone_nll) < 0.01, (backbone.dtype, nll, backbone_nll)
+
+
+def test_each_file_reports_the_bits_per_weight_it_holds(llama_cpp, bundled, tmp_path_factory):
+    """gguf_weights against the model's own parameter count: the BF16 file holds the bundled model's 134,515,008
+    weights, its 61 norms in fp32 and everything else in bf16 (bits per weight by hand); asked for Q4_K_M on these
+    576-wide rows, llama.cpp writes mostly Q5_0, above 5 bits per weight; IQ4_NL stays near 4.5. A decode step reads
+    every tensor of a tied model, the embedding as its output head included."""
+    model, _ = bundled
+    n, norms = sum(p.numel() for p in model.parameters()), (2 * model.cfg.n_layers + 1) * model.cfg.d_model
+    assert n == 134_515_008
+    folder = tmp_path_factory.mktemp("bpw")
+    bf16 = llamacpp.gguf_weights(llamacpp.requantized(llama_cpp, "BF16", folder))
+    assert bf16["bits_per_weight"] == pytest.approx(8 * (2 * (n - norms) + 4 * norms) / n, rel=1e-9)
+    assert bf16["step_weight_bytes"] == bf16["weight_mb"] * 2**20 and set(bf16["tensor_types"]) == {"BF16", "F32"}
+    q4_k_m = llamacpp.gguf_weights(llamacpp.requantized(llama_cpp, "Q4_K_M", folder))
+    assert q4_k_m["bits_per_weight"] > 5 and max(q4_k_m["tensor_types"], key=q4_k_m["tensor_types"].get) == "Q5_0"
+    iq4_nl = llamacpp.gguf_weights(llamacpp.requantized(llama_cpp, "IQ4_NL", folder))
+    assert 4.4 < iq4_nl["bits_per_weight"] < q4_k_m["bits_per_weight"] and "IQ4_NL" in iq4_nl["tensor_types"]
 
 
 def test_requantized_files_appear_whole_when_two_runs_make_them_at_once(llama_cpp, tmp_path):
