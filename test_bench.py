@@ -369,3 +369,48 @@ def test_the_bandwidth_model_counts_the_bytes_each_step_reads(head_bits):
     assert measure.step_bytes(model, river, [1, cfg.n_layers], range(10, 14)) == pytest.approx(
         (mixed[0] + head + whole) / 2 + kv)
 
+
+# ----------------------------------------------------------------------------------------------- the README
+
+def reading_table():
+    """(file, name) for every name README.md's reading table lists: its "where" cells read "`file`: `name`, `name`",
+    several files to a cell apart by ";"."""
+    lines = (HERE / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"\|\s*step of the method\s*\|\s*where\s*\|", line))
+    listed = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        where = line.rstrip().rstrip("|").rsplit("|", 1)[1]
+        for part in where.split(";"):
+            file, _, names = part.partition(":")
+            listed += [(file.strip().strip("`"), name) for name in re.findall(r"`([^`]+)`", names)]
+    return listed
+
+
+def defines(path, name):
+    """Whether `path` defines `name`: a Python function, class, method (`Class.method`, a property too) or module-level
+    name, or a C/C++ function, struct or constant."""
+    if path.suffix == ".py":
+        tree = ast.parse(path.read_text())
+        scope = tree.body
+        for part in name.split("."):
+            found = [n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part or
+                     isinstance(n, ast.Assign) and any(getattr(t, "id", None) == part for t in n.targets) or
+                     isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == part]
+            if not found:
+                return False
+            scope = getattr(found[0], "body", [])
+        return True
+    definition = rf"(^|\n)[\w:<>,*\" ]*\b{re.escape(name)}\s*\([^;]*\)\s*\{{|\bstruct {re.escape(name)}\b|" \
+                 rf"\bconst\b[^;=]*\b{re.escape(name)}\s*="
+    return re.search(definition, path.read_text()) is not None
+
+
+def test_every_name_the_readme_reading_table_lists_is_defined_in_the_file_it_names():
+    """A rename cannot leave the reading table stale: each file it names exists, and each name it lists beside a file
+    is defined there."""
+    listed = reading_table()
+    assert len(listed) >= 30 and {file for file, _ in listed} >= {"model.py", "kv_cache.py", "exit_policy.py", "river.py"}
+    missing = [f"{file}: {name}" for file, name in listed if not (HERE / file).is_file() or not defines(HERE / file, name)]
+    assert not missing, missing
