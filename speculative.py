@@ -10,13 +10,11 @@ from generation import Generation, check_generation, greedy, nucleus, sync
 
 MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
-# The most drafted per check, by the native build's instruction set, each the fastest of several on HumanEval's
-# calibration split (problems 12..17, 48 tokens, River's own GPTQ 4-bit copies drafting as a whole model, 8-bit head;
-# runs of 2 repeats, Zen 4, 2026-12-02). A check of k + 1 tokens streams the bf16 weights once, so on AVX-512 it costs
-# little more than a step until its arithmetic shows: k 3/4/5/6/8/10 gave 1.17/1.18/1.22/1.23/1.15/1.07x and
-# 1.31/1.35/1.38/1.28x (k <= 6), a tie around 4-5. AVX2's check is arithmetic (two FMAs per bf16 pair), so short
-# drafts win: k 2/3/4/6 gave 0.99/0.93/0.86/0.84x, k 1/2/3 0.92/0.81/0.78x and 1.05/0.98/0.93x.
-DRAFT_LENGTHS = {"avx512": 4, "avx2": 1}
+# The most drafted per check, by the native build's instruction set: each the fastest of several on the choosing split
+# (calibrate.CHOOSING's first 8 prompts, 64 greedy tokens, River's copies drafting as a whole model, RESULTS.md). A
+# check of k + 1 tokens streams the bf16 weights once, so on AVX-512 it costs little more than a step until its
+# arithmetic shows and longer drafts pay; AVX2's check is arithmetic (two FMAs per bf16 pair), so short drafts win.
+DRAFT_LENGTHS = {"avx512": 6, "avx2": 2}
 
 
 def default_draft_length(engine):
