@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-import kernels
 import llamacpp
 import plots
+import river_native
 import scaling
 from calibrate import (CALIBRATION_TAUS, CAP_SHARE, CHOOSING, MAX_TARGET, ROUNDING, SCORED, check_budget,
                        choosing_sequences, humaneval_problems, quality_sequences, rounding_sequences)
@@ -28,6 +28,7 @@ from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
 from rows import build_comparison
+from storage import cache_dir
 
 SWEEP_TAUS = CALIBRATION_TAUS
 QUICK_TAUS = (0.9, 0.97)
@@ -77,7 +78,7 @@ def argument_parser():
     parser.add_argument("--no-compile", action="store_true",
                         help="run everything eagerly (default: torch.compile each block's one-token decode step "
                              "and the LM head where the native kernels do not run; needs a C++ compiler on CPU)")
-    parser.add_argument("--isa", choices=tuple(kernels.ISAS), default=None,
+    parser.add_argument("--isa", choices=tuple(river_native.ISAS), default=None,
                         help="native kernels' instruction set (default: the best this CPU runs), e.g. avx2 on an "
                              "AVX-512 machine to see the other path")
     parser.add_argument("--strategies", action="store_true",
@@ -145,8 +146,9 @@ def read_inputs(args, parser, sizes):
         fail(f"--text {args.text}: no windows left after the {len(scored)} scored ones for the choosing split")
     rounding = reading_files(rounding_sequences, tokenizer)  # River's own copies, as river.py rounds them
     prompt = tokenizer.encode(reading_files(humaneval_problems)[0][0]).ids
-    if args.isa is not None and args.isa not in kernels.usable_isas():
-        fail(f"--isa {args.isa}: this CPU does not run it (it runs {', '.join(kernels.usable_isas()) or 'neither'})")
+    if args.isa is not None and args.isa not in river_native.usable_isas():
+        runs = ", ".join(river_native.usable_isas()) or "neither"
+        fail(f"--isa {args.isa}: this CPU does not run it (it runs {runs})")
     return Inputs(cfg, tokenizer, scored, choosing, rounding, prompt)
 
 
@@ -253,11 +255,11 @@ def bandwidth_entry(model, backbone_tokens_per_s, copy_gb_per_s):
 def run_entry(comparison, args, sizes, inputs):
     """What ran: model, machine, software, kernels, River's settings, the data, the cache's size."""
     model, native = comparison.backbone.engine.model, comparison.river.engine.native
-    flags = kernels.cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    flags = river_native.cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                                    "avx512_bf16"}
     return {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "machine": machine_info(model.device),
             "device": str(model.device), "torch": torch.__version__, "dtype": args.dtype,
-            "kernels": {"isa": native.isa if native is not None else None, "usable_isas": kernels.usable_isas(),
+            "kernels": {"isa": native.isa if native is not None else None, "usable_isas": river_native.usable_isas(),
                         "cpu_flags": sorted(flags)},
             "compiled_torch_steps": not args.no_compile, "group_size": args.group_size, "tau": args.tau,
             "quick": args.quick,
@@ -386,7 +388,7 @@ def main(argv=None):
     model = scaling.load_backbone(args.model, device, args.dtype)
     comparison, calibrated, depth_cap = build_comparison(model, args, sizes, inputs)
     if not (args.no_llamacpp or args.model or args.text) and model.device.type == "cpu":  # the bundled model's peer
-        comparison.peers = llamacpp.peer_rows(args.llamacpp_types, kernels.cache_dir() / "llamacpp", model.cfg, log)
+        comparison.peers = llamacpp.peer_rows(args.llamacpp_types, cache_dir() / "llamacpp", model.cfg, log)
         comparison.rows += comparison.peers
     measured = measure(comparison, args, sizes, inputs)
     result = assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t_start)

@@ -1,5 +1,5 @@
-"""Quality on HumanEval, teacher-forced: the splits (scored, rounding, held out, choosing), NLL per token, and tau from a
-budget."""
+"""Quality on HumanEval, teacher-forced: the splits (scored, rounding, held out, choosing), NLL per token, and tau
+from a budget."""
 import gzip
 import importlib.util
 import json
@@ -155,6 +155,7 @@ def calibrate_tau(engine, sequences, taus, budget, backbone_nll=None, log=lambda
         nll, depths = mean_nll(engine, similarity(tau), sequences)
         result.nll_increase[tau], result.depths[tau] = nll - backbone_nll, depths
         result.mean_backbone_blocks[tau] = statistics.mean(depths)
-        log(f"  choosing split, tau {tau:g}: NLL {nll - backbone_nll:+.4f}, {result.mean_backbone_blocks[tau]:.2f} blocks")
+        log(f"  choosing split, tau {tau:g}: NLL {nll - backbone_nll:+.4f}, "
+            f"{result.mean_backbone_blocks[tau]:.2f} blocks")
     result.pick()
     return result

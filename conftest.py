@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings, strategies as st
 
-import kernels
+import river_native
 import load_weights
 from kv_cache import Writer
 from load_weights import load_model
@@ -212,8 +212,8 @@ def copy_of(cache, model):
 
 
 def count_native_steps(engine):
-    """A list that gets one entry per decode step `engine` runs through kernels.cpp (a spy on its native decoder's
-    forward); stays empty for an engine without one."""
+    """A list that gets one entry per decode step `engine` runs natively (a spy on its native decoder's forward);
+    stays empty for an engine without one."""
     steps = []
     if engine.native is not None:
         forward = engine.native.forward
@@ -315,7 +315,7 @@ def assert_usage_error(raised, capsys, message):
 
 # ----------------------------------------------------------------------------------------------- native kernels
 
-ISAS_HERE = kernels.usable_isas()
+ISAS_HERE = river_native.usable_isas()
 
 
 each_isa_here = pytest.mark.parametrize("isa", ISAS_HERE or [

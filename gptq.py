@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 import quantize
-from kernels import cache_dir, pack_lowbit, unpack_lowbit, write_whole
-from quantize import QuantizedWeight, check_quant_args, quantize_rows
+from quantize import QuantizedWeight, check_quant_args, pack_lowbit, quantize_rows, unpack_lowbit
+from storage import cache_dir, write_whole
 
 # GPTQ's damping: H + GPTQ_DAMP * mean(diag H) * I. Chosen by cross-validation inside the rounding split
 # (calibrate.ROUNDING: fit on problems 12..17, score 18..23 and the other way round), where 0.01, the paper's value,
@@ -96,7 +96,7 @@ def rounded(w, hessian, bits=4, group_size=64, refine_steps=10):
 
 
 def save_whole(obj, path):
-    """torch.save, whole or absent even with two writers (kernels.write_whole)."""
+    """torch.save, whole or absent even with two writers (storage.write_whole)."""
     write_whole(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -59,8 +59,8 @@ class KVCache:
 
     def record_pass(self, depth, start, length):
         """Record a native pass of positions start..start+length-1 through every layer: the backbone's blocks wrote
-        layers 0..depth-1, the river's copies the rest. Kept as a tuple until the record is read: a decode step is a
-        few ms, and three numpy writes right after one, with the caches swept by its weights, cost ~0.1 ms."""
+        layers 0..depth-1, the river's copies the rest. Kept as a tuple until the record is read: right after a native
+        step has swept the CPU's caches with its weights, even three small numpy writes cost a visible share of it."""
         self.check_range(start, length)
         self.passes.append((depth, start, start + length))
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-import river
+import river_cli
 from exit_policy import similarity
 from kv_cache import Writer
 from river import Engine
@@ -166,13 +166,13 @@ class BaselineEngine(Engine):
 
 def strategy_mode(strategy):
     """The --mode that runs `strategy`: River's exit rule, no river."""
-    return river.Mode(lambda tau, cap: similarity(tau), river=False,
+    return river_cli.Mode(lambda tau, cap: similarity(tau), river=False,
                       engine=lambda model, _river, _native, compile: BaselineEngine(model, strategy, compile))
 
 
 def main(argv=None):
     """river.py's command line, with the strategies as modes beside River's."""
-    river.main(argv, {**river.MODES, **{s.__name__.lower(): strategy_mode(s) for s in STRATEGIES}})
+    river_cli.main(argv, {**river_cli.MODES, **{s.__name__.lower(): strategy_mode(s) for s in STRATEGIES}})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from generation import Generation
-from kernels import write_whole
+from storage import write_whole
 
 INSTALL = ('llama.cpp rows skipped: llama_cpp is not importable; for them: '
            'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36 (a native build, minutes)')
@@ -45,7 +45,7 @@ def bundled_gguf():
 
 def requantized(llama_cpp, kind, folder):
     """The bundled GGUF requantized to `kind`, made once in `folder`, whole even when two first runs make it at once
-    (kernels.write_whole)."""
+    (storage.write_whole)."""
     dst = Path(folder) / f"smollm2-135m-instruct-{kind.lower()}.gguf"
     if dst.exists():
         return dst

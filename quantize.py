@@ -1,10 +1,11 @@
-"""The river's weights: a group-wise low-bit quantizer and the low-bit linear layer."""
+"""The river's weights: a group-wise low-bit quantizer, the low-bit linear layer, and the packed layout it holds its
+codes in (the layout the native kernels read)."""
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from kernels import pack_lowbit, unpack_lowbit
 
 QUANTIZE_ROWS = 256  # rows quantize_weight works on at a time
 ACTIVATIONS = ("int16", "bf16")  # int16 per group: integer dot products (the CPU default); bf16: torch's kernels
@@ -84,7 +85,8 @@ def quantize_rows(w, bits, group_size, refine_steps, importance=None):
     return codes.view(N, K).to(torch.uint8), scale[..., 0], low[..., 0]
 
 
-ACTIVATION_LEVELS = 32639  # int16 activations, symmetric per group; 127 * 256 + 127: kernels.cpp splits them into int8 halves
+ACTIVATION_LEVELS = 32639  # int16 activations, symmetric per group; 127 * 256 + 127: the native kernels split them
+                            # into int8 halves
 
 
 def quantize_activations(x, group_size):
@@ -94,7 +96,7 @@ def quantize_activations(x, group_size):
     M, K = x.shape
     groups = x.float().view(M, K // group_size, group_size)
     amax = groups.abs().amax(-1)                                            # (M, G)
-    # a true division, as kernels.cpp's (a number over a tensor is a reciprocal times the number in torch, which
+    # a true division, as the native kernels' (a number over a tensor is a reciprocal times the number in torch, which
     # rounds differently and would move a near-tie to the other integer)
     inverse = torch.where(amax > 0, torch.full_like(amax, ACTIVATION_LEVELS).div(amax), torch.zeros_like(amax))
     return torch.round(groups * inverse[..., None]), amax / ACTIVATION_LEVELS, groups.sum(-1)
@@ -102,7 +104,7 @@ def quantize_activations(x, group_size):
 
 def int_product(x, codes, scale, low):
     """x (M, K) fp32 -> (M, N): sum over groups of scale * step * (codes . int16 activations) + low * sum(x), the
-    low-bit weight w = low + scale * code. kernels.cpp sums the integer dot products exactly first; here the same
+    low-bit weight w = low + scale * code. The native kernels sum the integer dot products exactly first; here the same
     terms are two fp32 matmuls (rounded activations against scaled codes, group sums against lows), which differ
     from it by fp32 rounding alone."""
     N, G = scale.shape
@@ -115,9 +117,9 @@ def int_product(x, codes, scale, low):
 class QuantizedLinear(nn.Module):
     """Weight-only low-bit linear layer.
 
-    activations "int16" (4- or 8-bit weights): codes with fp16 scale and low per group, held once, in kernels.cpp's
-    packed layout (kernels.pack_lowbit: 4 bits take half a byte); activations rounded to int16 per group. kernels.cpp
-    runs a CPU decode step on these bytes as they are; plain torch (int_product) unpacks them for each call.
+    activations "int16" (4- or 8-bit weights): codes with fp16 scale and low per group, held once, in the native
+    kernels' packed layout (pack_lowbit: 4 bits take half a byte); activations rounded to int16 per group. The native
+    kernels run a CPU decode step on these bytes as they are; plain torch (int_product) unpacks them for each call.
     activations "bf16" (4-bit weights, the paper's W4A16): PyTorch's int4 kernel, whose packed layout depends on the
     device, so build it on the device it runs on.
     """
@@ -147,7 +149,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed, out_features, in_features, bits, group_size):
-        """An int16-activation layer on kernels.pack_lowbit's bytes as they are (a stored river: nothing re-packed)."""
+        """An int16-activation layer on pack_lowbit's bytes as they are (a stored river: nothing re-packed)."""
         check_quant_args(bits, group_size)
         width = group_size // (32 // bits) * 64 + 64  # a group's codes of 16 rows, then their fp16 scales and lows
         expected = (-(-out_features // 16), in_features // group_size, width)
@@ -177,3 +179,61 @@ class QuantizedLinear(nn.Module):
     def unpacked(self):
         """int16 activations: codes (N, K) uint8, scale and low (N, G) fp32."""
         return unpack_lowbit(self.packed, self.out_features, self.in_features, self.bits)
+
+
+# --------------------------------------------------------------------------------------- the packed layout
+
+BLOCK_ROWS = 16  # rows side by side in the packed low-bit layout: one 512-bit register holds a lane of each
+
+# Order of the codes inside a chunk's 32-bit lane, as little-endian bytes: for 4 bits, byte i holds codes
+# LANE_ORDER[4][i] (low nibble) and LANE_ORDER_HIGH[i] (high nibble), so a mask or a shift gives 4 consecutive
+# codes as bytes; for 8 bits, byte i holds code LANE_ORDER[8][i], so a shift and a mask give an int16 pair
+# (native/lowbit_products.h).
+LANE_ORDER = {4: [0, 1, 2, 3], 8: [0, 2, 1, 3]}
+LANE_ORDER_HIGH = [4, 5, 6, 7]
+
+
+def pack_lowbit(codes, scale, low, bits):
+    """codes (N, K) in 0 .. 2^bits - 1, scale and low (N, K / group) -> the bytes of the native kernels' low-bit
+    layout, (ceil(N / 16), groups, bytes) uint8: per block of 16 rows and per group, 64-byte chunks (8 codes of each
+    row for 4 bits, 4 for 8 bits, one 32-bit lane per row), then the 16 rows' fp16 scales and fp16 lows. Rows past N
+    (a last block filled with zeros) exist only for the torch path's sake: the kernels run weights whose N is a
+    multiple of 16 (NativeDecoder.unsupported)."""
+    N, K = codes.shape
+    G = scale.shape[1]
+    gs, per_lane = K // G, 32 // bits
+    if gs % per_lane:
+        raise ValueError(f"the low-bit layout packs inputs in chunks of {per_lane}; got groups of {gs}")
+    pad = -N % BLOCK_ROWS
+    codes, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (codes.to(torch.uint8), scale, low))
+    blocks = (N + pad) // BLOCK_ROWS
+    c = codes.view(blocks, BLOCK_ROWS, G, gs // per_lane, per_lane)                    # (blocks, row, group, chunk, .)
+    byte = c[..., LANE_ORDER[bits]]
+    if bits == 4:
+        byte = byte | (c[..., LANE_ORDER_HIGH] << 4)
+    byte = byte.permute(0, 2, 3, 1, 4).reshape(blocks, G, gs // per_lane * 64)        # (blocks, group, bytes)
+
+    def halves(t):  # (N, G) -> (blocks, G, 32 bytes) of fp16
+        t = t.to(torch.float16).view(blocks, BLOCK_ROWS, G).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).view(blocks, G, 2 * BLOCK_ROWS)
+    return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()
+
+
+def unpack_lowbit(packed, n, k, bits):
+    """pack_lowbit's inverse: the packed bytes of an (n, k) weight -> codes (n, k) uint8, scale and low (n, groups)
+    fp32 (their fp16 values)."""
+    blocks, G, width = packed.shape
+    per_lane = 32 // bits
+    chunks = (width - 4 * BLOCK_ROWS) // 64
+    c = packed[..., :chunks * 64].reshape(blocks, G, chunks, BLOCK_ROWS, 4)  # (blocks, group, chunk, row, byte)
+    if bits == 4:
+        lanes = torch.cat([c & 15, c >> 4], dim=-1)      # codes 0-3 in the low nibbles, 4-7 in the high ones
+    else:
+        lanes = c[..., LANE_ORDER[8]]                     # the order is its own inverse
+    codes = lanes.permute(0, 3, 1, 2, 4).reshape(blocks * BLOCK_ROWS, G * chunks * per_lane)[:n]
+
+    def rows(t):  # (blocks, G, 32 bytes) of fp16 -> (n, G) fp32
+        return t.contiguous().view(torch.float16).transpose(1, 2).reshape(blocks * BLOCK_ROWS, G)[:n].float()
+    tail = packed[..., chunks * 64:]
+    assert codes.shape[1] == k
+    return codes, rows(tail[..., :2 * BLOCK_ROWS]), rows(tail[..., 2 * BLOCK_ROWS:])

@@ -16,7 +16,7 @@ from calibrate import humaneval_problems, quality_sequences, teacher_forced
 from cli import check_argument, reading_files
 from exit_policy import NEVER, ExitRule, similarity
 from generation import greedy
-from kernels import cache_dir
+from storage import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
 from measure import block_split_us, exit_histogram, log, machine_info, seconds, step_bytes
 from model import LlamaConfig, Transformer

@@ -8,7 +8,7 @@ import torch
 from exit_policy import NEVER, ExitRule
 from generation import Generation, check_generation, greedy, nucleus, sync
 
-MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, kernels.cpp's short pass of 16 tokens (whose
+MAX_DRAFT = 15  # drafts a check takes at most: with the last kept token, the native short pass of 16 tokens (whose
                 # products and attention are bit for bit those of one-token steps)
 # The most drafted per check, by the native build's instruction set: each the fastest of several on the choosing split
 # (calibrate.CHOOSING's first 8 prompts, 64 greedy tokens, River's copies drafting as a whole model, RESULTS.md). A

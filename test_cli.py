@@ -18,10 +18,12 @@ import calibrate
 import kv_strategies
 import load_weights
 import river as river_module
+import river_cli
 from conftest import DEEP, assert_usage_error, fastest_within, strict_json, tiny_river
 from exit_policy import similarity
 from model import LlamaConfig
-from river import DEFAULT_TAU, Engine, main as river_main
+from river import DEFAULT_TAU, Engine
+from river_cli import main as river_main
 
 
 # ----------------------------------------------------------------------------------------------------- river.py
@@ -196,7 +198,7 @@ def test_the_stream_prints_a_character_split_across_tokens_whole():
     ids = tokenizer.encode(text).ids
     assert len(ids) > len(text) - 2, "the case is built for characters split across tokens"
     out = Stdout([])
-    stream = river_module.TextStream(tokenizer, out)
+    stream = river_cli.TextStream(tokenizer, out)
     printed = []
     for i, token in enumerate(ids):
         stream(token)
@@ -207,7 +209,7 @@ def test_the_stream_prints_a_character_split_across_tokens_whole():
     assert {"語", "🙂"} <= {text.strip() for text, _ in out.writes}, "a split character was printed in pieces"
     stream.close()
     assert "".join(text for text, _ in out.writes) == text + "\n"
-    cut = river_module.TextStream(tokenizer, Stdout([]))
+    cut = river_cli.TextStream(tokenizer, Stdout([]))
     for token in tokenizer.encode("日本語").ids[:-1]:  # the last character lacks its last byte
         cut(token)
     cut.close()
@@ -365,8 +367,8 @@ def test_cli_rounds_the_river_with_gptq_on_the_calibration_split_by_default(deep
     problems 12..23: never the scored problems, nor the ones choices are made on); --rounding nearest rounds without
     data."""
     seen = []
-    real = river_module.load_river
-    monkeypatch.setattr(river_module, "load_river", lambda *a: seen.append(a[-1]) or real(*a))
+    real = river_cli.load_river
+    monkeypatch.setattr(river_cli, "load_river", lambda *a: seen.append(a[-1]) or real(*a))
     river_main(["--prompt", "def f(x):", "--model", str(deep_checkpoint), "--max-new-tokens", "2", "--json"]
                + ([] if rounding is None else ["--rounding", rounding]))
     if rounding == "nearest":

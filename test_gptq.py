@@ -7,8 +7,7 @@ from hypothesis import given, strategies as st
 import gptq
 from conftest import PROPERTY, tiny_configs, tiny_model
 from model import LlamaConfig
-from quantize import quantize_weight
-from kernels import pack_lowbit
+from quantize import pack_lowbit, quantize_weight
 from river import ExitRiver, load_river
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import calibrate
-import kernels
+import river_native
 from conftest import (copy_of, ISAS_HERE, PROPERTY, assert_close_bf16, count_native_steps, depths_the_rule_allows,
                       each_isa_here, expected_writer, holding_first_blocks, step_similarities, tiny_configs,
                       tiny_model)
@@ -17,7 +17,8 @@ from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transiti
 from kv_cache import Writer
 from load_weights import load_model
 from model import LlamaConfig
-from quantize import QuantizedLinear, QuantizedWeight, check_quant_args, quantize_activations, quantize_weight
+from quantize import (QuantizedLinear, QuantizedWeight, check_quant_args, pack_lowbit, quantize_activations,
+                      quantize_weight, unpack_lowbit)
 from river import DEFAULT_TAU, Engine, ExitRiver
 
 
@@ -99,9 +100,9 @@ def test_kernel_shape_limits_are_clear_errors():
         QuantizedLinear(quantize_weight(torch.randn(40, 64), 4, 32), "cpu", "bf16")
     with pytest.raises(ValueError, match="8-bit weights take int16 activations"):
         QuantizedLinear(quantize_weight(torch.randn(16, 64), 8, 32), "cpu", "bf16")
-    packed = kernels.pack_lowbit(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2), 4)
+    packed = pack_lowbit(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 2), torch.zeros(40, 2), 4)
     with pytest.raises(ValueError, match="blocks of 16"):  # packs (for the torch path), but the kernels refuse it
-        kernels.matrix((packed, 40, 64, 32, 4), [])
+        river_native.matrix((packed, 40, 64, 32, 4), [])
 
 
 def test_quant_arguments_checked_up_front():
@@ -123,14 +124,14 @@ PRODUCT_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (3072, 2048)
 
 
 def native_product(lib, weight, x):
-    """Y = X W^T through kernels.cpp for a bf16 weight or a low-bit (codes, scale, low, bits) tuple; x is one input
+    """Y = X W^T through the native kernels for a bf16 weight or a low-bit (codes, scale, low, bits) tuple; x is one input
     (K,) or T of them (T, K)."""
     keep = []
     if not isinstance(weight, torch.Tensor):
         codes, scale, low, bits = weight
         N, K = codes.shape
-        weight = (kernels.pack_lowbit(codes, scale, low, bits), N, K, K // scale.shape[1], bits)
-    mat = kernels.matrix(weight, keep)
+        weight = (pack_lowbit(codes, scale, low, bits), N, K, K // scale.shape[1], bits)
+    mat = river_native.matrix(weight, keep)
     T = 1 if x.dim() == 1 else x.shape[0]
     y = torch.empty((T, mat.n) if x.dim() > 1 else (mat.n,))
     lib.product(ctypes.byref(mat), x.contiguous().data_ptr(), T, y.data_ptr(), 2)
@@ -140,7 +141,7 @@ def native_product(lib, weight, x):
 @each_isa_here
 @pytest.mark.parametrize("bits", [4, 8])
 def test_native_lowbit_product_equals_its_twin_and_the_dequantized_matmul(isa, bits):
-    lib = kernels.native(isa)
+    lib = river_native.native(isa)
     assert lib is not None and lib.isa == isa
     g = torch.Generator().manual_seed(bits)
     for N, K in PRODUCT_SHAPES:
@@ -166,7 +167,7 @@ def test_native_int16_activations_are_the_twins_bit_for_bit(isa, bits):
     """The kernels' int16 rounding of activations (each group's step and codes, prepared by the whole thread team)
     equals quantize.quantize_activations exactly: with one code of 1 per row (row r picks input r), a scale of 1 and a
     low of 0, row r's output is the single product code * step, rounded once, so any code or step off shows."""
-    lib = kernels.native(isa)
+    lib = river_native.native(isa)
     g = torch.Generator().manual_seed(7 + bits)
     for K, group in [(192, 64), (96, 32), (256, 128)]:
         codes = torch.eye(K, dtype=torch.uint8)
@@ -184,14 +185,14 @@ def test_native_int16_activations_are_the_twins_bit_for_bit(isa, bits):
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(bits=st.sampled_from([4, 8]), n=st.integers(1, 40), groups=st.integers(1, 3), group=st.sampled_from([32, 64]))
 def test_unpacking_the_kernels_layout_gives_back_every_code_scale_and_low(bits, n, groups, group):
-    """QuantizedLinear holds its weight only in kernels.cpp's packed layout; the torch path unpacks it: the round
+    """QuantizedLinear holds its weight only in the packed layout the native kernels read; the torch path unpacks it: the round
     trip must be exact for every row count (a last block of 16 rows part empty), group size and bit width."""
     g = torch.Generator().manual_seed(n * groups + bits)
     codes = torch.randint(0, 2 ** bits, (n, groups * group), generator=g).to(torch.uint8)
     scale, low = torch.rand(n, groups, generator=g), torch.randn(n, groups, generator=g)
-    packed = kernels.pack_lowbit(codes, scale, low, bits)
+    packed = pack_lowbit(codes, scale, low, bits)
     assert packed.numel() == -(-n // 16) * 16 * groups * (group * bits // 8 + 4)  # codes at `bits`, two fp16 each
-    got_codes, got_scale, got_low = kernels.unpack_lowbit(packed, n, groups * group, bits)
+    got_codes, got_scale, got_low = unpack_lowbit(packed, n, groups * group, bits)
     assert torch.equal(got_codes, codes)
     assert torch.equal(got_scale, scale.half().float()) and torch.equal(got_low, low.half().float())
 
@@ -201,7 +202,7 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
     """The bf16 product rounds its activations to bf16 (vdpbf16ps takes bf16 pairs; the AVX2 path rounds the same
     way), then sums in fp32: against an fp32 matmul of the rounded inputs, one token and several, with row and input
     tails."""
-    lib = kernels.native(isa)
+    lib = river_native.native(isa)
     g = torch.Generator().manual_seed(0)
     for N, K in PRODUCT_SHAPES + [(49152, 576), (7, 100), (3, 16), (200, 64)]:  # the LM head; row and input tails
         w = torch.randn(N, K, generator=g).bfloat16()
@@ -215,7 +216,7 @@ def test_native_bf16_product_is_the_fp32_matmul_of_bf16_inputs(isa):
 def test_the_softmax_weights_are_2_to_the_x_within_2e_7(isa):
     """Attention's weights are 2^(s - max) (its scores carry log2 e): within 2e-7 relative of float64's 2^x for x in
     [-125, 0], exactly 1 at the max, and a negligible 2^-125 (never a NaN) below, -inf included."""
-    lib = kernels.native(isa)
+    lib = river_native.native(isa)
     x = torch.cat([torch.linspace(-125, 0, 1 << 20), torch.tensor([0.0, -0.5, -1.0, -1e-30, -126, -1e4, -float("inf")]),
                    torch.zeros(9)])
     y = torch.empty_like(x)
@@ -231,7 +232,7 @@ def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_short_
     """Up to SHORT_PASS tokens, every bf16 sum runs in one order, whatever tile of rows and tokens holds it: each token
     of a pass of T tokens gets the bits a one-token product gives it (the verifier's logits equal one-token steps'
     because of this), with row and input tails. (A longer pass, a prefill, may sum in another order.)"""
-    lib = kernels.native(isa)
+    lib = river_native.native(isa)
     g = torch.Generator().manual_seed(1)
     for N, K in [(960, 576), (576, 1536), (7, 100), (4100, 64)]:
         w = torch.randn(N, K, generator=g).bfloat16()
@@ -246,7 +247,7 @@ def test_a_tokens_bf16_product_is_the_same_bits_whatever_tokens_share_its_short_
 @given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 5),
        exits=st.lists(st.integers(-1, 4), min_size=1, max_size=6), seed=st.integers(0, 99))
 def test_native_decode_equals_the_torch_path_under_any_exit_schedule(isa, cfg, n_prompt, exits, seed):
-    """bf16 tiny models: the prompt and every decode step through kernels.cpp, backbone blocks up to the schedule's
+    """bf16 tiny models: the prompt and every decode step through the native kernels, backbone blocks up to the schedule's
     exit and river blocks (4-bit, the last 8-bit) after, against the same passes in plain torch: logits (to bf16
     resolution: both round the activations of bf16 products to bf16, and an fp32 sum in another order can move one
     across a rounding boundary), K/V, the record."""
@@ -339,7 +340,7 @@ def test_a_replayed_exit_leaves_at_its_depth_and_still_computes_the_similarity(i
 @given(cfg=tiny_configs(quantizable=True), n_prompt=st.integers(1, 4), n_steps=st.integers(1, 4),
        seed=st.integers(0, 99), data=st.data())
 def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n_steps, seed, data):
-    """The native step of a model holding only its first D backbone blocks (kernels.Decoder holds no others), under a
+    """The native step of a model holding only its first D backbone blocks (river_native.Decoder holds no others), under a
     rule capped at D that never exits, one that exits after a drawn block and the similarity rule at tau -1 (exits
     after the first block): every step stops at min(D, the rule's depth), exactly where the torch path on the whole
     model under the same rule stops, with its logits and K/V, and layers D.. are written by the river alone."""
@@ -377,7 +378,7 @@ def test_a_capped_native_step_never_runs_block_d_or_deeper(isa, cfg, n_prompt, n
 @each_isa_here
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_native_and_torch_steps_leave_where_each_kind_of_rule_says(isa, seed):
-    """Every kind of ExitRule, through river.native_exit (where the C struct is filled) and through the torch path:
+    """Every kind of ExitRule, through river_native.native_exit (where the C struct is filled) and through the torch path:
     NEVER, RIVER_ONLY, after(d) for every d (past the layer count too), the similarity rule with and without
     min_layer, capped, a replay (tau above 1 and a cap). A decode step leaves at the same depth on both paths, the one
     the rule gives when applied by hand to the reference decoder's similarities, with close logits and the record of
@@ -422,7 +423,7 @@ def test_native_and_torch_steps_leave_where_each_kind_of_rule_says(isa, seed):
 
 @each_isa_here
 def test_the_native_decoder_refuses_a_rule_deeper_than_its_blocks(isa):
-    """kernels.Decoder.step checks the rule against the blocks it holds before the C step could run past them (an
+    """river_native.Decoder.step checks the rule against the blocks it holds before the C step could run past them (an
     engine's check_rule comes first; this is the native step's own guard): a decoder of a model holding 2 of 4
     blocks refuses a rule that may run 3 or all 4, a decoder without a river any rule that may leave the backbone;
     the cache is not written."""
@@ -492,8 +493,8 @@ def test_native_decode_equals_the_torch_path_on_the_bundled_model():
 
 
 def test_a_failed_build_falls_back_to_torch_with_a_note(monkeypatch, capsys):
-    monkeypatch.setattr(kernels, "ISAS", {isa: (set(), ["-mno-such-flag"]) for isa in kernels.ISAS})
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(river_native, "ISAS", {isa: (set(), ["-mno-such-flag"]) for isa in river_native.ISAS})
+    monkeypatch.setattr(river_native, "_loaded", {})
     cfg = LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, head_dim=16)
     model = tiny_model(cfg, 0, torch.bfloat16)
     river = ExitRiver(model, 4, 32)
@@ -505,16 +506,16 @@ def test_a_failed_build_falls_back_to_torch_with_a_note(monkeypatch, capsys):
     with pytest.raises(ValueError, match="native decode was asked for but cannot run"):
         Engine(model, river, native=True)
     with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
-        kernels.native("sse9")
+        river_native.native("sse9")
 
 
 def test_every_instruction_set_compiles_and_each_usable_one_loads_from_its_own_folder(tmp_path):
     """The AVX-512 source must compile on a Zen 3 too (it cannot run there), and a cache folder shared between a
     Zen 4 and a Zen 3 never hands one machine the other's build."""
-    for isa in kernels.ISAS:
-        assert kernels.compile_object(isa, tmp_path / f"{isa}.o").stat().st_size > 0
+    for isa in river_native.ISAS:
+        assert river_native.compile_object(isa, tmp_path / f"{isa}.o").stat().st_size > 0
     for isa in ISAS_HERE:
-        assert f"{os.sep}kernels{os.sep}{isa}-" in kernels.native(isa).path
+        assert f"{os.sep}kernels{os.sep}{isa}-" in river_native.native(isa).path
 
 
 # ---------------------------------------------------------------------------------------- CUDA (skipped on CPU)
@@ -606,14 +607,14 @@ def test_weights_move_to_huge_pages_once_and_keep_their_values():
     tensors = [torch.randn(n, 64, generator=g).to(torch.bfloat16) for n in (5, 300, 17)]
     tensors.append(torch.randint(0, 255, (1000,), dtype=torch.uint8, generator=g))
     values = [t.clone() for t in tensors]
-    assert kernels.on_huge_pages(tensors, least=1 << 40) == 0  # below the threshold: nothing moves
+    assert river_native.on_huge_pages(tensors, least=1 << 40) == 0  # below the threshold: nothing moves
     pointers = [t.data_ptr() for t in tensors]
     ids = [id(t) for t in tensors]
-    moved = kernels.on_huge_pages(tensors + [tensors[0]], least=0)  # a tensor listed twice moves once
+    moved = river_native.on_huge_pages(tensors + [tensors[0]], least=0)  # a tensor listed twice moves once
     if moved == 0:
         pytest.skip("this OS offers no MADV_HUGEPAGE")
     assert [id(t) for t in tensors] == ids and all(torch.equal(t, v) for t, v in zip(tensors, values))
     assert all(t.data_ptr() != p for t, p in zip(tensors, pointers)) and all(t.data_ptr() % 64 == 0 for t in tensors)
-    assert tensors[0].data_ptr() % kernels.HUGE_PAGE == 0
+    assert tensors[0].data_ptr() % river_native.HUGE_PAGE == 0
     again = [t.data_ptr() for t in tensors]
-    assert kernels.on_huge_pages(tensors, least=0) == 0 and [t.data_ptr() for t in tensors] == again
+    assert river_native.on_huge_pages(tensors, least=0) == 0 and [t.data_ptr() for t in tensors] == again

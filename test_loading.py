@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import kernels
+import storage
 import load_weights
 from conftest import DEEP
 from exit_policy import NEVER, after, similarity
@@ -212,7 +212,7 @@ def test_first_runs_at_once_both_get_the_model_and_abandoned_conversions_are_rem
         (staging / "model.safetensors").write_bytes(b"half a model")
     hours_ago = time.time() - 2 * load_weights.ABANDONED_AFTER_S
     os.utime(old, (hours_ago, hours_ago))
-    env = {**os.environ, kernels.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
+    env = {**os.environ, storage.CACHE_ENV: str(tmp_path), "OMP_NUM_THREADS": "1"}  # one core each
     runs = [subprocess.Popen([sys.executable, "-c", "import load_weights; load_weights.load_model()"], env=env,
                              cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [run.communicate()[1] for run in runs]

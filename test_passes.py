@@ -1,11 +1,11 @@
-"""The native pass of T tokens (kernels.cpp's river_forward: a prompt's prefill, the check of drafted tokens): against
+"""The native pass of T tokens (native/river.cpp's river_forward: a prompt's prefill, the check of drafted tokens): against
 the torch path and a naive full-sequence forward, and a short pass bit for bit equal to one-token steps."""
 import dataclasses
 
 import pytest
 import torch
 
-import kernels
+import river_native
 from conftest import assert_close_bf16, copy_of, each_isa_here, reference_forward, tiny_model
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity
 from kv_cache import Writer
@@ -19,7 +19,7 @@ SHAPES = [LlamaConfig(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_hea
                       max_seq_len=320),
           LlamaConfig(vocab_size=61, d_model=96, n_layers=2, n_heads=3, n_kv_heads=3, ffn_dim=64, head_dim=32,
                       max_seq_len=320, tie_embeddings=True)]
-# Across kernels.cpp's edges: one token, the short pass (16), a tile of positions (64), a chunk of tokens (128),
+# Across the native pass's edges: one token, the short pass (16), a tile of positions (64), a chunk of tokens (128),
 # a long pass's query block (16) and key block (64), and lengths that divide none of them nor the thread count.
 PROMPT_LENGTHS = [1, 7, 16, 17, 63, 64, 65, 131, 200]
 
@@ -131,7 +131,7 @@ def test_a_prompt_of_the_whole_context_runs_and_one_past_it_is_refused(isa):
 def test_the_native_prefill_equals_the_torch_path_on_the_bundled_model():
     """A HumanEval prompt (154 tokens: past a chunk and two tiles) prefilled natively and in plain torch, River at the
     default tau: the prompt's depth, its last logits within a few bf16 units (as test_kernels' decode comparison)."""
-    if not kernels.usable_isas():
+    if not river_native.usable_isas():
         pytest.skip("this CPU runs none of the native kernels' instruction sets")
     model, tokenizer = load_model(dtype=torch.bfloat16)
     river = ExitRiver(model, 4, 64, eight_bit_layers=(-1,))

@@ -703,15 +703,19 @@ def test_compiled_one_token_attention_is_masked_softmax():
 # ---------------------------------------------------------------------------------------------------- the seams
 
 # What each library module may import of the project (the design, section 2): the backbone knows nothing of exits
-# or rivers, the cache is plain storage, the exit rule and the kernels see tensors only; river.py's command line reads
-# checkpoints (load_weights) and calibrates; kv_strategies sits on River's engine; bench.py, on top, may import any.
+# or rivers, the cache is plain storage, the exit rule sees tensors only, the native engine tensors, a model's config
+# and its cache; river.py's command line (river_cli) reads checkpoints (load_weights) and calibrates; kv_strategies
+# sits on River's engine; bench.py, on top, may import any.
 BENCH = ("bench", "rows", "measure", "scaling", "plots", "llamacpp")  # the measuring front end, on top of everything
-MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "kernels": set(), "cli": set(), "model": {"kv_cache"},
-              "quantize": {"kernels"}, "calibrate": {"exit_policy"}, "load_weights": {"model", "kernels"},
-              "river": {"model", "kv_cache", "exit_policy", "quantize", "kernels", "cli", "calibrate", "load_weights",
-                        "generation", "speculative", "compiled", "gptq"}, "compiled": {"model"},
-              "gptq": {"quantize", "kernels"},
-              "kv_strategies": {"river", "model", "kv_cache", "exit_policy"},
+MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "storage": set(), "cli": set(), "model": {"kv_cache"},
+              "quantize": set(), "river_native": {"model", "quantize", "storage"}, "calibrate": {"exit_policy"},
+              "load_weights": {"model", "storage"},
+              "river": {"model", "kv_cache", "exit_policy", "quantize", "river_native", "load_weights", "generation",
+                        "compiled", "gptq"},
+              "river_cli": {"river", "model", "exit_policy", "quantize", "cli", "calibrate", "load_weights",
+                            "generation", "speculative"},
+              "compiled": {"model"}, "gptq": {"quantize", "storage"},
+              "kv_strategies": {"river", "river_cli", "model", "kv_cache", "exit_policy"},
               "generation": set(), "speculative": {"generation", "exit_policy"}}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import calibrate
-import kernels
+import river_native
 from conftest import copy_of, each_isa_here, tiny_model
 from exit_policy import NEVER, RIVER_ONLY, similarity
 from generation import nucleus
@@ -181,16 +181,16 @@ def test_river_py_speculative_prints_the_backbones_tokens(capsys, drafter):
     """Through the command line: --speculative (either drafter) prints the tokens --mode backbone prints, with the
     drafting figures in its JSON; --speculative where there is no drafter or no whole backbone is a usage error."""
     import json
-    import river as river_module
-    if not kernels.usable_isas():
+    import river_cli
+    if not river_native.usable_isas():
         pytest.skip("speculative generation needs the native kernels, which this CPU cannot run")
     base = ["--prompt", "def fizzbuzz(n):", "--max-new-tokens", "32", "--json"]
-    river_module.main(base + ["--mode", "backbone"])
+    river_cli.main(base + ["--mode", "backbone"])
     expected = json.loads(capsys.readouterr().out)["tokens"]
-    river_module.main(base + ["--speculative", "--drafter", drafter])
+    river_cli.main(base + ["--speculative", "--drafter", drafter])
     got = json.loads(capsys.readouterr().out)
     assert got["tokens"] == expected and got["speculative"]["verified"] >= 1
     for bad in (["--mode", "backbone"], ["--max-backbone-depth", "8"]):
         with pytest.raises(SystemExit) as raised:
-            river_module.main(base + ["--speculative"] + bad)
+            river_cli.main(base + ["--speculative"] + bad)
         assert raised.value.code == 2 and "--speculative" in capsys.readouterr().err

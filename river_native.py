@@ -1,21 +1,22 @@
-"""Native CPU kernels (kernels.cpp): a pass of T tokens through the model, built on first use for this CPU's
-instruction set, loaded with ctypes."""
+"""The native engine's Python side: native/river.cpp built on first use for this CPU's instruction set and loaded with
+ctypes; the weights laid out as it reads them; a model's pass of T tokens in one call (Decoder), and the adapter that
+runs an Engine's passes through it (NativeDecoder)."""
 import ctypes
 import hashlib
 import mmap
-import os
-import secrets
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
-CACHE_ENV = "RIVER_CACHE_DIR"
+from model import token_ids_error
+from quantize import BLOCK_ROWS, QuantizedLinear
+from storage import cache_dir
+
+SOURCES = Path(__file__).with_name("native")  # river.cpp, the one unit, includes the other files there
+SOURCE = SOURCES / "river.cpp"
 KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2
-BLOCK_ROWS = 16  # rows side by side in the packed low-bit layout: one 512-bit register holds a lane of each
-MAX_HEAD_DIM = 128  # kernels.cpp's attention keeps a head's output in registers
+MAX_HEAD_DIM = 128  # the native attention keeps a head's output in registers
 
 # Each instruction set the source is built for: the /proc/cpuinfo flags it needs and the compiler flags.
 ISAS = {
@@ -36,10 +37,10 @@ _huge_ranges = []  # (start, end) of the mappings on_huge_pages made: what lies 
 def on_huge_pages(tensors, least=HUGE_PAGES_FROM):
     """Move CPU tensors' data into one anonymous mapping Linux backs with 2 MB pages where it may (madvise
     MADV_HUGEPAGE; transparent huge pages are often madvise-only): every decode step streams all the weights once,
-    and with 4 KB pages it walks a page table every 4 KB (on the bundled model: backbone decode 76 -> 88 tok/s, one
-    sitting). Each tensor object is kept, its .data replaced, so modules and the torch path see the same weights;
-    tensors already moved stay where they are, since native decoders keep raw pointers to them. Does nothing below
-    `least` bytes in all, or where the OS offers no such advice. Returns the bytes moved.
+    and with 4 KB pages it walks a page table every 4 KB (KERNELS.md has what it gained). Each tensor object is kept,
+    its .data replaced, so modules and the torch path see the same weights; tensors already moved stay where they
+    are, since native decoders keep raw pointers to them. Does nothing below `least` bytes in all, or where the OS
+    offers no such advice. Returns the bytes moved.
     Memory: glibc keeps freed heap memory resident, so each old copy is handed back to the OS (malloc_trim) once
     some MB are moved: the peak grows by about that much, not by a second copy of the weights."""
     def moved(t):
@@ -72,25 +73,6 @@ def give_back_freed_memory():
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-def cache_dir():
-    """Where river keeps what it makes once, the native builds here and the converted bundled model
-    (load_weights): $RIVER_CACHE_DIR, else ~/.cache/river."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "river")
-
-
-def write_whole(path, write):
-    """write(tmp) to a name of this process's own beside `path`, then renamed into place: the file is whole or
-    absent, even with two writers at once (what river keeps in its cache folder: GPTQ rounding, requantized GGUFs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cpu_flags():
@@ -136,7 +118,7 @@ class Model(ctypes.Structure):
 
 
 class Exit(ctypes.Structure):
-    """An exit rule as kernels.cpp reads it (river_step): after backbone block l, leave when checks and
+    """An exit rule as native/river.cpp reads it (river_forward): after backbone block l, leave when checks and
     l >= min_layer and s_l > tau, or once max_depth blocks have run; never after the last block."""
     _fields_ = [("checks", ctypes.c_int32), ("tau", ctypes.c_float), ("min_layer", ctypes.c_int32),
                 ("max_depth", ctypes.c_int32)]
@@ -174,12 +156,13 @@ class Kernels:
 
 
 def build(isa):
-    """Compile kernels.cpp for `isa` (cached under the cache folder, keyed by the source, the flags and torch) and
-    load it. Raises on a failed build."""
+    """Compile native/river.cpp for `isa` (cached under the cache folder, keyed by every native source, the flags and
+    torch) and load it. Raises on a failed build."""
     from torch.utils.cpp_extension import load  # imports setuptools: only when a build is needed
     _, flags = ISAS[isa]
     cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", *flags]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()
+    sources = b"".join(path.name.encode() + path.read_bytes() for path in sorted(SOURCES.iterdir()) if path.is_file())
+    key = hashlib.sha256(sources + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()
     folder = cache_dir() / "kernels" / f"{isa}-{key[:16]}"
     folder.mkdir(parents=True, exist_ok=True)
     path = load(name=f"river_kernels_{isa}", sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
@@ -188,7 +171,7 @@ def build(isa):
 
 
 def compile_object(isa, out):
-    """Compile kernels.cpp for `isa` into the object file `out`, without linking or loading it: how a path this
+    """Compile native/river.cpp for `isa` into the object file `out`, without linking or loading it: how a path this
     CPU cannot run is still checked here. Raises on a compile error."""
     import subprocess
     _, flags = ISAS[isa]
@@ -227,60 +210,6 @@ def bf16_mat(w):
     return Mat(w.data_ptr(), KIND_BF16, w.shape[0], w.shape[1], w.shape[1])
 
 
-# Order of the codes inside a chunk's 32-bit lane, as little-endian bytes: for 4 bits, byte i holds codes
-# LANE_ORDER[4][i] (low nibble) and LANE_ORDER_HIGH[i] (high nibble), so a mask or a shift gives 4 consecutive
-# codes as bytes; for 8 bits, byte i holds code LANE_ORDER[8][i], so a shift and a mask give an int16 pair
-# (kernels.cpp, group_dot).
-LANE_ORDER = {4: [0, 1, 2, 3], 8: [0, 2, 1, 3]}
-LANE_ORDER_HIGH = [4, 5, 6, 7]
-
-
-def pack_lowbit(codes, scale, low, bits):
-    """codes (N, K) in 0 .. 2^bits - 1, scale and low (N, K / group) -> the bytes of kernels.cpp's low-bit layout,
-    (ceil(N / 16), groups, bytes) uint8: per block of 16 rows and per group, 64-byte chunks (8 codes of each row for
-    4 bits, 4 for 8 bits, one 32-bit lane per row), then the 16 rows' fp16 scales and fp16 lows. Rows past N (a last
-    block filled with zeros) exist only for the torch path's sake: the kernels run weights whose N is a multiple of
-    16 (NativeDecoder.unsupported)."""
-    N, K = codes.shape
-    G = scale.shape[1]
-    gs, per_lane = K // G, 32 // bits
-    if gs % per_lane:
-        raise ValueError(f"the low-bit layout packs inputs in chunks of {per_lane}; got groups of {gs}")
-    pad = -N % BLOCK_ROWS
-    codes, scale, low = (F.pad(t, (0, 0, 0, pad)) for t in (codes.to(torch.uint8), scale, low))
-    blocks = (N + pad) // BLOCK_ROWS
-    c = codes.view(blocks, BLOCK_ROWS, G, gs // per_lane, per_lane)                    # (blocks, row, group, chunk, .)
-    byte = c[..., LANE_ORDER[bits]]
-    if bits == 4:
-        byte = byte | (c[..., LANE_ORDER_HIGH] << 4)
-    byte = byte.permute(0, 2, 3, 1, 4).reshape(blocks, G, gs // per_lane * 64)        # (blocks, group, bytes)
-
-    def halves(t):  # (N, G) -> (blocks, G, 32 bytes) of fp16
-        t = t.to(torch.float16).view(blocks, BLOCK_ROWS, G).transpose(1, 2).contiguous()
-        return t.view(torch.uint8).view(blocks, G, 2 * BLOCK_ROWS)
-    return torch.cat([byte, halves(scale), halves(low)], dim=-1).contiguous()
-
-
-def unpack_lowbit(packed, n, k, bits):
-    """pack_lowbit's inverse: the packed bytes of an (n, k) weight -> codes (n, k) uint8, scale and low (n, groups)
-    fp32 (their fp16 values)."""
-    blocks, G, width = packed.shape
-    per_lane = 32 // bits
-    chunks = (width - 4 * BLOCK_ROWS) // 64
-    c = packed[..., :chunks * 64].reshape(blocks, G, chunks, BLOCK_ROWS, 4)  # (blocks, group, chunk, row, byte)
-    if bits == 4:
-        lanes = torch.cat([c & 15, c >> 4], dim=-1)      # codes 0-3 in the low nibbles, 4-7 in the high ones
-    else:
-        lanes = c[..., LANE_ORDER[8]]                     # the order is its own inverse
-    codes = lanes.permute(0, 3, 1, 2, 4).reshape(blocks * BLOCK_ROWS, G * chunks * per_lane)[:n]
-
-    def rows(t):  # (blocks, G, 32 bytes) of fp16 -> (n, G) fp32
-        return t.contiguous().view(torch.float16).transpose(1, 2).reshape(blocks * BLOCK_ROWS, G)[:n].float()
-    tail = packed[..., chunks * 64:]
-    assert codes.shape[1] == k
-    return codes, rows(tail[..., :2 * BLOCK_ROWS]), rows(tail[..., 2 * BLOCK_ROWS:])
-
-
 def lowbit_mat(packed, n, k, group, bits):
     return Mat(packed.data_ptr(), KIND_Q4 if bits == 4 else KIND_Q8, n, k, group)
 
@@ -305,7 +234,7 @@ def cache_of(k_cache, v_cache):
 
 
 class Stack:
-    """A stack of blocks as kernels.cpp runs them.
+    """A stack of blocks as the native pass runs them.
 
     layers: per block a dict of attn_norm and mlp_norm (d,) and the matrices qkv, o, gate_up, down (each bf16 or
     a low-bit tuple, see `matrix`)."""
@@ -387,9 +316,9 @@ class Decoder:
         (1, 1, vocab) fp32, or with all_logits every token's (1, T, vocab); depth -1, nothing run or written, where
         an id is not in [0, vocab). rule: an Exit. similarity: optional (n_layers,) fp32 tensor that gets s_l (its
         minimum over the tokens the block updated) of every backbone block run, when the rule checks it.
-        Right after a step has streamed its weights through the CPU's caches each Python statement costs tens of us
-        (0.7 ms of Python around a 6 ms step, measured on a Zen 3): so the ids go in as they come, and the cache's
-        table and the scratch are kept from one call to the next."""
+        Right after a step has streamed its weights through the CPU's caches each Python statement runs cold, a
+        visible share of a step (KERNELS.md): so the ids go in as they come, and the cache's table and the scratch are
+        kept from one call to the next."""
         n_layers, held = self.model.n_layers, len(self.backbone)
         if self.river is None and (rule.checks or rule.max_depth < n_layers):
             raise ValueError("this decoder has no river: only the whole backbone (no check, max_depth n_layers) runs")
@@ -410,3 +339,75 @@ class Decoder:
                                  ctypes.byref(rule), self.scratch.data_ptr(), logits.data_ptr(), int(all_logits),
                                  (self.similarity if similarity is None else similarity).data_ptr(), threads)
         return logits, depth
+
+
+# ------------------------------------------------------------------------------------ an engine's passes
+
+class NativeDecoder:
+    """Passes of a batch of one on CPU through native/river.cpp, a decode step's one token or a prompt's many: the whole
+    pass (embedding, backbone blocks with the exit rule, river copies, final norm and LM head) in one native call, one
+    thread team. The torch path of Engine.forward is its twin (fp32 residual stream, bf16 K/V, int16-activation river
+    products); the same cache, the same record of who wrote each slot."""
+
+    def __init__(self, lib, model, river):
+        cfg = model.cfg
+        self.model, self.isa = model, lib.isa
+        dims = Dims(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps)
+        on_huge_pages([*model.parameters(), *(() if river is None else (*river.parameters(), *river.buffers()))])
+        backbone = [block_weights(b) for b in model.blocks]
+        blocks = None if river is None else [block_weights(b) for b in river.blocks]
+        river_head = None if river is None or river.head is None else matrix_of(river.head)
+        self.decoder = Decoder(lib, dims, backbone, blocks, model.embed.weight, model.inv_freq, model.norm.weight,
+                               model.lm_head.weight, river_head)
+        self.exits = {}  # ExitRule -> its C struct, filled once (a decode step runs the same rule again and again)
+
+    @staticmethod
+    def unsupported(model, river):
+        """Why the native path cannot run this model and river, or None when it can."""
+        cfg = model.cfg
+        if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+            return f"the native path runs bf16 weights on CPU, not {model.dtype} on {model.device.type}"
+        if cfg.d_model % BLOCK_ROWS or cfg.ffn_dim % BLOCK_ROWS or cfg.head_dim % 16:
+            return f"d_model {cfg.d_model}, ffn_dim {cfg.ffn_dim} or head_dim {cfg.head_dim} is not a multiple of 16"
+        if cfg.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {cfg.head_dim} is above the kernels' {MAX_HEAD_DIM}"
+        if river is not None and river.activations != "int16":
+            return f"the native river takes int16 activations, not {river.activations}"
+        if river is not None and river.head is not None and cfg.vocab_size % BLOCK_ROWS:
+            return f"the river's low-bit head has {cfg.vocab_size} rows, not a multiple of {BLOCK_ROWS}"
+        return None
+
+    def forward(self, tokens, start, cache, rule, all_logits=False, similarity=None):
+        """Engine.forward for a batch of one, tokens (1, T). similarity: see Decoder.forward."""
+        T = tokens.shape[1]
+        if T == 0:
+            raise ValueError("a pass needs at least one token")
+        cache.check_range(start, T)  # before the kernel writes
+        if rule not in self.exits:
+            self.exits[rule] = native_exit(rule, self.model)
+        logits, depth = self.decoder.forward(tokens[0], start, cache.k, cache.v, self.exits[rule],
+                                             torch.get_num_threads(), all_logits, similarity)
+        if depth < 0:  # the kernel checks the ids before anything else, and ran nothing
+            raise token_ids_error(tokens, self.model.cfg.vocab_size)
+        cache.record_pass(depth, start, T)
+        return logits, depth
+
+
+def native_exit(rule, model):
+    """An ExitRule as native/river.cpp reads it: the one place the C struct is filled."""
+    max_depth = model.cfg.n_layers if rule.max_depth is None else min(rule.max_depth, model.cfg.n_layers)
+    return Exit(int(rule.checks_similarity), rule.tau if rule.checks_similarity else 0.0, rule.min_layer, max_depth)
+
+
+def matrix_of(linear):
+    """A linear layer's weight as the kernels take it: bf16, or (packed, N, K, group size, bits)."""
+    if isinstance(linear, QuantizedLinear):
+        return linear.packed, linear.out_features, linear.in_features, linear.group_size, linear.bits
+    return linear.weight
+
+
+def block_weights(block):
+    """A block's norms and matrices as Stack takes them."""
+    return {"attn_norm": block.attn_norm.weight, "mlp_norm": block.mlp_norm.weight,
+            "qkv": matrix_of(block.attn.wqkv), "o": matrix_of(block.attn.wo),
+            "gate_up": matrix_of(block.mlp.w_gate_up), "down": matrix_of(block.mlp.w_down)}
