@@ -86,7 +86,8 @@ def test_quality_text_windows_and_humaneval(bundled, tmp_path):
     scored, choosing = calibrate.quality_sequences(tokenizer, 2, 16), calibrate.choosing_sequences(tokenizer, 2, 16)
     assert len(problems) == 164 and len(scored) == len(choosing) == 2
     assert [c for c, _ in scored + choosing] == [tokenizer.encode(p).ids for p, _ in problems[:2] + problems[100:102]]
-    assert [t for _, t in scored + choosing] == [tokenizer.encode(s).ids[:16] for _, s in problems[:2] + problems[100:102]]
+    read = problems[:2] + problems[100:102]
+    assert [t for _, t in scored + choosing] == [tokenizer.encode(s).ids[:16] for _, s in read]
     whole = calibrate.choosing_sequences(tokenizer, len(calibrate.CHOOSING), calibrate.MAX_TARGET)
     assert sum(len(t) for _, t in whole) >= 1500, "a choice on fewer target tokens is noise"
 
@@ -411,8 +412,10 @@ def test_every_name_the_readme_reading_table_lists_is_defined_in_the_file_it_nam
     """A rename cannot leave the reading table stale: each file it names exists, and each name it lists beside a file
     is defined there."""
     listed = reading_table()
-    assert len(listed) >= 30 and {file for file, _ in listed} >= {"model.py", "kv_cache.py", "exit_policy.py", "river.py"}
-    missing = [f"{file}: {name}" for file, name in listed if not (HERE / file).is_file() or not defines(HERE / file, name)]
+    assert len(listed) >= 30
+    assert {file for file, _ in listed} >= {"model.py", "kv_cache.py", "exit_policy.py", "river.py"}
+    missing = [f"{file}: {name}" for file, name in listed
+               if not (HERE / file).is_file() or not defines(HERE / file, name)]
     assert not missing, missing
 
 

@@ -17,9 +17,9 @@ from hypothesis import given, strategies as st
 
 import calibrate
 import river as river_module
-from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer, holding_first_blocks,
-                      reference_forward, shipped_tiny_river, step_similarities, tiny_configs, tiny_model, tiny_river,
-                      write_checkpoint)
+from conftest import (ISAS_HERE, PROPERTY, assert_close_bf16, depths_the_rule_allows, expected_writer,
+                      holding_first_blocks, reference_forward, shipped_tiny_river, step_similarities, tiny_configs,
+                      tiny_model, tiny_river, write_checkpoint)
 from exit_policy import NEVER, RIVER_ONLY, ExitRule, after, similarity, transition_similarity
 from generation import greedy
 from kv_cache import KVCache, Writer
@@ -114,7 +114,8 @@ def test_any_exit_schedule_leaves_a_whole_cache_written_once_by_the_right_path(c
        tau=st.floats(1, 1e6, exclude_min=True))
 def test_river_with_tau_above_one_is_exactly_the_backbone(cfg, seed, n_new, batch, tau):
     """The river as river.py ships it (GPTQ copies, the last block and the LM head 8-bit): tau above 1 generates the
-    backbone's tokens, and its logits and K/V equal the backbone's bit for bit, prefill and decode steps, a batch too."""
+    backbone's tokens, and its logits and K/V equal the backbone's bit for bit, prefill and decode steps, a batch
+    too."""
     model, river = shipped_tiny_river(cfg, seed)
     assert river.head is not None and river.bits[-1] == 8
     engine = Engine(model, river)
