@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import llamacpp
+import lossless
 import plots
 import river_native
 import scaling
@@ -23,7 +24,7 @@ from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
 from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality,
-                     measure_speculation, measure_speed, tensor_bytes, time_split, torch_path_prefill_s)
+                     measure_speed, tensor_bytes, time_split, torch_path_prefill_s)
 from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
@@ -184,7 +185,8 @@ def measure(comparison, args, sizes, inputs):
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
     torch_prefill = torch_path_prefill_s(comparison.backbone.engine, inputs.prompt, sizes.repeats)
-    return Measured(speed, quality, memory, split, bandwidth, measure_speculation(comparison, inputs), torch_prefill)
+    speculation = lossless.measure_speculation(comparison, inputs)
+    return Measured(speed, quality, memory, split, bandwidth, speculation, torch_prefill)
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -355,14 +357,7 @@ def print_summary(result, comparison):
               f"backbone; the slowest native row ({name}) {slowest * 1e3:.1f} ms, "
               f"{result['torch_path_prefill_s'] / slowest:.2f}x faster")
     llamacpp.print_peers(result, comparison)
-    if result["speculation"] is not None:
-        sp, row = result["speculation"], modes[comparison.speculative.name]
-        print(f"lossless River (River's copies draft as a whole model, the backbone checks): "
-              f"{row['decode_tokens_per_s']:.1f} tok/s = "
-              f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x the backbone on the speed prompt, "
-              f"{sp['mean_ratio_to_backbone']:.2f}x over the {sp['prompts']} scored prompts; acceptance "
-              f"{sp['acceptance']:.3f}, {sp['tokens_per_verification']:.2f} tokens per check; greedy tokens identical "
-              f"to the backbone's on {sp['identical']}/{sp['prompts']} prompts ({sp['new_tokens']} new tokens each)")
+    lossless.print_speculation(result, comparison)
     print(f"finished in {result['seconds']:.0f} s")
 
 

@@ -163,31 +163,6 @@ def torch_path_prefill_s(engine, prompt, repeats):
     return statistics.median(times[1:])
 
 
-SPECULATION_TOKENS = 96  # new tokens per scored prompt in the lossless row's identity check
-
-
-def measure_speculation(comparison, inputs):
-    """Lossless River on each scored prompt: its greedy tokens against the backbone's (identical n of N), its decode
-    speed over the backbone's there (the mean of the per-prompt ratios), acceptance and tokens kept per check."""
-    row = comparison.speculative
-    if row is None:
-        return None
-    log(f"lossless River: {len(inputs.scored)} scored prompts x {SPECULATION_TOKENS} greedy tokens against the backbone")
-    identical, ratios, drafted, accepted, kept, checks = 0, [], 0, 0, 0, 0
-    for context, _ in inputs.scored:
-        base = comparison.backbone.generate(context, SPECULATION_TOKENS)
-        spec = row.generate(context, SPECULATION_TOKENS)
-        identical += spec.tokens == base.tokens
-        if spec.decode_tokens_per_s and base.decode_tokens_per_s:
-            ratios.append(spec.decode_tokens_per_s / base.decode_tokens_per_s)
-        drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
-        kept, checks = kept + len(spec.tokens) - 1, checks + spec.verified
-    return {"identical": identical, "prompts": len(inputs.scored), "new_tokens": SPECULATION_TOKENS,
-            "mean_ratio_to_backbone": statistics.mean(ratios) if ratios else None,
-            "acceptance": accepted / drafted if drafted else None,
-            "tokens_per_verification": kept / checks if checks else None}
-
-
 def seconds(fn, device):
     """Wall time of one call of fn, the device synchronised before and after."""
     sync(device)

@@ -96,6 +96,9 @@ def parser_for(modes):
     parser.add_argument("--drafter", choices=tuple(DRAFTERS), default="quantized",
                         help="--speculative: the exit rule that drafts: every block a river copy (quantized, with "
                              "River's default copies and head) or River's similarity rule at --tau")
+    parser.add_argument("--no-lookup", action="store_true",
+                        help="--speculative: every draft River's; by default a round whose text repeats its last "
+                             "tokens drafts what followed them before, running no block (speculative.Lookup)")
     parser.add_argument("--no-native", action="store_true",
                         help="run decode steps in plain torch even where the native kernels could")
     parser.add_argument("--device", default="cpu")
@@ -233,7 +236,7 @@ def main(argv=None, modes=MODES):
         rule = args.drafter(tau)
         result = generate_speculative(engine, prompt, args.max_new_tokens, rule, args.draft_length,
                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=stop,
-                                      on_token=stream)
+                                      on_token=stream, lookup=not args.no_lookup)
     else:
         result = engine.generate(prompt, args.max_new_tokens, rule, args.temperature, args.top_p, args.seed, stop,
                                  on_token=stream)
@@ -261,6 +264,7 @@ def main(argv=None, modes=MODES):
 
 def speculation_json(result):
     return {"drafted": result.drafted, "accepted": result.accepted, "verified": result.verified,
+            "looked_up": result.looked_up, "looked_up_accepted": result.looked_up_accepted,
             "acceptance": result.acceptance, "tokens_per_verification": result.tokens_per_verification}
 
 

@@ -28,6 +28,9 @@ class Speculation(Generation):
     drafted: int = 0
     accepted: int = 0
     verified: int = 0
+    looked_up: int = 0           # of the drafted: those Lookup proposed, which no block ran
+    looked_up_accepted: int = 0  # ... and of the accepted
+    round_lookups: list = field(default_factory=list)  # per round: whether its drafts were looked up
     draft_lengths: list = field(default_factory=list)
     draft_depths: list = field(default_factory=list)  # backbone blocks each draft step ran (depths: every kept token
                                                       # is the backbone's, from a pass through all its blocks)
@@ -75,12 +78,40 @@ class Drafts:
                 max(1, self.length - 1) if accepted == 0 else self.length
 
 
+class Lookup:
+    """Drafts that cost nothing: where the text so far ends with n tokens (n from LONGEST down to SHORTEST) that also
+    came earlier, the tokens that followed them then. Code repeats itself (names, indentation, calls), and a repeat
+    found in the prompt or the output is drafted without running any block. SHORTEST 3 rather than 2: chosen on the
+    choosing split's first 12 prompts (RESULTS.md), where the two tied within noise."""
+    LONGEST, SHORTEST = 4, 3
+
+    def __init__(self, tokens):
+        self.text, self.seen = [], {}  # n-gram -> the position right after its latest occurrence but the last
+        self.extend(tokens)
+
+    def extend(self, tokens):
+        for token in tokens:
+            self.text.append(token)
+            end = len(self.text)
+            for n in range(self.SHORTEST, self.LONGEST + 1):
+                if end > n:  # the n-gram ending one token back is now followed by a known token
+                    self.seen[tuple(self.text[end - 1 - n:end - 1])] = end - 1
+
+    def drafts(self, most):
+        for n in range(self.LONGEST, self.SHORTEST - 1, -1):
+            at = self.seen.get(tuple(self.text[-n:])) if len(self.text) >= n else None
+            if at is not None:
+                return self.text[at:at + most]
+        return []
+
+
 def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None, adapt=True, temperature=0.0,
-                         top_p=1.0, seed=None, stop_ids=(), on_token=None):
+                         top_p=1.0, seed=None, stop_ids=(), on_token=None, lookup=True):
     """Generate from prompt ids as the backbone would, River (the exit rule `rule`) drafting and the backbone checking.
 
-    The prompt is prefilled through the whole backbone. Each round River drafts up to draft_length tokens, one step
-    each, from the last kept token; the backbone then runs that token and the drafts in one pass, which writes every
+    The prompt is prefilled through the whole backbone. Each round drafts up to draft_length tokens from the last kept
+    token: those the text so far repeats (Lookup), for free, where it repeats its last few tokens and `lookup` is on;
+    else River's, one step each. The backbone then runs that token and the drafts in one pass, which writes every
     layer's K/V for them (overwriting the drafter's). Greedy: the longest prefix of drafts on which the backbone's
     choice agrees is kept, then the backbone's own next token; sampled: each draft is kept with probability
     min(1, p/q) (p the backbone's, q the drafter's, both through the same temperature and top-p), a rejected one
@@ -91,7 +122,7 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None
     model = engine.model
     check_generation(prompt, max_new_tokens, model.cfg.max_seq_len, temperature, top_p, seed)
     generator = torch.Generator(device=model.device).manual_seed(0 if seed is None else seed)
-    choose = Chooser(temperature, top_p, generator)
+    choose = Chooser(temperature, top_p, generator, model.cfg.vocab_size)
     cache = model.new_cache(len(prompt) + max_new_tokens)
     on_token = on_token or (lambda token: None)
     sync(model.device)
@@ -101,11 +132,18 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None
     result = Speculation(out, [], time.perf_counter() - t0, [])
     on_token(out[-1])
     drafts = Drafts(draft_length, adapt)
+    index = Lookup(prompt + out) if lookup else None
     while len(out) < max_new_tokens and out[-1] not in stop_ids:
         t0 = time.perf_counter()
+        room = max_new_tokens - len(out)
+        proposed = index.drafts(min(draft_length, room)) if index is not None else []
+        proposed = proposed[:next((i + 1 for i, t in enumerate(proposed) if t in stop_ids), len(proposed))]
         kept = speculation_round(engine, cache, len(prompt) + len(out) - 1, out[-1], rule, choose,
-                                 min(drafts.length, max_new_tokens - len(out)), stop_ids, result)
-        drafts.update(result.draft_lengths[-1], len(kept) - 1)
+                                 min(drafts.length, room), stop_ids, result, proposed)
+        if not proposed:
+            drafts.update(result.draft_lengths[-1], len(kept) - 1)
+        if index is not None:
+            index.extend(kept)
         for token in kept:
             if len(out) == max_new_tokens or out[-1] in stop_ids:
                 break
@@ -116,13 +154,14 @@ def generate_speculative(engine, prompt, max_new_tokens, rule, draft_length=None
     return result
 
 
-def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, result):
-    """One round from token `last` at position pos: draft up to `length` tokens, verify them with the backbone in one
-    pass, drop the rejected drafts' slots; returns the tokens kept (the accepted drafts, then the backbone's own)."""
+def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, result, proposed=()):
+    """One round from token `last` at position pos: draft up to `length` tokens (or take the `proposed` ones, which
+    no block ran), verify them with the backbone in one pass, drop the rejected drafts' slots; returns the tokens kept
+    (the accepted drafts, then the backbone's own)."""
     model = engine.model
-    drafted, q = [], []
+    drafted, q = list(proposed), [choose.certain(token) for token in proposed]
     token = last
-    for i in range(length):
+    for i in range(0 if proposed else length):
         logits, depth = engine.forward(torch.tensor([[token]], device=model.device), pos + i, cache, rule)
         token, probs = choose.draft(logits[0, -1])
         drafted.append(token)
@@ -136,6 +175,9 @@ def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, 
     cache.drop(pos + len(kept))  # positions past the last kept token's (its own slot is written next round)
     result.drafted += len(drafted)
     result.accepted += len(kept) - 1
+    result.looked_up += len(proposed)
+    result.looked_up_accepted += len(kept) - 1 if proposed else 0
+    result.round_lookups.append(bool(proposed))
     result.verified += 1
     result.draft_lengths.append(len(drafted))
     return kept
@@ -144,8 +186,8 @@ def speculation_round(engine, cache, pos, last, rule, choose, length, stop_ids, 
 class Chooser:
     """Greedy choice (temperature 0) or sampling with the standard acceptance rule."""
 
-    def __init__(self, temperature, top_p, generator):
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+    def __init__(self, temperature, top_p, generator, vocab=None):
+        self.temperature, self.top_p, self.generator, self.vocab = temperature, top_p, generator, vocab
 
     def distribution(self, logits):
         """The distribution sampling draws from: softmax at the temperature, cut to the nucleus of top_p."""
@@ -155,6 +197,12 @@ class Chooser:
         if self.temperature == 0:
             return greedy(logits)
         return int(torch.multinomial(self.distribution(logits), 1, generator=self.generator))
+
+    def certain(self, token):
+        """The distribution of a draft proposed without sampling: all its mass on the token (None when greedy)."""
+        if self.temperature == 0:
+            return None
+        return torch.nn.functional.one_hot(torch.tensor(token), self.vocab).float()
 
     def draft(self, logits):
         """A drafted token and the distribution it was drawn from (None when greedy)."""

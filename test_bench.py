@@ -289,7 +289,7 @@ def importlib_util_find(name):
 
 # ------------------------------------------------------------------------------------------- the files' shape
 
-FRONT_ENDS = ("bench", "rows", "measure", "scaling", "plots")
+FRONT_ENDS = ("bench", "rows", "measure", "scaling", "plots", "lossless")
 LIBRARY = ("model", "kv_cache", "exit_policy", "quantize", "river_native", "storage", "river", "river_cli",
            "kv_strategies", "calibrate", "load_weights", "cli")
 ROW_NAMES = {"backbone", "quantized", "quantized_main", "river", "river_w4a16", "river_8bit", "river_capped",

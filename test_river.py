@@ -707,7 +707,7 @@ def test_compiled_one_token_attention_is_masked_softmax():
 # or rivers, the cache is plain storage, the exit rule sees tensors only, the native engine tensors, a model's config
 # and its cache; river.py's command line (river_cli) reads checkpoints (load_weights) and calibrates; kv_strategies
 # sits on River's engine; bench.py, on top, may import any.
-BENCH = ("bench", "rows", "measure", "scaling", "plots", "llamacpp")  # the measuring front end, on top of everything
+BENCH = ("bench", "rows", "measure", "scaling", "plots", "llamacpp", "lossless")  # the measuring front end, on top of everything
 MAY_IMPORT = {"kv_cache": set(), "exit_policy": set(), "storage": set(), "cli": set(), "model": {"kv_cache"},
               "quantize": set(), "river_native": {"model", "quantize", "storage"}, "calibrate": {"exit_policy"},
               "load_weights": {"model", "storage"},

@@ -4,17 +4,19 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import calibrate
 import river_native
-from conftest import copy_of, each_isa_here, tiny_model
+from conftest import PROPERTY, copy_of, each_isa_here, tiny_model
 from exit_policy import NEVER, RIVER_ONLY, similarity
 from generation import nucleus
 from kv_cache import Writer
 from load_weights import chat_prompt, load_model, stop_token_ids
 from model import LlamaConfig
 from river import DEFAULT_TAU, Engine, ExitRiver
-from speculative import MAX_DRAFT, Chooser, Speculation, check_speculative, generate_speculative, speculation_round
+from speculative import (MAX_DRAFT, Chooser, Lookup, Speculation, check_speculative, generate_speculative,
+                         speculation_round)
 
 CFG = LlamaConfig(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=16,
                   max_seq_len=256)
@@ -111,6 +113,67 @@ def test_greedy_speculative_output_is_the_backbones_token_for_token(isa, drafter
         assert stopped == engine.generate(prompt, 40, NEVER, stop_ids=(stop,)).tokens
 
 
+def looked_up_by_hand(text, most):
+    """The latest earlier occurrence of the text's last n tokens (n from 4 down to 3), searched from the end, and up to
+    `most` of the tokens that followed it; [] where none of those n-grams came before."""
+    for n in (4, 3):
+        if len(text) < n:
+            continue
+        for start in range(len(text) - n - 1, -1, -1):
+            if text[start:start + n] == text[-n:]:
+                return text[start + n:start + n + most]
+    return []
+
+
+@PROPERTY
+@given(text=st.lists(st.integers(0, 4), max_size=60), more=st.lists(st.integers(0, 4), max_size=20),
+       most=st.integers(1, MAX_DRAFT))
+def test_lookup_drafts_what_followed_the_latest_repeat_of_the_texts_end(text, more, most):
+    """Lookup's index against a search by hand, on a small alphabet (repeats everywhere), after its text and after
+    more tokens appended in pieces, as rounds append their kept tokens."""
+    index = Lookup(text)
+    assert index.drafts(most) == looked_up_by_hand(text, most)
+    for i in range(0, len(more), 3):
+        index.extend(more[i:i + 3])
+        assert index.drafts(most) == looked_up_by_hand(text + more[:i + 3], most)
+
+
+@each_isa_here
+def test_looked_up_drafts_are_checked_like_any_and_leave_the_backbones_cache(isa):
+    """A round whose drafts Lookup proposed (no block ran them), right up to point j and wrong after it, for every j:
+    the backbone's j tokens and its next are kept, every kept slot holds the K/V of one-token backbone steps, written
+    once, by the backbone; every slot past them is empty again. And a whole generation on a prompt that repeats
+    itself drafts by lookup, and ends as the backbone's tokens."""
+    engine = engine_for(isa, seed=2)
+    model = engine.model
+    prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    k, pos = 6, 19
+    reference = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, reference, NEVER)
+    greedy, last = [], int(prompt[0, -1])
+    for i in range(k + 1):
+        last = int(engine.forward(torch.tensor([[last]]), pos + i, reference, NEVER)[0][0, -1].argmax())
+        greedy.append(last)
+    prefilled = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
+    for j in range(k + 1):
+        proposed = greedy[:j] + [(t + 1) % CFG.vocab_size for t in greedy[j:k]]
+        cache, result = copy_of(prefilled, model), Speculation([], [], 0.0, [])
+        kept = speculation_round(engine, cache, pos, int(prompt[0, -1]), RIVER_ONLY, Chooser(0.0, 1.0, None), k, (),
+                                 result, proposed)
+        assert kept == greedy[:j + 1] and result.looked_up == k and result.looked_up_accepted == j
+        assert result.draft_depths == [], "no block ran a looked-up draft"
+        end = pos + j + 1
+        assert torch.equal(cache.k[:, :, :, :end], reference.k[:, :, :, :end])
+        assert torch.equal(cache.v[:, :, :, :end], reference.v[:, :, :, :end])
+        assert (cache.writer[:, :end] == Writer.BACKBONE).all() and (cache.write_count[:, :end] == 1).all()
+        assert (cache.writer[:, end:] == Writer.EMPTY).all() and (cache.write_count[:, end:] == 0).all()
+    repeating = ([5, 17, 33, 2, 71, 8] * 6)[:-2]
+    got = generate_speculative(engine, repeating, 40, RIVER_ONLY, 4)
+    assert got.tokens == engine.generate(repeating, 40, NEVER).tokens and got.looked_up > 0
+    assert generate_speculative(engine, repeating, 40, RIVER_ONLY, 4, lookup=False).looked_up == 0
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_the_acceptance_rule_keeps_the_backbones_distribution(top_p):
     """The standard rule on a vocabulary of 6: a draft drawn from q, kept with probability min(1, p/q), else a draw
@@ -130,6 +193,28 @@ def test_the_acceptance_rule_keeps_the_backbones_distribution(top_p):
     assert chi2 < chi_square_quantile(int(support.sum()) - 1), (chi2, counts / n, p)
     q_only = (((n * q - n * p) ** 2)[support] / (n * p[support])).sum().item()
     assert q_only > 100 * chi_square_quantile(int(support.sum()) - 1)  # the test can tell q from p
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_a_looked_up_draft_keeps_the_backbones_distribution(top_p):
+    """A draft proposed without sampling (Lookup's: all its mass on one token, Chooser.certain) through the same rule:
+    kept with probability p(token), else a draw from p without it. 40,000 seeded rounds, a likely and an unlikely
+    proposal: the token that comes out is distributed as p, by the chi-square test above, where always keeping the
+    proposal would fail it by far."""
+    p_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    chooser = Chooser(1.0, top_p, torch.Generator().manual_seed(1), vocab=6)
+    p = chooser.distribution(p_logits)
+    support = p > 0
+    for proposal in (0, 2):
+        n, counts = 40_000, torch.zeros(6)
+        for _ in range(n):
+            counts[chooser.verify(torch.stack([p_logits, p_logits]), [proposal], [chooser.certain(proposal)])[0]] += 1
+        chi2 = (((counts - n * p) ** 2)[support] / (n * p[support])).sum().item()
+        assert counts[~support].sum() == 0
+        assert chi2 < chi_square_quantile(int(support.sum()) - 1), (proposal, chi2, counts / n, p)
+        always = torch.zeros(6)
+        always[proposal] = n
+        assert (((always - n * p) ** 2)[support] / (n * p[support])).sum().item() > 100 * chi_square_quantile(5)
 
 
 def chi_square_quantile(df, tail=1e-4):
@@ -178,8 +263,8 @@ def test_greedy_speculative_output_is_the_backbones_on_the_bundled_model():
 
 @pytest.mark.parametrize("drafter", ["quantized", "river"])
 def test_river_py_speculative_prints_the_backbones_tokens(capsys, drafter):
-    """Through the command line: --speculative (either drafter) prints the tokens --mode backbone prints, with the
-    drafting figures in its JSON; --speculative where there is no drafter or no whole backbone is a usage error."""
+    """Through the command line: --speculative (either drafter, with and without --no-lookup) prints the tokens
+    --mode backbone prints, with the drafting figures in its JSON; --speculative where there is no drafter or no whole backbone is a usage error."""
     import json
     import river_cli
     if not river_native.usable_isas():
@@ -190,7 +275,42 @@ def test_river_py_speculative_prints_the_backbones_tokens(capsys, drafter):
     river_cli.main(base + ["--speculative", "--drafter", drafter])
     got = json.loads(capsys.readouterr().out)
     assert got["tokens"] == expected and got["speculative"]["verified"] >= 1
+    river_cli.main(base + ["--speculative", "--drafter", drafter, "--no-lookup"])
+    river_only = json.loads(capsys.readouterr().out)
+    assert river_only["tokens"] == expected and river_only["speculative"]["looked_up"] == 0
     for bad in (["--mode", "backbone"], ["--max-backbone-depth", "8"]):
         with pytest.raises(SystemExit) as raised:
             river_cli.main(base + ["--speculative"] + bad)
         assert raised.value.code == 2 and "--speculative" in capsys.readouterr().err
+
+
+@each_isa_here
+def test_the_bench_reports_lossless_rivers_rounds_and_what_their_costs_predict(isa):
+    """lossless.measure_speculation on a tiny model: every prompt's tokens the backbone's; acceptance, tokens per check
+    and the looked-up share as counted by hand from generate_speculative's own record of the same runs; a draft
+    step's and every check's cost measured (positive, one per check length); and the predicted ratio is those costs
+    summed over the rounds each prompt ran, by hand."""
+    import types
+    import lossless
+    engine = engine_for(isa, seed=5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [(torch.randint(0, CFG.vocab_size, (12,), generator=g).tolist() * 2, []) for _ in range(3)]
+    backbone = types.SimpleNamespace(generate=lambda prompt, n: engine.generate(prompt, n, NEVER))
+    runs = []
+
+    def speculative(prompt, n):
+        runs.append(generate_speculative(engine, prompt, n, RIVER_ONLY))
+        return runs[-1]
+    row = types.SimpleNamespace(engine=engine, rule=RIVER_ONLY, generate=speculative)
+    comparison = types.SimpleNamespace(speculative=row, backbone=backbone)
+    sp = lossless.measure_speculation(comparison, types.SimpleNamespace(scored=prompts, prompt=prompts[0][0]))
+    assert sp["identical"] == sp["prompts"] == 3
+    drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
+    assert sp["acceptance"] == accepted / drafted and sp["looked_up_share"] == sum(r.looked_up for r in runs) / drafted
+    assert sp["tokens_per_verification"] == sum(len(r.tokens) - 1 for r in runs) / sum(r.verified for r in runs)
+    costs = sp["round_costs_in_backbone_steps"]
+    assert costs["draft"] > 0 and sorted(costs["check"]) == list(range(2, MAX_DRAFT + 2))
+    assert all(cost > 0 for cost in costs["check"].values())
+    by_hand = [(len(r.tokens) - 1) / sum((0 if looked else n) * costs["draft"] + costs["check"][n + 1]
+                                         for n, looked in zip(r.draft_lengths, r.round_lookups)) for r in runs]
+    assert sp["round_model_ratio"] == pytest.approx(sum(by_hand) / len(by_hand))
