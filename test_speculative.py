@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import calibrate
 import river_native
 from conftest import PROPERTY, copy_of, each_isa_here, tiny_model
-from exit_policy import NEVER, RIVER_ONLY, similarity
+from exit_policy import NEVER, RIVER_ONLY, after, similarity
 from generation import nucleus
 from kv_cache import Writer
 from load_weights import chat_prompt, load_model, stop_token_ids
@@ -59,11 +59,12 @@ class Scripted(Chooser):
 
 @each_isa_here
 def test_after_a_rejection_the_cache_is_the_backbones_and_no_dropped_slot_survives(isa):
-    """A round whose drafts are the backbone's own choices up to point j and wrong after it, for every j: the kept
-    tokens are those j drafts and the backbone's next; every kept slot holds the K/V one-token backbone steps give,
-    written by the backbone in every layer and counted twice where the drafter wrote it first (the check overwrites
-it), once where only the check did (the last draft's); every slot
-    past them is empty again, and the next round writes them afresh."""
+    """A round whose drafts are the backbone's own choices up to point j and wrong after it, for every j, with a
+    drafter at River's tau and two that surely leave the backbone (after block 1, and none: its river copies write
+    every layer's records): the kept tokens are those j drafts and the backbone's next; every kept slot holds the K/V
+    one-token backbone steps give, written by the backbone in every layer (the check overwrites the drafter's river
+    records) and counted twice where the drafter wrote it first, once where only the check did (the last draft's);
+    every slot past them is empty again, and the next round writes them afresh."""
     engine = engine_for(isa, seed=2)
     model = engine.model
     prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
@@ -77,12 +78,13 @@ it), once where only the check did (the last draft's); every slot
         greedy.append(last)
     prefilled = model.new_cache(40)
     engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
-    for j in range(k + 1):
+    for j, drafter in ((j, drafter) for drafter in (similarity(DEFAULT_TAU), after(1), RIVER_ONLY) for j in range(k + 1)):
         script = greedy[:j] + [(t + 1) % CFG.vocab_size for t in greedy[j:k]]
         cache, result = copy_of(prefilled, model), Speculation([], [], 0.0, [])
-        kept = speculation_round(engine, cache, pos, int(prompt[0, -1]), similarity(DEFAULT_TAU), Scripted(script), k,
-                                 (), result)
+        kept = speculation_round(engine, cache, pos, int(prompt[0, -1]), drafter, Scripted(script), k, (), result)
         assert kept == greedy[:j + 1] and result.accepted == j and result.drafted == k
+        if drafter.max_depth is not None:  # a drafter that leaves: its river copies wrote every slot it drafted
+            assert max(result.draft_depths) < CFG.n_layers
         end = pos + j + 1  # the last kept token's own slot is written by the next round
         assert torch.equal(cache.k[:, :, :, :end], reference.k[:, :, :, :end])
         assert torch.equal(cache.v[:, :, :, :end], reference.v[:, :, :, :end])
@@ -215,6 +217,33 @@ def test_a_looked_up_draft_keeps_the_backbones_distribution(top_p):
         always = torch.zeros(6)
         always[proposal] = n
         assert (((always - n * p) ** 2)[support] / (n * p[support])).sum().item() > 100 * chi_square_quantile(5)
+
+
+def test_several_drafts_in_a_row_and_the_bonus_token_keep_the_backbones_distribution():
+    """Rounds of three drafts drawn from q_0, q_1, q_2 and checked against p_0 .. p_3 (each position's own, as a
+    backbone whose next-token distribution at a position does not depend on the tokens before it): the token that comes
+    out at each position, over the rounds that reach it, is distributed as that position's p, by the chi-square test
+    at p-value 1e-4; position 3 is the bonus token, drawn from p_3 after all three drafts were kept. A rule that always
+    took the draft (q) fails it at every drafted position."""
+    g = torch.Generator().manual_seed(3)
+    p_logits, q_logits = torch.randn(4, 6, generator=g) * 1.5, torch.randn(3, 6, generator=g) * 1.5
+    chooser = Chooser(1.0, 1.0, torch.Generator().manual_seed(4))
+    p = [chooser.distribution(row) for row in p_logits]
+    q = [chooser.distribution(row) for row in q_logits]
+    n, counts = 30_000, torch.zeros(4, 6)
+    for _ in range(n):
+        drafted = [int(torch.multinomial(q[i], 1, generator=chooser.generator)) for i in range(3)]
+        for position, token in enumerate(chooser.verify(p_logits, drafted, q)):
+            counts[position, token] += 1
+    bound = chi_square_quantile(5)
+    for position in range(4):
+        reached = counts[position].sum()
+        assert reached > 500, (position, reached)  # the bonus token is reached often enough to be tested
+        chi2 = (((counts[position] - reached * p[position]) ** 2) / (reached * p[position])).sum().item()
+        assert chi2 < bound, (position, chi2, counts[position] / reached, p[position])
+        if position < 3:
+            q_only = (((reached * q[position] - reached * p[position]) ** 2) / (reached * p[position])).sum().item()
+            assert q_only > 10 * bound, position
 
 
 def chi_square_quantile(df, tail=1e-4):
