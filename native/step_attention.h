@@ -140,6 +140,14 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const uint16_t* kp[16];
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
+            // the next tile's keys and values, usually this thread's next unit, asked for while this one computes: a
+            // long context's step would otherwise wait on memory, then compute, tile by tile (KERNELS.md); a hint,
+            // never a fault
+            if (g == 0)
+                for (int64_t b = 0; b < 16 * hd * 2; b += 64) {
+                    _mm_prefetch((const char*)(K + (int64_t)(p0 + TILE + j0) * hd) + b, _MM_HINT_T0);
+                    _mm_prefetch((const char*)(V + (int64_t)(p0 + TILE + j0) * hd) + b, _MM_HINT_T0);
+                }
             f32x16 acc[16];
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) acc[j] = f32x16{};
