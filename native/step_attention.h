@@ -110,6 +110,17 @@ static inline void weighted_values8(const float* w, const uint16_t* v, int hd, i
 }
 #endif
 
+// The keys and values of `rows` positions one tile after `row`, usually this thread's next unit, asked for while this
+// one computes: a long context's step would otherwise wait on memory, then compute, tile by tile (KERNELS.md). A hint:
+// past the cache's end it never faults.
+static inline void prefetch_next_tile(const uint16_t* K, const uint16_t* V, int row, int rows, int hd) {
+    const int64_t at = (int64_t)(row + TILE) * hd;
+    for (int64_t b = 0; b < (int64_t)rows * hd * 2; b += 64) {
+        _mm_prefetch((const char*)(K + at) + b, _MM_HINT_T0);
+        _mm_prefetch((const char*)(V + at) + b, _MM_HINT_T0);
+    }
+}
+
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of 2^(score - max) and its output
 // sum of 2^(score - max) * v (scores in log2 units: their scale carries log2 e), written to part (G * (hd + 2)
@@ -140,14 +151,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const uint16_t* kp[16];
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
-            // the next tile's keys and values, usually this thread's next unit, asked for while this one computes: a
-            // long context's step would otherwise wait on memory, then compute, tile by tile (KERNELS.md); a hint,
-            // never a fault
-            if (g == 0)
-                for (int64_t b = 0; b < 16 * hd * 2; b += 64) {
-                    _mm_prefetch((const char*)(K + (int64_t)(p0 + TILE + j0) * hd) + b, _MM_HINT_T0);
-                    _mm_prefetch((const char*)(V + (int64_t)(p0 + TILE + j0) * hd) + b, _MM_HINT_T0);
-                }
+            if (g == 0) prefetch_next_tile(K, V, p0 + j0, 16, hd);
             f32x16 acc[16];
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) acc[j] = f32x16{};
@@ -172,12 +176,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const uint16_t* kp[4];
             for (int j = 0; j < 4; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
             float* s = scores + g0 * TILE + j0;
-            if (g0 == 0)  // the next tile's keys and values, usually this thread's next unit: a hint, never a fault
-                for (int j = 0; j < 4; j++)
-                    for (int b = 0; b < hd * 2; b += 64) {
-                        _mm_prefetch((const char*)(kp[j] + TILE * hd) + b, _MM_HINT_T0);
-                        _mm_prefetch((const char*)(V + (kp[j] - K) + TILE * hd) + b, _MM_HINT_T0);
-                    }
+            if (g0 == 0) prefetch_next_tile(K, V, p0 + j0, 4, hd);
             switch (G - g0 < 3 ? G - g0 : 3) {
                 case 1: key_scores<1>(kp, qd + g0 * hd, hd, scale, s); break;
                 case 2: key_scores<2>(kp, qd + g0 * hd, hd, scale, s); break;
