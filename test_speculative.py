@@ -57,6 +57,24 @@ class Scripted(Chooser):
         return self.script.pop(0), None
 
 
+def one_round_setup(engine, k=6):
+    """A 20-token prompt whose last token starts a round of k drafts at position 19: the backbone's own greedy k + 1
+    tokens after it, by one-token steps (what a perfect drafter drafts), the cache those steps leave (the reference),
+    and a cache holding only the prompt's first 19 tokens, as a round finds it."""
+    model = engine.model
+    prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    pos = prompt.shape[1] - 1
+    reference = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, reference, NEVER)
+    greedy, last = [], int(prompt[0, -1])
+    for i in range(k + 1):
+        last = int(engine.forward(torch.tensor([[last]]), pos + i, reference, NEVER)[0][0, -1].argmax())
+        greedy.append(last)
+    prefilled = model.new_cache(40)
+    engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
+    return prompt, k, pos, greedy, reference, prefilled
+
+
 @each_isa_here
 def test_after_a_rejection_the_cache_is_the_backbones_and_no_dropped_slot_survives(isa):
     """A round whose drafts are the backbone's own choices up to point j and wrong after it, for every j, with a
@@ -67,17 +85,7 @@ def test_after_a_rejection_the_cache_is_the_backbones_and_no_dropped_slot_surviv
     every slot past them is empty again, and the next round writes them afresh."""
     engine = engine_for(isa, seed=2)
     model = engine.model
-    prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
-    k, pos = 6, 19
-    # the backbone's own greedy continuation from the prompt, by one-token steps: what a perfect drafter drafts
-    reference = model.new_cache(40)
-    engine.forward(prompt[:, :-1], 0, reference, NEVER)
-    greedy, last = [], int(prompt[0, -1])
-    for i in range(k + 1):
-        last = int(engine.forward(torch.tensor([[last]]), pos + i, reference, NEVER)[0][0, -1].argmax())
-        greedy.append(last)
-    prefilled = model.new_cache(40)
-    engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
+    prompt, k, pos, greedy, reference, prefilled = one_round_setup(engine)
     for j, drafter in ((j, drafter) for drafter in (similarity(DEFAULT_TAU), after(1), RIVER_ONLY) for j in range(k + 1)):
         script = greedy[:j] + [(t + 1) % CFG.vocab_size for t in greedy[j:k]]
         cache, result = copy_of(prefilled, model), Speculation([], [], 0.0, [])
@@ -148,16 +156,7 @@ def test_looked_up_drafts_are_checked_like_any_and_leave_the_backbones_cache(isa
     itself drafts by lookup, and ends as the backbone's tokens."""
     engine = engine_for(isa, seed=2)
     model = engine.model
-    prompt = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
-    k, pos = 6, 19
-    reference = model.new_cache(40)
-    engine.forward(prompt[:, :-1], 0, reference, NEVER)
-    greedy, last = [], int(prompt[0, -1])
-    for i in range(k + 1):
-        last = int(engine.forward(torch.tensor([[last]]), pos + i, reference, NEVER)[0][0, -1].argmax())
-        greedy.append(last)
-    prefilled = model.new_cache(40)
-    engine.forward(prompt[:, :-1], 0, prefilled, NEVER)
+    prompt, k, pos, greedy, reference, prefilled = one_round_setup(engine)
     for j in range(k + 1):
         proposed = greedy[:j] + [(t + 1) % CFG.vocab_size for t in greedy[j:k]]
         cache, result = copy_of(prefilled, model), Speculation([], [], 0.0, [])
