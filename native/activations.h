@@ -5,6 +5,7 @@
 
 // The inputs of one product for the tokens of a pass, each token's row `stride` elements apart.
 struct Acts {
+    float* normed;     // the inputs after their RMSNorm, where the product has one
     uint16_t* xb;      // bf16 weights: the activations rounded to bf16
     float* xf;         // ... and on AVX2 as fp32, laid out for the kernel that reads them (Fp32Inputs), or null
     int16_t* q;        // low-bit weights: int16 activations per group,

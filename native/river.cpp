@@ -69,7 +69,7 @@ static double cosine(const float* a, const float* b, int d) {
 extern "C" int64_t river_forward_scratch_floats(const Dims* dims, int T, int pos, int threads) {
     int64_t ws;
     const Dims D = *dims;
-    return chunk_floats(D, T, pos + T - 1, threads, &ws) + (int64_t)T * (3 * D.d + D.head_dim + 2) + 64;
+    return chunk_floats(D, T, pos + T - 1, threads, &ws) + (int64_t)T * (2 * D.d + D.head_dim + 2) + 64;
 }
 
 // T tokens at positions pos..pos+T-1 through the model: embedding, backbone blocks until the exit rule says leave
@@ -92,7 +92,6 @@ extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int p
     float* cos = prev + (int64_t)T * d;                                   // (T, half) each
     float* sin = cos + (int64_t)T * half;
     double* cosines = (double*)(sin + (int64_t)T * half);                 // (T,)
-    float* xn = (float*)(cosines + T);                                    // (T, d): final norm
     const Scratch s = carve(D, T, pos + T - 1, threads, scratch);
     const Rope r{cos, sin, half};
     for (int t = 0; t < T; t++) {
@@ -132,11 +131,11 @@ extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int p
         if (depth < n) team_blocks(D, m->river, depth, n, x, pos, T, first_out, *cache, r, s);
         // A pass that never left the backbone ends exactly as the backbone does; only one that left takes the river's.
         const Mat& head = depth == n ? m->head : m->river_head;
+        const Acts a = thread_acts(s);
         for (int t = first_out; t < T; t += CHUNK) {  // the activations hold a chunk's tokens
             const int chunk = T - t < CHUNK ? T - t : CHUNK;
-            prepare_tokens(head, x + (int64_t)t * d, d, m->norm, D.eps, xn, s.acts, chunk);
-#pragma omp barrier
-            product(head, s.acts, chunk, logits + (int64_t)(t - first_out) * head.n, head.n, 0, head.n);
+            ready_inputs(head, x + (int64_t)t * d, d, m->norm, D.eps, s, a, chunk);
+            product(head, a, chunk, logits + (int64_t)(t - first_out) * head.n, head.n, 0, head.n);
 #pragma omp barrier
         }
     }
@@ -149,6 +148,7 @@ extern "C" int river_forward(const Model* m, const int64_t* tokens, int T, int p
 extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int threads) {
     const int groups = m->k / 32 + 1;
     Acts a;
+    a.normed = nullptr;  // no norm here
     a.stride = m->k;
     a.group_stride = groups;
     const Dims widest{m->k, 1, 1, 1, 0, 0};
@@ -163,7 +163,7 @@ extern "C" void river_product(const Mat* m, const float* x, int T, float* y, int
     a.pack = (uint32_t*)malloc(sizeof(uint32_t) * (threads * a.pack_stride + 1));
 #pragma omp parallel num_threads(threads)
     {
-        prepare_tokens(*m, x, m->k, nullptr, 0, nullptr, a, T);
+        prepare_tokens(*m, x, m->k, nullptr, 0, a, T, 0);
 #pragma omp barrier
         product(*m, a, T, y, m->n, 0, m->n);
     }
@@ -206,12 +206,12 @@ extern "C" void river_run_products(const Dims* dims, const Layer* layers, int fi
     for (int l = first; l < last; l++) {
         const Layer& L = layers[l];
         const Mat* mats[4] = {&L.qkv, &L.o, &L.gate_up, &L.down};
-        const float* inputs[4] = {s.xn, s.att, s.xn, s.hidden};
+        const float* inputs[4] = {s.y, s.att, s.y, s.hidden};
         float* outputs[4] = {s.qkv, s.y, s.gate, s.y};
+        const Acts a = thread_acts(s);
         for (int i = 0; i < 4; i++) {
-            prepare_tokens(*mats[i], inputs[i], mats[i]->k, nullptr, 0, nullptr, s.acts, 1);
-#pragma omp barrier
-            product(*mats[i], s.acts, 1, outputs[i], mats[i]->n, 0, mats[i]->n);
+            ready_inputs(*mats[i], inputs[i], mats[i]->k, nullptr, 0, s, a, 1);
+            product(*mats[i], a, 1, outputs[i], mats[i]->n, 0, mats[i]->n);
 #pragma omp barrier
         }
     }

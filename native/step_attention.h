@@ -7,8 +7,10 @@
 
 // Where a pass's intermediates live (river_scratch_floats sizes them; carve cuts them).
 struct Scratch {
-    float *xn, *qkv, *att, *y, *gate, *up, *hidden;  // per token of a chunk
-    Acts acts;
+    float *qkv, *att, *y, *gate, *up, *hidden;  // per token of a chunk
+    Acts acts;            // a product's inputs: the team's, or thread 0's copy where each thread has its own
+    int own_inputs;       // each thread prepares every input into a copy of its own, acts_floats apart
+    int64_t acts_floats;
     float* partial;  // a short pass's attention (or a long chunk's last token's): per token, query head and tile,
                      // (max, sum, output)
     float* work;     // each thread's attention work area
