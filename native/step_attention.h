@@ -112,16 +112,37 @@ static inline void weighted_values8(const float* w, const uint16_t* v, int hd, i
 }
 #endif
 
-// The keys and values of `rows` positions one tile after `row`, usually this thread's next unit, asked for while this
-// one computes: a long context's step would otherwise wait on memory, then compute, tile by tile (KERNELS.md). A hint:
-// past the cache's end it never faults.
-static inline void prefetch_next_tile(const uint16_t* K, const uint16_t* V, int row, int rows, int hd) {
-    const int64_t at = (int64_t)(row + TILE) * hd;
-    for (int64_t b = 0; b < (int64_t)rows * hd * 2; b += 64) {
-        _mm_prefetch((const char*)(K + at) + b, _MM_HINT_T0);
-        _mm_prefetch((const char*)(V + at) + b, _MM_HINT_T0);
+// The keys (or values) of `rows` positions half a tile after `row` (this tile's second half, then the start of the
+// thread's next unit), asked for while this one computes: a long context's step would otherwise wait on memory, then
+// compute, tile by tile; a whole tile ahead, the prefetched lines crowded the current tile's out of L1 (KERNELS.md).
+// A hint: past the cache's end it never faults.
+static inline void prefetch_next_tile(const uint16_t* KV, int row, int rows, int hd) {
+    const int64_t at = (int64_t)(row + TILE / 2) * hd;
+    for (int64_t b = 0; b < (int64_t)rows * hd * 2; b += 64) _mm_prefetch((const char*)(KV + at) + b, _MM_HINT_T0);
+}
+
+#ifdef RIVER_AVX512
+// One query head's score sums against 16 keys (rows hd apart from k): acc[j] lanes sum to the score of key j, the
+// query's high and low bf16 parts (qh, ql) each multiplied with the key in exact pairs. N = 16: all 16 keys there and
+// the head's pairs whole vectors, their loads at fixed offsets; N = 0: the first `n` keys, key n - 1 standing in for
+// the rest (a copy), any head size.
+template <int N>
+static inline void key_block_scores(const uint16_t* k, int hd, const uint16_t* qh, const uint16_t* ql, f32x16* acc,
+                                    int n = 16) {
+    const int pairs = hd / 2;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) acc[j] = f32x16{};
+    for (int c = 0; c < pairs; c += 16) {
+        const u32x16 high = pairs_at(qh, c, pairs), low = pairs_at(ql, c, pairs);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            const u32x16 key = N ? loadu32((const uint32_t*)(k + (int64_t)j * hd) + c)
+                                 : pairs_at(k + (int64_t)(j < n ? j : n - 1) * hd, c, pairs);
+            acc[j] = dot_pairs(dot_pairs(acc[j], key, high), key, low);
+        }
     }
 }
+#endif
 
 // One unit of a short pass's attention: the G query heads of KV head `kv` for the token at position `pos`, over the
 // positions of tile `tile` (up to pos). For each head: its max score, its sum of 2^(score - max) and its output
@@ -150,21 +171,15 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     }
     for (int g = 0; g < G; g++)
         for (int j0 = 0; j0 < n; j0 += 16) {
-            const uint16_t* kp[16];
-#pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
-            if (g == 0) prefetch_next_tile(K, V, p0 + j0, 16, hd);
+            // the next tile's keys while the first head scores, its values while the second does: spread out, the
+            // prefetches leave room for the loads
+            if (g == 0) prefetch_next_tile(K, p0 + j0, 16, hd);
+            if (g == (G > 1)) prefetch_next_tile(V, p0 + j0, 16, hd);
             f32x16 acc[16];
-#pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) acc[j] = f32x16{};
-            for (int c = 0; c < pairs; c += 16) {
-                const u32x16 high = pairs_at(qh + g * hd, c, pairs), low = pairs_at(ql + g * hd, c, pairs);
-#pragma GCC unroll 16
-                for (int j = 0; j < 16; j++) {
-                    const u32x16 k = pairs_at(kp[j], c, pairs);
-                    acc[j] = dot_pairs(dot_pairs(acc[j], k, high), k, low);
-                }
-            }
+            if (j0 + 16 <= n && pairs % 16 == 0)
+                key_block_scores<16>(K + (int64_t)(p0 + j0) * hd, hd, qh + g * hd, ql + g * hd, acc);
+            else
+                key_block_scores<0>(K + (int64_t)(p0 + j0) * hd, hd, qh + g * hd, ql + g * hd, acc, n - j0);
             store16(scores + g * TILE + j0, sums16(acc) * scale);
         }
 #else  // AVX2: the query in fp32, each 16 dims laid out as its 8 even then its 8 odd ones, so that a key's 16 bf16
@@ -178,7 +193,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const uint16_t* kp[4];
             for (int j = 0; j < 4; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
             float* s = scores + g0 * TILE + j0;
-            if (g0 == 0) prefetch_next_tile(K, V, p0 + j0, 4, hd);
+            if (g0 == 0) prefetch_next_tile(K, p0 + j0, 4, hd), prefetch_next_tile(V, p0 + j0, 4, hd);
             switch (G - g0 < 3 ? G - g0 : 3) {
                 case 1: key_scores<1>(kp, qd + g0 * hd, hd, scale, s); break;
                 case 2: key_scores<2>(kp, qd + g0 * hd, hd, scale, s); break;
