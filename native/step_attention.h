@@ -171,10 +171,9 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     }
     for (int g = 0; g < G; g++)
         for (int j0 = 0; j0 < n; j0 += 16) {
-            // the next tile's keys while the first head scores, its values while the second does: spread out, the
-            // prefetches leave room for the loads
+            // keys ahead while the first head scores; the values, read in order after the scores, the hardware
+            // prefetcher keeps up with (asking for them too made the step slower: KERNELS.md)
             if (g == 0) prefetch_next_tile(K, p0 + j0, 16, hd);
-            if (g == (G > 1)) prefetch_next_tile(V, p0 + j0, 16, hd);
             f32x16 acc[16];
             if (j0 + 16 <= n && pairs % 16 == 0)
                 key_block_scores<16>(K + (int64_t)(p0 + j0) * hd, hd, qh + g * hd, ql + g * hd, acc);
