@@ -112,13 +112,15 @@ static inline void weighted_values8(const float* w, const uint16_t* v, int hd, i
 }
 #endif
 
-// The keys (or values) of `rows` positions half a tile after `row` (this tile's second half, then the start of the
-// thread's next unit), asked for while this one computes: a long context's step would otherwise wait on memory, then
-// compute, tile by tile; a whole tile ahead, the prefetched lines crowded the current tile's out of L1 (KERNELS.md).
-// A hint: past the cache's end it never faults.
-static inline void prefetch_next_tile(const uint16_t* KV, int row, int rows, int hd) {
-    const int64_t at = (int64_t)(row + TILE / 2) * hd;
-    for (int64_t b = 0; b < (int64_t)rows * hd * 2; b += 64) _mm_prefetch((const char*)(KV + at) + b, _MM_HINT_T0);
+// Rows first..first+rows-1 of a head's keys or values, asked for ahead of use: a long context's step would otherwise
+// wait on memory, then compute, tile by tile. A hint: past the cache's end it never faults. What to ask for, and how
+// far ahead, was measured (KERNELS.md): on AVX-512 the keys half a tile ahead (this tile's second half, then the
+// start of the thread's next unit; keys and values a whole tile ahead had crowded the current tile's lines out of
+// L1) and the values of the 16 positions being scored, which the weighted sums read after all the tile's scores; on
+// AVX2 both, half a tile ahead.
+static inline void prefetch_rows(const uint16_t* KV, int first, int rows, int hd) {
+    const char* p = (const char*)(KV + (int64_t)first * hd);
+    for (int64_t b = 0; b < (int64_t)rows * hd * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
 #ifdef RIVER_AVX512
@@ -171,9 +173,8 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
     }
     for (int g = 0; g < G; g++)
         for (int j0 = 0; j0 < n; j0 += 16) {
-            // keys ahead while the first head scores; the values, read in order after the scores, the hardware
-            // prefetcher keeps up with (asking for them too made the step slower: KERNELS.md)
-            if (g == 0) prefetch_next_tile(K, p0 + j0, 16, hd);
+            if (g == 0) prefetch_rows(K, p0 + j0 + TILE / 2, 16, hd);  // spread over the first two heads' scores
+            if (g == (G > 1)) prefetch_rows(V, p0 + j0, 16, hd);
             f32x16 acc[16];
             if (j0 + 16 <= n && pairs % 16 == 0)
                 key_block_scores<16>(K + (int64_t)(p0 + j0) * hd, hd, qh + g * hd, ql + g * hd, acc);
@@ -192,7 +193,7 @@ static void attend_tile(const Dims& D, const float* q, const uint16_t* K, const 
             const uint16_t* kp[4];
             for (int j = 0; j < 4; j++) kp[j] = K + (int64_t)(p0 + (j0 + j < n ? j0 + j : n - 1)) * hd;  // past the tile: a copy
             float* s = scores + g0 * TILE + j0;
-            if (g0 == 0) prefetch_next_tile(K, p0 + j0, 4, hd), prefetch_next_tile(V, p0 + j0, 4, hd);
+            if (g0 == 0) prefetch_rows(K, p0 + j0 + TILE / 2, 4, hd), prefetch_rows(V, p0 + j0 + TILE / 2, 4, hd);
             switch (G - g0 < 3 ? G - g0 : 3) {
                 case 1: key_scores<1>(kp, qd + g0 * hd, hd, scale, s); break;
                 case 2: key_scores<2>(kp, qd + g0 * hd, hd, scale, s); break;
