@@ -193,8 +193,8 @@ def measure(comparison, args, sizes, inputs):
 
 def mode_entry(row, measured, n_weights):
     """One row's figures: speed, quality, its weights, its rule's tau, the code that ran it, its memory alone, and
-    its size: resident weight MB (a peer's: its file's), those bytes in bits per model weight (n_weights) and the MB
-    a decode step reads."""
+    its size: resident weight MB (a peer's: its file's), those bytes in bits per model weight (n_weights), the MB a
+    decode step reads, and those bytes at the row's speed as a share of the run's memory copy rate (its roofline)."""
     weights, bits, activations = row.description()
     probe = measured.memory["row_probe"].get(row.name)
     memory = measured.memory["probes"][probe] if probe else {}
@@ -205,6 +205,8 @@ def mode_entry(row, measured, n_weights):
             "peak_rss_mb": memory.get("peak_rss_mb_over_idle"), "weight_mb": weight_mb,
             "bits_per_weight": None if weight_mb is None else weight_mb * 2**20 * 8 / n_weights,
             "step_mb": None if step is None else step / 2**20,
+            "roofline_share": None if step is None else
+            step * measured.speed[row.name]["decode_tokens_per_s"] / 1e9 / measured.copy_gb_per_s,
             "tensor_types": None if row.file is None else row.file["tensor_types"], "memory_probe": probe}
 
 
@@ -297,19 +299,19 @@ def print_table(result, rows, backbone):
     base = modes[backbone.name]
     header = (f"{'mode':<18}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
               f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'bits/w':>7}{'step MB':>8}"
-              f"{'RSS MB':>7}  path")
+              f"{'roof':>6}{'RSS MB':>7}  path")
     print(header)
     print("-" * len(header))
     for row in rows:
         m = modes[row.name]
         tau = f"{row.tau:g}" if row.tau is not None else "-"
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
-        wts, bpw, step, rss = (f"{m[k]:.{digits}f}" if m[k] is not None else "-" for k, digits in (
-            ("weight_mb", 0), ("bits_per_weight", 2), ("step_mb", 0), ("peak_rss_mb", 0)))
+        wts, bpw, step, roof, rss = (f"{m[k]:.{digits}f}" if m[k] is not None else "-" for k, digits in (
+            ("weight_mb", 0), ("bits_per_weight", 2), ("step_mb", 0), ("roofline_share", 2), ("peak_rss_mb", 0)))
         print(f"{row.name:<18}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
-              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{bpw:>7}{step:>8}{rss:>7}  {m['path']}")
+              f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{bpw:>7}{step:>8}{roof:>6}{rss:>7}  {m['path']}")
 
 
 def print_header(result, sizes, prompt_tokens):
