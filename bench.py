@@ -31,9 +31,6 @@ from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
 from rows import build_comparison
 from storage import cache_dir
 
-SWEEP_TAUS = CALIBRATION_TAUS
-QUICK_TAUS = (0.9, 0.97)
-
 
 @dataclass(frozen=True)
 class Sizes:
@@ -47,8 +44,8 @@ class Sizes:
     taus: tuple
 
 
-QUICK = Sizes(3, 4, 48, 32, 3, QUICK_TAUS)
-FULL = Sizes(len(SCORED), len(CHOOSING), MAX_TARGET, 64, 5, SWEEP_TAUS)
+QUICK = Sizes(3, 4, 48, 32, 3, (0.9, 0.97))
+FULL = Sizes(len(SCORED), len(CHOOSING), MAX_TARGET, 64, 5, CALIBRATION_TAUS)  # River's tau sweep: calibration's
 
 
 # -------------------------------------------------------------------------------------------- command line
@@ -158,12 +155,13 @@ def read_inputs(args, parser, sizes):
 @dataclass
 class Measured:
     """What measure() found: per row its speed and quality (name -> figures), the memory probes, the native time
-    split of River's step (None off the native path), a memory copy's GB/s."""
+    split of River's step (None off the native path), a memory copy's GB/s (bytes read and written) and a read's."""
     speed: dict
     quality: dict
     memory: dict
     split: dict | None
     copy_gb_per_s: float
+    read_gb_per_s: float  # a 2-thread sum over 512 MB: what a step's reads can reach, about half the copy's figure
     speculation: dict | None
     torch_prefill_s: float  # the prompt through the torch path's backbone (measure.torch_path_prefill_s)
 
@@ -179,14 +177,14 @@ def measure(comparison, args, sizes, inputs):
         log("time split of a step (native blocks, products alone) ...")
     split = time_split(comparison.river.engine, len(inputs.prompt) + sizes.new_tokens // 2,
                        speed[comparison.river.name]["generation_mean_backbone_blocks"])
-    bandwidth = copy_bandwidth(model.device)
+    bandwidth, read = copy_bandwidth(model.device), scaling.read_bandwidth(model.device)
     log("memory: each row's deployment alone in a fresh process ...")
     memory = measure_memory(rows, {
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "isa": args.isa, "group_size": args.group_size, "prompt": inputs.prompt, "new_tokens": 32})
     torch_prefill = torch_path_prefill_s(comparison.backbone.engine, inputs.prompt, sizes.repeats)
     speculation = lossless.measure_speculation(comparison, inputs)
-    return Measured(speed, quality, memory, split, bandwidth, speculation, torch_prefill)
+    return Measured(speed, quality, memory, split, bandwidth, read, speculation, torch_prefill)
 
 
 # ------------------------------------------------------------------------------------------------- assembling
@@ -200,13 +198,14 @@ def mode_entry(row, measured, n_weights):
     memory = measured.memory["probes"][probe] if probe else {}
     weight_mb = memory.get("weight_mb") if row.file is None else row.file["weight_mb"]
     step = measured.speed[row.name]["bytes_per_step"]
+    read = None if step is None else step * measured.speed[row.name]["decode_tokens_per_s"] / 1e9  # GB/s
     return {**measured.speed[row.name], **measured.quality[row.name], "weights": weights, "bits_per_block": bits,
             "activations": activations, "tau": row.tau, "path": row.path,
             "peak_rss_mb": memory.get("peak_rss_mb_over_idle"), "weight_mb": weight_mb,
             "bits_per_weight": None if weight_mb is None else weight_mb * 2**20 * 8 / n_weights,
             "step_mb": None if step is None else step / 2**20,
-            "roofline_share": None if step is None else
-            step * measured.speed[row.name]["decode_tokens_per_s"] / 1e9 / measured.copy_gb_per_s,
+            "roofline_share": None if step is None else read / measured.copy_gb_per_s,
+            "read_share": None if step is None else read / measured.read_gb_per_s,
             "tensor_types": None if row.file is None else row.file["tensor_types"], "memory_probe": probe}
 
 
@@ -248,11 +247,11 @@ def calibration_entry(comparison, modes, calibrated, args, sizes, inputs):
                                    "mean_backbone_blocks": cal.mean_backbone_blocks[t]} for t in cal.nll_increase}}
 
 
-def bandwidth_entry(model, backbone_tokens_per_s, copy_gb_per_s):
-    """The backbone's weight bytes per token, read at its measured speed, against a memory copy."""
+def bandwidth_entry(model, backbone_tokens_per_s, copy_gb_per_s, read_gb_per_s):
+    """The backbone's weight bytes per token, read at its measured speed, against a memory copy and a read."""
     weight_bytes = tensor_bytes(model.blocks) + tensor_bytes(model.lm_head) + tensor_bytes(model.norm)
     return {"weight_bytes_per_token": weight_bytes, "achieved_gb_per_s": weight_bytes * backbone_tokens_per_s / 1e9,
-            "copy_gb_per_s_read_plus_write": copy_gb_per_s,
+            "copy_gb_per_s_read_plus_write": copy_gb_per_s, "read_gb_per_s": read_gb_per_s,
             "fraction_of_copy_bandwidth": weight_bytes * backbone_tokens_per_s / 1e9 / copy_gb_per_s}
 
 
@@ -287,7 +286,7 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
             "calibration": calibration_entry(comparison, modes, calibrated, args, sizes, inputs),
             "backbone_bandwidth": bandwidth_entry(comparison.backbone.engine.model,
                                                   modes[comparison.backbone.name]["decode_tokens_per_s"],
-                                                  measured.copy_gb_per_s),
+                                                  measured.copy_gb_per_s, measured.read_gb_per_s),
             "speculation": measured.speculation, "torch_path_prefill_s": measured.torch_prefill_s,
             "seconds": time.perf_counter() - t_start}
 
@@ -335,9 +334,12 @@ def print_summary(result, comparison):
               f"{split['lm_head']:.0f} (the river's {split['river_lm_head']:.0f}); River's ceiling from products alone at "
               f"{river['generation_mean_backbone_blocks']:.1f} backbone blocks: {split['speedup_ceiling_products']:.2f}x")
     bw = result["backbone_bandwidth"]
-    print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
-          f"{bw['achieved_gb_per_s']:.1f} GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a "
-          f"{bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy (read + write)")
+    shares = ", ".join(f"{row.name} {modes[row.name]['roofline_share']:.0%} / {modes[row.name]['read_share']:.0%}"
+                       for row in (comparison.backbone, comparison.quantized_main, comparison.river))
+    print(f"backbone reads {bw['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: {bw['achieved_gb_per_s']:.1f}"
+          f" GB/s, {bw['fraction_of_copy_bandwidth']:.0%} of a {bw['copy_gb_per_s_read_plus_write']:.1f} GB/s memory copy "
+          f"(read + write)\nroofline (a step's bytes at the row's speed over the copy rate / over a "
+          f"{bw['read_gb_per_s']:.1f} GB/s 2-thread read): {shares}")
     print(f"river exit histogram (backbone blocks per decode token): {river['exit_histogram']}")
     capped, c, base_mb = modes[comparison.capped.name], result["calibration"], base["peak_rss_mb"]
     print(f"memory (peak RSS over an idle process's {result['memory']['idle_peak_rss_mb']:.0f} MB, each deployment "

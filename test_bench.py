@@ -279,10 +279,11 @@ def test_the_default_comparison_runs_end_to_end_on_a_tiny_model(tmp_path, monkey
     assert result["calibration"]["tau"] == 0.9 and result["speedup"]["river_vs_backbone"] > 0
     copy_rate = result["backbone_bandwidth"]["copy_gb_per_s_read_plus_write"]
     for mode in modes.values():  # a row's roofline share: the bytes its steps read per second over the copy rate
-        assert (mode["roofline_share"] is None) == (mode["step_mb"] is None)
+        assert (mode["roofline_share"] is None) == (mode["read_share"] is None) == (mode["step_mb"] is None)
         if mode["step_mb"] is not None:
             read = mode["step_mb"] * 2**20 * mode["decode_tokens_per_s"] / 1e9
             assert mode["roofline_share"] == pytest.approx(read / copy_rate)
+            assert mode["read_share"] == pytest.approx(read / result["backbone_bandwidth"]["read_gb_per_s"])
     for name in modes:
         assert re.search(rf"^{re.escape(name)} ", out, re.MULTILINE), name
     assert not plot or (tmp_path / "q.png").stat().st_size > 0
