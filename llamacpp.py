@@ -1,11 +1,14 @@
 """llama.cpp as the bench's peer (never a dependency of the method): the bundled GGUF requantized to llama.cpp's
 types, each a row of the comparison scored on the same token ids and timed as ../shared/tools/llamacpp-anchor.sh
-times it (llama.cpp's own counters, 2 threads, a context without all-logits for speed); and the summary that holds
-this project's rows against them."""
+times it (llama.cpp's own counters, 2 threads, a context without all-logits for speed); ik_llama.cpp's llama-bench
+on the same files where IK_LLAMA_BENCH names it; and the summary that holds this project's rows against them."""
 import ctypes
 import importlib
 import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +100,7 @@ class LlamaCppRow:
     def __post_init__(self):
         self.speed_llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=1024, n_threads=self.threads,
                                               n_threads_batch=self.threads, verbose=False)
-        self.score_llm = None
+        self.score_llm, self.scored = None, {}  # scored: (context, target) -> score's answer (ik_llama.cpp's rows ask too)
         self.file = gguf_weights(self.gguf)
 
     def generate(self, prompt, new_tokens):
@@ -117,6 +120,12 @@ class LlamaCppRow:
     def score(self, context, target):
         """(logits (len(target), vocab) predicting each target id from the context and the targets before it, no
         depths, no cache): one pass over the ids as given (no tokenization, no BOS), every position's logits kept."""
+        key = (tuple(context), tuple(target))
+        if key not in self.scored:
+            self.scored[key] = self.score_once(context, target)
+        return self.scored[key]
+
+    def score_once(self, context, target):
         if self.score_llm is None:
             self.score_llm = self.llama_cpp.Llama(model_path=str(self.gguf), n_ctx=1024, n_batch=1024,
                                                   logits_all=True, n_threads=self.threads,
@@ -142,6 +151,73 @@ class LlamaCppRow:
     @property
     def path(self):
         return "llama.cpp"
+
+
+@dataclass
+class IkLlamaRow:
+    """ik_llama.cpp (a faster fork of llama.cpp) timing one llama.cpp row's file with its own llama-bench, with or
+    without its run-time repacking (-rtr): the decode rate after a prompt as long as the bench's (its -gp test) and
+    the prompt's rate (-p). Its quality is the file's: the llama.cpp row's scoring of the very same file."""
+    name: str
+    kind: str
+    binary: Path
+    twin: LlamaCppRow
+    repack: bool
+    in_sweep: bool = False
+    mark: object = None
+    deployment: object = None
+    rule: object = None
+    tau: object = None
+
+    @property
+    def file(self):
+        return self.twin.file
+
+    def generate(self, prompt, new_tokens):
+        """new_tokens - 1 decode steps after len(prompt) tokens, as llama-bench times them (the tokens are not
+        returned: Generation holds placeholders)."""
+        command = [str(self.binary), "-m", str(self.twin.gguf), "-t", str(self.twin.threads), "-r", "1", "-o", "json",
+                   "-p", str(len(prompt)), "-n", "0", "-gp", f"{len(prompt)},{new_tokens - 1}",
+                   "-rtr", "1" if self.repack else "0"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ik_llama.cpp's llama-bench failed ({' '.join(command)}): {done.stderr.strip()[-300:]}")
+        tests = json.loads(done.stdout)
+        prompt_rate = next(t["avg_ts"] for t in tests if t["n_gen"] == 0)
+        step = 1 / next(t["avg_ts"] for t in tests if t["n_gen"] > 0)
+        n = self.twin.n_layers
+        return Generation([0] * new_tokens, [n] * new_tokens, len(prompt) / prompt_rate, [step] * (new_tokens - 1))
+
+    def score(self, context, target):
+        return self.twin.score(context, target)
+
+    def bytes_per_step(self, depths, positions):
+        return self.twin.bytes_per_step(depths, positions)
+
+    def description(self):
+        return self.kind, None, "ik_llama.cpp"
+
+    @property
+    def river(self):
+        return None
+
+    @property
+    def path(self):
+        return "ik_llama.cpp -rtr 1" if self.repack else "ik_llama.cpp"
+
+
+def ik_rows(llama_rows, log):
+    """Two IkLlamaRows per llama.cpp row (without and with run-time repacking), named 'ik_llama.cpp TYPE' and
+    'ik_llama.cpp TYPE -rtr', where IK_LLAMA_BENCH names ik_llama.cpp's llama-bench (README: how to build it); none,
+    and one line saying so, where it does not."""
+    binary = os.environ.get("IK_LLAMA_BENCH")
+    if not binary:
+        log("ik_llama.cpp rows skipped: set IK_LLAMA_BENCH to its llama-bench (the README's Quick start builds it)")
+        return []
+    if not Path(binary).is_file() or not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"IK_LLAMA_BENCH={binary}: not an executable file")
+    return [IkLlamaRow(f"ik_{row.name}" + (" -rtr" if repack else ""), row.kind, Path(binary), row, repack)
+            for row in llama_rows for repack in (False, True)]
 
 
 def context_speed(llama_cpp, gguf, text, new_tokens, threads):
@@ -171,8 +247,8 @@ def context_speed(llama_cpp, gguf, text, new_tokens, threads):
 
 
 def peer_rows(kinds, folder, cfg, log):
-    """A LlamaCppRow per type of the model whose config is `cfg`, named 'llama.cpp TYPE'; none (and one line on how to
-    install) without llama_cpp."""
+    """A LlamaCppRow per type of the model whose config is `cfg`, named 'llama.cpp TYPE', then ik_llama.cpp's rows on
+    their files (ik_rows); none (and one line on how to install) without llama_cpp."""
     llama_cpp = llama_cpp_or_none(log)
     if llama_cpp is None:
         return []
@@ -180,21 +256,28 @@ def peer_rows(kinds, folder, cfg, log):
     if unknown:
         raise ValueError(f"unknown llama.cpp types {unknown}; known: {', '.join(FTYPES)}")
     kv = cfg.n_layers * 2 * cfg.kv_dim * 2
-    return [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
+    rows = [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
                         cfg.n_layers, kv, llama_cpp) for kind in kinds]
+    return rows + ik_rows(rows, log)
 
 
 def print_peers(result, comparison):
-    """This project's rows against llama.cpp's types, each named with the bits per weight its file holds: for Q8_0,
-    Q4_K_M and IQ4_NL the fastest row at or below its NLL, River's defaults against the two 4-bit-named ones, for
-    Q4_0 the lowest-NLL row at least as fast, the backbone against BF16."""
+    """This project's rows against each type's file as the faster runtime ran it (llama.cpp, or ik_llama.cpp with or
+    without repacking where it ran), named with the bits per weight the file holds: for Q8_0, Q4_K_M and IQ4_NL the
+    fastest row at or below its NLL, River's defaults against the two 4-bit-named ones, for Q4_0 the lowest-NLL row
+    at least as fast, the backbone against BF16."""
     modes = result["modes"]
-    peers = {row.kind: modes[row.name] for row in comparison.peers}
+    fastest = {}  # type -> the name of the fastest peer row on its file
+    for row in comparison.peers:
+        best = fastest.get(row.kind)
+        if best is None or modes[row.name]["decode_tokens_per_s"] > modes[best]["decode_tokens_per_s"]:
+            fastest[row.kind] = row.name
+    peers = {kind: modes[name] for kind, name in fastest.items()}
     ours = {row.name: modes[row.name] for row in comparison.rows if row not in comparison.peers}
     base, river = modes[comparison.backbone.name], modes[comparison.river.name]
 
     def named(kind):
-        return f"llama.cpp {kind} ({peers[kind]['bits_per_weight']:.2f} bits/weight)"
+        return f"{fastest[kind]} ({peers[kind]['bits_per_weight']:.2f} bits/weight)"
     for kind in ("Q8_0", "Q4_K_M", "IQ4_NL"):
         if kind in peers:
             p = peers[kind]
@@ -220,5 +303,5 @@ def print_peers(result, comparison):
     if "BF16" in peers:
         p = peers["BF16"]
         print(f"backbone {base['decode_tokens_per_s']:.1f} tok/s = {base['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x"
-              f" llama.cpp BF16 ({p['decode_tokens_per_s']:.1f}); BF16's NLL minus the backbone's "
+              f" {fastest['BF16']} ({p['decode_tokens_per_s']:.1f}); BF16's NLL minus the backbone's "
               f"{p['nll'] - base['nll']:+.4f}")

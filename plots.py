@@ -20,11 +20,12 @@ def sweep_panel(ax, result, comparison, loss, speed):
     for row in comparison.rows:
         if row.mark is not None and not row.mark.strategies_panel:
             ax.plot(loss(row), speed(row), row.mark.marker, markersize=8, label=row.mark.label)
-    peers = sorted(comparison.peers, key=loss)
-    if peers:  # llama.cpp's types: the frontier a CPU user already has
-        ax.plot([loss(row) for row in peers], [speed(row) for row in peers], "k^--", label="llama.cpp types")
-        for row in peers:
-            ax.annotate(row.kind, (loss(row), speed(row)), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    for runtime, style in (("llama.cpp", "k^--"), ("ik_llama.cpp", "kv:")):  # the frontiers a CPU user already has
+        peers = sorted((row for row in comparison.peers if row.path == runtime), key=loss)
+        if peers:
+            ax.plot([loss(row) for row in peers], [speed(row) for row in peers], style, label=f"{runtime} types")
+            for row in peers:
+                ax.annotate(row.kind, (loss(row), speed(row)), textcoords="offset points", xytext=(4, -12), fontsize=8)
     ax.plot(0, 1, "k*", markersize=12, label=f"backbone ({result['dtype']})")
     ceiling = (result.get("block_split_us") or {}).get("speedup_ceiling_products")
     if ceiling:

@@ -3,6 +3,7 @@ this project's backbone, requantized files appear whole, and without llama_cpp t
 import filecmp
 import importlib.abc
 import importlib.util
+import os
 import sys
 import threading
 import types
@@ -175,3 +176,39 @@ def test_requantized_files_appear_whole_when_two_runs_make_them_at_once(llama_cp
     alone = llamacpp.requantized(llama_cpp, "Q4_0", tmp_path / "alone")
     assert filecmp.cmp(paths[0], alone, shallow=False)
     llama_cpp.Llama(model_path=str(paths[0]), n_ctx=64, verbose=False).close()  # a whole GGUF: it loads
+
+
+# ------------------------------------------------------------------------------------------------ ik_llama.cpp
+
+def test_without_ik_llama_bench_one_line_and_no_rows_and_a_wrong_path_is_named(monkeypatch, tmp_path):
+    """ik_rows: without IK_LLAMA_BENCH no row and one line saying how to have them; IK_LLAMA_BENCH naming a missing
+    or a non-executable file: an error naming the variable and the path, before any row is made."""
+    monkeypatch.delenv("IK_LLAMA_BENCH", raising=False)
+    lines = []
+    assert llamacpp.ik_rows(["a llama.cpp row"], lines.append) == []
+    assert len(lines) == 1 and "IK_LLAMA_BENCH" in lines[0] and "\n" not in lines[0]
+    plain = tmp_path / "llama-bench"
+    plain.write_text("not a program")
+    for path in (tmp_path / "absent", plain):
+        monkeypatch.setenv("IK_LLAMA_BENCH", str(path))
+        with pytest.raises(FileNotFoundError, match=f"IK_LLAMA_BENCH={path}: not an executable file"):
+            llamacpp.ik_rows(["a llama.cpp row"], lines.append)
+
+
+def test_ik_llama_times_the_llama_cpp_rows_file_and_scores_as_it(bf16_row, bundled):
+    """Where IK_LLAMA_BENCH names ik_llama.cpp's llama-bench: a row without and one with run-time repacking per
+    llama.cpp row, named after it, timing its very file (new_tokens - 1 decode steps after the prompt, a positive
+    rate within a factor of 4 of llama.cpp's own on the same file), holding its file's figures and its scores."""
+    if not os.environ.get("IK_LLAMA_BENCH"):
+        pytest.skip("IK_LLAMA_BENCH is not set (ik_llama.cpp's llama-bench: bench.py's optional second peer)")
+    rows = llamacpp.ik_rows([bf16_row], lambda line: None)
+    assert [row.name for row in rows] == ["ik_llama.cpp BF16", "ik_llama.cpp BF16 -rtr"]
+    assert [row.repack for row in rows] == [False, True] and all(row.twin is bf16_row for row in rows)
+    model, tokenizer = bundled
+    prompt, target = tokenizer.encode(PROMPT).ids, tokenizer.encode(SOLUTION).ids
+    theirs = bf16_row.generate(prompt, 9).decode_tokens_per_s
+    for row in rows:
+        g = row.generate(prompt, 9)
+        assert len(g.step_s) == 8 and g.prefill_s > 0 and theirs / 4 < g.decode_tokens_per_s < 4 * theirs
+        assert row.file is bf16_row.file and row.score(prompt, target) is bf16_row.score(prompt, target)
+        assert row.bytes_per_step([30], [len(prompt)]) == bf16_row.bytes_per_step([30], [len(prompt)])
