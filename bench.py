@@ -296,7 +296,8 @@ def assemble(comparison, measured, calibrated, depth_cap, args, sizes, inputs, t
 def print_table(result, rows, backbone):
     modes = result["modes"]
     base = modes[backbone.name]
-    header = (f"{'mode':<18}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
+    w = max(18, 1 + max(len(row.name) for row in rows))  # the mode column: the longest name
+    header = (f"{'mode':<{w}}{'weights':>9}{'tau':>6}{'tok/s':>8}{'speedup':>9}{'prefill ms':>11}{'NLL':>8}"
               f"{'dNLL':>8}{'top-1':>7}{'KL':>8}{'blocks':>8}{'KV cos':>8}{'wts MB':>7}{'bits/w':>7}{'step MB':>8}"
               f"{'roof':>6}{'RSS MB':>7}  path")
     print(header)
@@ -307,7 +308,7 @@ def print_table(result, rows, backbone):
         cos = f"{m['kv_cosine_mean']:.3f}" if m["kv_cosine_mean"] is not None else "-"
         wts, bpw, step, roof, rss = (f"{m[k]:.{digits}f}" if m[k] is not None else "-" for k, digits in (
             ("weight_mb", 0), ("bits_per_weight", 2), ("step_mb", 0), ("roofline_share", 2), ("peak_rss_mb", 0)))
-        print(f"{row.name:<18}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
+        print(f"{row.name:<{w}}{m['weights']:>9}{tau:>6}{m['decode_tokens_per_s']:>8.1f}"
               f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:>8.2f}x{m['prefill_s'] * 1e3:>11.1f}"
               f"{m['nll']:>8.3f}{m['nll'] - base['nll']:>+8.3f}{m['top1_agreement']:>7.3f}{m['kl_to_backbone']:>8.4f}"
               f"{m['mean_backbone_blocks']:>8.2f}{cos:>8}{wts:>7}{bpw:>7}{step:>8}{roof:>6}{rss:>7}  {m['path']}")
