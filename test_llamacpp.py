@@ -212,3 +212,38 @@ def test_ik_llama_times_the_llama_cpp_rows_file_and_scores_as_it(bf16_row, bundl
         assert len(g.step_s) == 8 and g.prefill_s > 0 and theirs / 4 < g.decode_tokens_per_s < 4 * theirs
         assert row.file is bf16_row.file and row.score(prompt, target) is bf16_row.score(prompt, target)
         assert row.bytes_per_step([30], [len(prompt)]) == bf16_row.bytes_per_step([30], [len(prompt)])
+
+
+# ---------------------------------------------------------------------------------------- imatrix-calibrated files
+
+def test_without_llama_cpp_tools_one_line_and_a_folder_without_them_is_named(monkeypatch, tmp_path):
+    """tools_or_none: without LLAMA_CPP_TOOLS None and one line saying how to have the imatrix rows; a folder without
+    an executable llama-imatrix or llama-quantize: an error naming the variable, the folder and the missing tool."""
+    monkeypatch.delenv("LLAMA_CPP_TOOLS", raising=False)
+    lines = []
+    assert llamacpp.tools_or_none(lines.append) is None
+    assert len(lines) == 1 and "LLAMA_CPP_TOOLS" in lines[0] and "\n" not in lines[0]
+    monkeypatch.setenv("LLAMA_CPP_TOOLS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"LLAMA_CPP_TOOLS={tmp_path}: no executable llama-imatrix there"):
+        llamacpp.tools_or_none(lines.append)
+
+
+def test_an_imatrix_file_is_its_type_made_otherwise_and_loads_in_llama_cpp(llama_cpp, bundled, tmp_path):
+    """Where LLAMA_CPP_TOOLS names llama.cpp's tools: the IQ4_NL file made with an importance matrix (computed on the
+    rounding split) holds mostly IQ4_NL at the plain file's bits per weight within 1% (llama.cpp picks a few tensors'
+    types otherwise with a matrix), differs from it byte for byte, loads in the installed llama-cpp-python, and
+    scores the problem within a few tenths of a nat of the plain file."""
+    if not os.environ.get("LLAMA_CPP_TOOLS"):
+        pytest.skip("LLAMA_CPP_TOOLS is not set (llama.cpp's imatrix tools: bench.py's optional calibrated peers)")
+    tools = llamacpp.tools_or_none(lambda line: None)
+    bf16 = llamacpp.requantized(llama_cpp, "BF16", tmp_path)
+    calibrated = llamacpp.imatrix_quantized(tools, bf16, "IQ4_NL", tmp_path, 2)
+    plain = llamacpp.requantized(llama_cpp, "IQ4_NL", tmp_path)
+    a, b = llamacpp.gguf_weights(calibrated), llamacpp.gguf_weights(plain)
+    assert max(a["tensor_types"], key=a["tensor_types"].get) == "IQ4_NL" and a["tensor_types"]["IQ4_NL"] > 0.7
+    assert a["bits_per_weight"] == pytest.approx(b["bits_per_weight"], rel=0.01)
+    assert not filecmp.cmp(calibrated, plain, shallow=False)
+    model, tokenizer = bundled
+    context, target = tokenizer.encode(PROMPT).ids, tokenizer.encode(SOLUTION).ids
+    nll = [by_hand_nll(llama_cpp, f, context, target).mean() for f in (calibrated, plain)]
+    assert abs(nll[0] - nll[1]) < 0.5, nll
