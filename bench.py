@@ -23,8 +23,8 @@ from calibrate import (CALIBRATION_TAUS, CAP_SHARE, CHOOSING, MAX_TARGET, ROUNDI
 from cli import check_argument, fail, option, reading_files
 from exit_policy import similarity
 from load_weights import load_config_and_tokenizer, resolve_device
-from measure import (copy_bandwidth, exit_histogram, log, machine_info, measure_memory, measure_quality,
-                     measure_speed, tensor_bytes, time_split, torch_path_prefill_s)
+from measure import (exit_histogram, log, machine_info, measure_memory, measure_quality, speed_and_rates,
+                     tensor_bytes, time_split, torch_path_prefill_s)
 from model import check_held
 from quantize import check_quant_args
 from river import DEFAULT_GROUP_SIZE, DEFAULT_TAU, check_group_size_fits
@@ -155,7 +155,7 @@ def read_inputs(args, parser, sizes):
 @dataclass
 class Measured:
     """What measure() found: per row its speed and quality (name -> figures), the memory probes, the native time
-    split of River's step (None off the native path), a memory copy's GB/s (bytes read and written) and a read's."""
+    split of River's step (None off the native path), a copy's and a read's GB/s (medians over the speed repeats)."""
     speed: dict
     quality: dict
     memory: dict
@@ -170,14 +170,13 @@ def measure(comparison, args, sizes, inputs):
     """Speed, quality, the time split of River's step and each row's memory alone."""
     rows, model = comparison.rows, comparison.backbone.engine.model
     log(f"speed: {len(rows)} rows x {sizes.repeats} repeats x {sizes.new_tokens} new tokens")
-    speed = measure_speed(rows, inputs.prompt, sizes.new_tokens, sizes.repeats)
+    speed, bandwidth, read = speed_and_rates(rows, inputs.prompt, sizes.new_tokens, sizes.repeats, model.device)
     log(f"quality: {len(inputs.scored)} sequences, teacher-forced")
     quality = measure_quality(comparison.backbone, rows, inputs.scored, model.cfg.n_layers)
     if comparison.river.engine.native is not None:
         log("time split of a step (native blocks, products alone) ...")
     split = time_split(comparison.river.engine, len(inputs.prompt) + sizes.new_tokens // 2,
                        speed[comparison.river.name]["generation_mean_backbone_blocks"])
-    bandwidth, read = copy_bandwidth(model.device), scaling.read_bandwidth(model.device)
     log("memory: each row's deployment alone in a fresh process ...")
     memory = measure_memory(rows, {
         "model": args.model, "device": str(model.device), "dtype": args.dtype, "threads": torch.get_num_threads(),

@@ -99,11 +99,12 @@ def measure_quality(reference, rows, sequences, n_layers):
 
 # --------------------------------------------------------------------------------------------------- speed
 
-def measure_speed(rows, prompt, new_tokens, repeats):
+def measure_speed(rows, prompt, new_tokens, repeats, between=lambda: None):
     """Decode tokens/s of each row: the median over repeats of (decode steps / their total time), and the
     median prefill seconds. Rows are interleaved, the order rotated per repeat, so that drift of the machine
     hits them all alike; a median over whole repeats keeps the cost of uneven steps (deep exits, catch-up
-    recomputation) while shrugging off a repeat hit by a burst of the shared machine."""
+    recomputation) while shrugging off a repeat hit by a burst of the shared machine. between() runs after each
+    repeat (the bench samples the memory's rates there, so that they drift with the rows')."""
     for row in rows:  # warm-up
         row.generate(prompt, 4)
     tps, steps, prefill, blocks = ({row.name: [] for row in rows} for _ in range(4))
@@ -116,6 +117,7 @@ def measure_speed(rows, prompt, new_tokens, repeats):
             steps[row.name] += g.step_s
             prefill[row.name].append(g.prefill_s)
             blocks[row.name] += g.depths[1:]  # the decode steps' (the first is the prefill's)
+        between()
     return {row.name: {"decode_tokens_per_s": statistics.median(tps[row.name]),
                        "decode_tokens_per_s_per_repeat": tps[row.name],
                        "decode_step_ms_median": 1e3 * statistics.median(steps[row.name]),
@@ -225,6 +227,22 @@ def copy_bandwidth(device):
     b = torch.empty_like(a)
     b.copy_(a)
     return 2 * a.numel() / min(seconds(lambda: b.copy_(a), device) for _ in range(5)) / 1e9
+
+
+def read_bandwidth(device):
+    """GB/s of summing a 512 MB tensor: how fast a decode step's weights and K/V can stream at best."""
+    a = torch.ones(128 * 2**20, device=device)
+    return a.numel() * a.element_size() / min(seconds(lambda: a.sum(), device) for _ in range(5)) / 1e9
+
+
+def speed_and_rates(rows, prompt, new_tokens, repeats, device):
+    """measure_speed's figures, and the memory's copy and read GB/s sampled after each speed repeat (their medians):
+    rates that drift as the rows' median speeds do, for the rows' roofline shares."""
+    rates = []
+    speed = measure_speed(rows, prompt, new_tokens, repeats,
+                          lambda: rates.append((copy_bandwidth(device), read_bandwidth(device))))
+    copy, read = (statistics.median(rate) for rate in zip(*rates))
+    return speed, copy, read
 
 
 def tensor_bytes(module):

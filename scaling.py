@@ -18,7 +18,7 @@ from exit_policy import NEVER, ExitRule, similarity
 from generation import greedy
 from storage import cache_dir
 from load_weights import load_config_and_tokenizer, load_model
-from measure import block_split_us, exit_histogram, log, machine_info, seconds, step_bytes
+from measure import block_split_us, exit_histogram, log, machine_info, read_bandwidth, step_bytes
 from model import LlamaConfig, Transformer
 from river import Engine, check_group_size_fits
 from rows import own_river
@@ -155,12 +155,6 @@ def prefill(engine, prompt, capacity):
 
 
 # --------------------------------------------------------------------------------------------- bandwidth model
-
-def read_bandwidth(device):
-    """GB/s of summing a 512 MB tensor: how fast a decode step's weights and K/V can stream at best."""
-    a = torch.ones(128 * 2**20, device=device)
-    return a.numel() * a.element_size() / min(seconds(lambda: a.sum(), device) for _ in range(5)) / 1e9
-
 
 def bandwidth_model(model, river, depths, positions, read_gb_per_s):
     """Backbone and River steps as bytes read at the measured read bandwidth: their tok/s and ratio."""
