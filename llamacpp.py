@@ -30,6 +30,11 @@ DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q4_K_M", "IQ4_NL", "Q4_0")
 IMATRIX_TYPES = ("Q4_K_M", "IQ4_NL")  # made again with an importance matrix, as the files users download are
 
 
+def imatrix_kind(kind):
+    """What a row of `kind` made with an importance matrix is called (its row: 'llama.cpp ' and this)."""
+    return f"{kind} imatrix"
+
+
 def llama_cpp_or_none(log):
     """The llama_cpp module, or None after logging one line on how to install it."""
     try:
@@ -78,9 +83,11 @@ def tools_or_none(log):
 
 
 def run_tool(command):
+    """Run a peer's program; its stdout, or an error naming the command and the end of what it said."""
     done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout
 
 
 def imatrix_quantized(tools, bf16, kind, folder, threads):
@@ -217,13 +224,9 @@ class IkLlamaRow:
     def generate(self, prompt, new_tokens):
         """new_tokens - 1 decode steps after len(prompt) tokens, as llama-bench times them (the tokens are not
         returned: Generation holds placeholders)."""
-        command = [str(self.binary), "-m", str(self.twin.gguf), "-t", str(self.twin.threads), "-r", "1", "-o", "json",
-                   "-p", str(len(prompt)), "-n", "0", "-gp", f"{len(prompt)},{new_tokens - 1}",
-                   "-rtr", "1" if self.repack else "0"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"ik_llama.cpp's llama-bench failed ({' '.join(command)}): {done.stderr.strip()[-300:]}")
-        tests = json.loads(done.stdout)
+        tests = json.loads(run_tool([self.binary, "-m", self.twin.gguf, "-t", self.twin.threads, "-r", 1, "-o", "json",
+                                     "-p", len(prompt), "-n", 0, "-gp", f"{len(prompt)},{new_tokens - 1}",
+                                     "-rtr", int(self.repack)]))
         prompt_rate = next(t["avg_ts"] for t in tests if t["n_gen"] == 0)
         step = 1 / next(t["avg_ts"] for t in tests if t["n_gen"] > 0)
         n = self.twin.n_layers
@@ -304,7 +307,7 @@ def peer_rows(kinds, folder, cfg, log):
     tools = tools_or_none(log)
     if tools is not None:
         bf16 = requantized(llama_cpp, "BF16", folder)
-        rows += [LlamaCppRow(f"llama.cpp {kind} imatrix", f"{kind} imatrix",
+        rows += [LlamaCppRow(f"llama.cpp {imatrix_kind(kind)}", imatrix_kind(kind),
                              imatrix_quantized(tools, bf16, kind, folder, threads), threads, cfg.n_layers, kv, llama_cpp)
                  for kind in IMATRIX_TYPES if kind in kinds]
     return rows + ik_rows(rows, log)
@@ -327,7 +330,7 @@ def print_peers(result, comparison):
 
     def named(kind):
         return f"{fastest[kind]} ({peers[kind]['bits_per_weight']:.2f} bits/weight)"
-    for kind in ("Q8_0", "Q4_K_M", "IQ4_NL", "Q4_K_M imatrix", "IQ4_NL imatrix"):
+    for kind in ("Q8_0", "Q4_K_M", "IQ4_NL", *map(imatrix_kind, IMATRIX_TYPES)):
         if kind in peers:
             p = peers[kind]
             fit = [(m["decode_tokens_per_s"], name) for name, m in ours.items() if m["nll"] <= p["nll"]]
@@ -335,7 +338,7 @@ def print_peers(result, comparison):
             print(f"{named(kind)}: {p['decode_tokens_per_s']:.1f} tok/s, NLL {p['nll'] - base['nll']:+.4f}; "
                   + (f"fastest row at or below its NLL: {name} {tps:.1f} tok/s = {tps / p['decode_tokens_per_s']:.2f}x"
                      f" (NLL {ours[name]['nll'] - base['nll']:+.4f})" if fit else "no row at or below its NLL"))
-    for kind in ("Q4_K_M", "IQ4_NL", "Q4_K_M imatrix", "IQ4_NL imatrix"):  # River's defaults: river.py's without a flag
+    for kind in ("Q4_K_M", "IQ4_NL", *map(imatrix_kind, IMATRIX_TYPES)):  # River's defaults: river.py's without a flag
         if kind in peers:
             p = peers[kind]
             print(f"River's defaults ({comparison.river.name}, {river['step_mb']:.0f} MB read a step) against "
